@@ -1,0 +1,176 @@
+"""raykd command line: verbs only — parse, load the config, call a scheme, print the summary.
+
+Bad input (config, arguments, files) ends with exit code 2 and one line naming the field; nothing
+is started before the input has been checked.
+"""
+
+from __future__ import annotations
+
+import argparse
+import json
+import sys
+from pathlib import Path
+from typing import Any
+
+from raykd.config import ConfigError, RaykdConfig, load_config
+
+
+class ArgumentParser(argparse.ArgumentParser):
+    def error(self, message: str) -> None:  # one line, exit 2, like every other bad input
+        raise ConfigError(f"arguments: {message}; see raykd {self.prog.split()[-1]} --help")
+
+
+def _config_args(p: argparse.ArgumentParser) -> None:
+    p.add_argument("--config", help="YAML config (default: the embedded digits config)")
+    p.add_argument("--set", dest="overrides", action="append", default=[], metavar="KEY=VALUE",
+                   help="override a config value, e.g. --set distill.temperature=8 (repeatable)")
+    p.add_argument("--summary", metavar="PATH", help="write the summary JSON here")
+
+
+def build_parser() -> ArgumentParser:
+    parser = ArgumentParser(prog="raykd", description="Distributed knowledge distillation on Ray")
+    verbs = parser.add_subparsers(dest="verb", required=True, parser_class=ArgumentParser)
+    p = verbs.add_parser("distill", help="distil a student from a teacher (trains one if needed)")
+    _config_args(p)
+    p.add_argument("--baseline", action="store_true",
+                   help="also train the same student on hard labels only, same budget")
+    p = verbs.add_parser("train-teacher", help="train the teacher with Ray Train")
+    _config_args(p)
+    p.add_argument("--out", metavar="PATH", help="also copy the checkpoint here")
+    p = verbs.add_parser("cache", help="build, inspect or verify teacher soft-label caches")
+    p.add_argument("action", choices=["build", "inspect", "verify"])
+    p.add_argument("path", nargs="?", help="cache folder (inspect/verify)")
+    _config_args(p)
+    verbs.add_parser("losses", help="list the distillation loss terms")
+    p = verbs.add_parser("tune", help="Ray Tune search over temperature and loss weights")
+    _config_args(p)
+    p.add_argument("--resume", action="store_true", help="continue an interrupted search")
+    p.add_argument("--best-config", metavar="PATH", help="write the winning config as YAML")
+    p = verbs.add_parser("report", help="compare the runs of an MLflow experiment")
+    p.add_argument("--experiment", required=True)
+    p.add_argument("--tracking-uri", default=None)
+    p.add_argument("--out", default="report", metavar="DIR")
+    p = verbs.add_parser("hinton-mnist", help="Hinton et al.'s MNIST experiments (jobs/)")
+    _config_args(p)
+    p.add_argument("--data-root", help="MNIST folder (torchvision layout)")
+    p.add_argument("--markdown", metavar="PATH", help="write the comparison table here")
+    return parser
+
+
+def _write_summary(summary: dict[str, Any], path: str | None) -> None:
+    if path:
+        Path(path).parent.mkdir(parents=True, exist_ok=True)
+        Path(path).write_text(json.dumps(summary, indent=2, default=str))
+
+
+def print_table(summary: dict[str, Any]) -> None:
+    rows = [(k, v) for k, v in summary.items()
+            if isinstance(v, dict) and "accuracy" in v and v["accuracy"] is not None]
+    if not rows:
+        return
+    print("\n  model       test acc    params")
+    for name, part in rows:
+        print(f"  {name:<10} {part['accuracy'] * 100:8.2f}%  {part.get('params', 0):>8,}")
+    if "mlflow" in summary:
+        print(f"\n  MLflow run {summary['mlflow']['run_id']} at {summary['mlflow']['tracking_uri']}")
+
+
+def _load(args) -> RaykdConfig:
+    return load_config(args.config, args.overrides)
+
+
+def cmd_distill(args) -> dict[str, Any]:
+    from raykd.preflight import preflight
+    from raykd.schemes.offline import run_distill
+
+    cfg = _load(args)
+    preflight(cfg)
+    return run_distill(cfg, baseline=args.baseline, config_path=args.config)
+
+
+def cmd_train_teacher(args) -> dict[str, Any]:
+    import shutil
+
+    from raykd import tracking
+    from raykd.preflight import preflight
+    from raykd.schemes.offline import train_teacher
+    from raykd.train.fit import ensure_ray
+
+    cfg = _load(args)
+    preflight(cfg, roles=("teacher",))
+    uri = tracking.resolve_tracking_uri(cfg.tracking.uri)
+    ensure_ray()
+    teacher = train_teacher(cfg, uri, None)
+    if args.out:
+        Path(args.out).parent.mkdir(parents=True, exist_ok=True)
+        shutil.copy(teacher["checkpoint"], args.out)
+        teacher["checkpoint"] = str(Path(args.out).resolve())
+    return {"teacher": teacher, "mlflow": {"tracking_uri": uri, "run_id": teacher["run_id"],
+                                           "experiment": cfg.tracking.experiment}}
+
+
+def cmd_losses(args) -> dict[str, Any]:
+    from raykd.losses import describe_losses
+
+    rows = describe_losses()
+    print(f"{'key':<16}{'family':<11}{'needs':<22}paper / params")
+    for r in rows:
+        needs = ",".join(r["needs"])
+        print(f"{r['key']:<16}{r['family']:<11}{needs:<22}{r['paper']}")
+        for name, desc in r["params"].items():
+            print(f"{'':<49}{name}: {desc}")
+    return {"losses": rows}
+
+
+def cmd_cache(args) -> dict[str, Any]:
+    from raykd.teacher.commands import cache_command
+
+    return cache_command(args)
+
+
+def cmd_tune(args) -> dict[str, Any]:
+    from raykd.schemes.tune import run_tune_command
+
+    return run_tune_command(args)
+
+
+def cmd_report(args) -> dict[str, Any]:
+    from raykd.report import run_report
+
+    return run_report(args.experiment, args.tracking_uri, args.out)
+
+
+def cmd_hinton(args) -> dict[str, Any]:
+    from raykd.schemes.hinton import run_hinton_command
+
+    return run_hinton_command(args)
+
+
+COMMANDS = {"distill": cmd_distill, "train-teacher": cmd_train_teacher, "losses": cmd_losses,
+            "cache": cmd_cache, "tune": cmd_tune, "report": cmd_report,
+            "hinton-mnist": cmd_hinton}
+
+
+def main(argv: list[str] | None = None) -> int:
+    from raykd.train.fit import TrainingError
+
+    try:
+        args = build_parser().parse_args(argv)
+        summary = COMMANDS[args.verb](args)
+    except ConfigError as err:
+        print(f"raykd: error: {err}", file=sys.stderr)
+        return 2
+    except TrainingError as err:
+        print(f"raykd: training failed: {str(err).splitlines()[0]}", file=sys.stderr)
+        return 1
+    except KeyboardInterrupt:
+        print("raykd: interrupted", file=sys.stderr)
+        return 130
+    if args.verb not in ("losses", "cache"):
+        print_table(summary)
+    _write_summary(summary, getattr(args, "summary", None))
+    return 0
+
+
+if __name__ == "__main__":
+    sys.exit(main())

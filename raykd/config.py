@@ -1,0 +1,310 @@
+"""The one validated configuration of raykd.
+
+YAML (read with ``yaml.safe_load`` only) + ``--set section.key=value`` overrides are merged into a
+plain dict, then validated by pydantic. Every bad input becomes a :class:`ConfigError` whose message
+is a single line naming the field and what is allowed; the CLI prints it and exits 2 before any Ray
+cluster or MLflow run is started.
+"""
+
+from __future__ import annotations
+
+import copy
+from importlib import resources
+from pathlib import Path
+from typing import Any, Literal
+
+import yaml
+from pydantic import BaseModel, ConfigDict, Field, ValidationError, field_validator, model_validator
+
+DEFAULT_CONFIG = "digits.yaml"  # embedded in the package (raykd/configs/)
+URI_SCHEMES = ("runs:/", "models:/", "mlflow-artifacts:/")
+
+
+class ConfigError(ValueError):
+    """Bad user input. ``str(err)`` is one line: ``field: what is wrong; what is allowed``."""
+
+
+class Section(BaseModel):
+    model_config = ConfigDict(extra="forbid", frozen=True)
+
+
+class DataConfig(Section):
+    name: str = "digits"
+    root: str | None = None  # folder for mnist/fashion_mnist/cifar*/imagefolder
+    download: bool = False  # torchvision datasets are never fetched unless asked
+    val_fraction: float = Field(0.1, ge=0.0, lt=1.0)  # carved from train where no val split exists
+    split_seed: int = 0  # fixed, seeded train/val/test split
+    limit: int | None = Field(None, ge=1)  # keep only the first N items of each split (quick runs)
+    num_samples: int = Field(512, ge=8)  # synthetic only
+    image_size: int = Field(8, ge=4)  # synthetic size; imagefolder resize target (set it!)
+    channels: int = Field(1, ge=1)  # synthetic only
+    num_classes: int = Field(10, ge=2)  # synthetic only
+
+    @field_validator("name")
+    @classmethod
+    def _known_dataset(cls, name: str) -> str:
+        from raykd.data import DATASETS
+
+        if name not in DATASETS:
+            raise ValueError(f"unknown dataset {name!r}; allowed: {', '.join(sorted(DATASETS))}")
+        return name
+
+    @model_validator(mode="after")
+    def _root_needed(self) -> DataConfig:
+        from raykd.data import DATASETS
+
+        if DATASETS[self.name].needs_root:
+            if not self.root:
+                raise ValueError(f"root: dataset {self.name!r} needs data.root (a folder); "
+                                 f"set it with --set data.root=PATH")
+            if not self.download and not Path(self.root).expanduser().exists():
+                raise ValueError(f"root: folder {self.root!r} does not exist; point data.root at "
+                                 f"the dataset or set data.download=true")
+        return self
+
+
+class ModelConfig(Section):
+    name: str = "mlp"
+    args: dict[str, Any] = Field(default_factory=dict)  # keyword arguments of the model builder
+
+    @field_validator("name")
+    @classmethod
+    def _known_model(cls, name: str) -> str:
+        from raykd.models import is_known_model, model_names
+
+        if not is_known_model(name):
+            raise ValueError(f"unknown model {name!r}; allowed: {', '.join(model_names())} "
+                             f"or torchvision:NAME")
+        return name
+
+
+def _check_source(value: str) -> str:
+    if value.startswith(URI_SCHEMES):
+        return value
+    if not Path(value).expanduser().is_file():
+        raise ValueError(f"file {value!r} does not exist; give a checkpoint path or an MLflow "
+                         f"URI (runs:/RUN_ID/PATH, models:/NAME/VERSION)")
+    return str(Path(value).expanduser().resolve())
+
+
+class TeacherConfig(ModelConfig):
+    name: str = "mlp"
+    checkpoint: str | None = None  # path or MLflow URI; none → the teacher is trained first
+    ensemble: list[str] = Field(default_factory=list)  # several checkpoints, logits averaged
+    epochs: int | None = Field(None, ge=1)  # teacher training; default train.epochs
+    lr: float | None = Field(None, gt=0)
+    jitter: int = Field(0, ge=0)  # ±pixels random translation while training the teacher
+    mode: Literal["cached", "replay", "online"] = "cached"
+    views: int = Field(4, ge=1)  # replay mode: cached augmented views per sample
+    cache_dir: str | None = None  # default: .raykd_cache/ in the working directory
+    cache_dtype: Literal["float16", "bfloat16", "float32"] = "float16"
+    topk: int | None = Field(None, ge=1)  # keep only the top-k logits per sample
+    shard_size: int = Field(65536, ge=1)  # rows per object-store shard
+    max_restarts: int = Field(3, ge=0)
+    batch_size: int = Field(512, ge=1)  # teacher inference batch
+
+    @field_validator("checkpoint")
+    @classmethod
+    def _checkpoint_source(cls, value: str | None) -> str | None:
+        return None if value is None else _check_source(value)
+
+    @field_validator("ensemble")
+    @classmethod
+    def _ensemble_sources(cls, values: list[str]) -> list[str]:
+        return [_check_source(v) for v in values]
+
+
+class StudentConfig(ModelConfig):
+    init_from_teacher: bool = False  # DistilBERT-style: copy every other teacher layer
+
+
+class LossTermConfig(Section):
+    name: str
+    weight: float = Field(1.0, ge=0.0)
+    student_layers: list[str] = Field(default_factory=list)  # module paths, hooked
+    teacher_layers: list[str] = Field(default_factory=list)
+    params: dict[str, Any] = Field(default_factory=dict)
+
+    @field_validator("name")
+    @classmethod
+    def _known_term(cls, name: str) -> str:
+        from raykd.losses import LOSSES
+
+        if name not in LOSSES:
+            raise ValueError(f"unknown loss {name!r}; allowed: {', '.join(sorted(LOSSES))}")
+        return name
+
+
+class DistillConfig(Section):
+    temperature: float = Field(4.0, gt=0.0)
+    alpha: float = Field(0.9, ge=0.0, le=1.0)  # weight of the soft-target term; CE gets 1 - alpha
+    # None → Hinton KD: (1 - alpha)·CE + alpha·T²·KL. A list replaces it with Σ weight·term; a
+    # `kd`/`dkd` term without its own temperature uses distill.temperature.
+    losses: list[LossTermConfig] | None = None
+    exclude_classes: list[int] = Field(default_factory=list)  # removed from the transfer set
+    include_classes: list[int] | None = None  # transfer set keeps only these classes
+
+    def terms(self) -> list[LossTermConfig]:
+        if self.losses is not None:
+            return list(self.losses)
+        return [LossTermConfig(name="ce", weight=1.0 - self.alpha),
+                LossTermConfig(name="kd", weight=self.alpha)]
+
+
+class TrainConfig(Section):
+    epochs: int = Field(20, ge=1)
+    lr: float = Field(1e-3, gt=0.0)
+    batch_size: int = Field(64, ge=1)
+    num_workers: int = Field(2, ge=1)
+    use_gpu: bool = False
+    cpus_per_worker: float = Field(1.0, gt=0.0)
+    seed: int = 0
+    optimizer: Literal["adam", "adamw", "sgd"] = "adam"
+    weight_decay: float = Field(0.0, ge=0.0)
+    momentum: float = Field(0.9, ge=0.0, lt=1.0)
+    schedule: Literal["constant", "cosine"] = "constant"
+    jitter: int = Field(0, ge=0)  # ±pixels random translation of student inputs
+    flip: bool = False  # random horizontal flips of student inputs (replay mode caches them)
+    max_failures: int = Field(0, ge=0)  # Ray Train restarts a failed run from its last checkpoint
+    checkpoint_every: int = Field(1, ge=1)  # epochs between checkpoints
+
+
+class TrackingConfig(Section):
+    uri: str | None = None  # default sqlite:///<cwd>/mlflow.db, made absolute before workers
+    experiment: str = "raykd"
+
+
+class TuneConfig(Section):
+    space: dict[str, dict[str, Any]] = Field(default_factory=dict)  # dotted key → distribution
+    search: Literal["random", "grid", "optuna"] = "random"
+    scheduler: Literal["fifo", "asha", "pbt"] = "fifo"
+    num_samples: int = Field(4, ge=1)
+    max_concurrent_trials: int = Field(1, ge=1)
+    metric: str = "val_accuracy"
+    mode: Literal["max", "min"] = "max"
+    grace_period: int = Field(1, ge=1)  # ASHA
+    reduction_factor: float = Field(3.0, gt=1.0)
+    storage_path: str | None = None  # default .raykd_tune/ in the working directory
+    name: str | None = None
+    trial_cpus: float = Field(0.05, gt=0.0)  # the trial driver's share; workers bring their own
+
+
+class RaykdConfig(Section):
+    data: DataConfig = Field(default_factory=DataConfig)
+    teacher: TeacherConfig = Field(default_factory=TeacherConfig)
+    student: StudentConfig = Field(default_factory=StudentConfig)
+    distill: DistillConfig = Field(default_factory=DistillConfig)
+    train: TrainConfig = Field(default_factory=TrainConfig)
+    tracking: TrackingConfig = Field(default_factory=TrackingConfig)
+    tune: TuneConfig | None = None
+
+    def to_dict(self) -> dict[str, Any]:
+        return self.model_dump(mode="json")
+
+    def with_overrides(self, overrides: dict[str, Any]) -> RaykdConfig:
+        """A new validated config with dotted-key overrides applied (used by Tune trials)."""
+        raw = self.to_dict()
+        for key, value in overrides.items():
+            _set_dotted(raw, key, value)
+        return validate(raw)
+
+
+def _format_error(err: ValidationError) -> str:
+    first = err.errors()[0]
+    loc = ".".join(str(p) for p in first["loc"])
+    msg = first["msg"].removeprefix("Value error, ")
+    if first["type"] == "extra_forbidden":
+        msg = "unknown key; remove it or check the spelling (see configs/ for the allowed keys)"
+    # A section-level validator names its own sub-field as "field: ..."; fold it into the path.
+    head, sep, rest = msg.partition(": ")
+    if sep and head.isidentifier():
+        loc, msg = f"{loc}.{head}" if loc else head, rest
+    return f"{loc}: {msg}" if loc else msg
+
+
+def validate(raw: dict[str, Any]) -> RaykdConfig:
+    if not isinstance(raw, dict):
+        raise ConfigError("config: the top level must be a mapping of sections")
+    try:
+        return RaykdConfig.model_validate(raw)
+    except ValidationError as err:
+        raise ConfigError(_format_error(err)) from None
+
+
+def _parse_value(text: str) -> Any:
+    try:
+        return yaml.safe_load(text)
+    except yaml.YAMLError:
+        return text
+
+
+def _set_dotted(raw: dict[str, Any], key: str, value: Any) -> None:
+    parts = key.split(".")
+    node: Any = raw
+    for i, part in enumerate(parts[:-1]):
+        if isinstance(node, list):
+            if not part.isdigit() or int(part) >= len(node):
+                raise ConfigError(f"{'.'.join(parts[:i + 1])}: no list item {part}; "
+                                  f"use an index below {len(node)}")
+            node = node[int(part)]
+            continue
+        if node.get(part) is None:
+            node[part] = {}
+        node = node[part]
+        if not isinstance(node, dict | list):
+            raise ConfigError(f"{'.'.join(parts[:i + 1])}: is a value, not a section; "
+                              f"cannot set {key}")
+    last = parts[-1]
+    if isinstance(node, list):
+        if not last.isdigit() or int(last) >= len(node):
+            raise ConfigError(f"{key}: no list item {last}; use an index below {len(node)}")
+        node[int(last)] = value
+    else:
+        node[last] = value
+
+
+def parse_overrides(items: list[str]) -> dict[str, Any]:
+    out: dict[str, Any] = {}
+    for item in items:
+        key, sep, value = item.partition("=")
+        if not sep or not key.strip():
+            raise ConfigError(f"--set {item}: expected section.key=value, e.g. --set train.epochs=5")
+        out[key.strip()] = _parse_value(value)
+    return out
+
+
+def read_yaml(path: str | Path | None) -> dict[str, Any]:
+    if path is None:
+        text = resources.files("raykd.configs").joinpath(DEFAULT_CONFIG).read_text()
+        source = f"<embedded {DEFAULT_CONFIG}>"
+    else:
+        p = Path(path).expanduser()
+        if not p.is_file():
+            raise ConfigError(f"--config: file {str(path)!r} does not exist; give a YAML config "
+                              f"path (examples in configs/) or omit --config for the digits default")
+        text, source = p.read_text(), str(p)
+    try:
+        raw = yaml.safe_load(text)
+    except yaml.YAMLError as err:
+        mark = getattr(err, "problem_mark", None)
+        where = f" line {mark.line + 1}" if mark else ""
+        raise ConfigError(f"--config: {source}{where} is not valid YAML; fix the syntax") from None
+    if raw is None:
+        return {}
+    if not isinstance(raw, dict):
+        raise ConfigError(f"--config: {source} must hold a mapping of sections (data, teacher, ...)")
+    return raw
+
+
+def load_config(path: str | Path | None = None, overrides: list[str] | dict[str, Any] = ()
+                ) -> RaykdConfig:
+    """Read YAML (or the embedded digits default), apply ``--set`` overrides, validate."""
+    raw = copy.deepcopy(read_yaml(path))
+    pairs = overrides if isinstance(overrides, dict) else parse_overrides(list(overrides))
+    for key, value in pairs.items():
+        _set_dotted(raw, key, value)
+    return validate(raw)
+
+
+def dump_yaml(cfg: RaykdConfig, path: str | Path) -> None:
+    Path(path).write_text(yaml.safe_dump(cfg.to_dict(), sort_keys=False))

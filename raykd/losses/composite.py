@@ -1,0 +1,128 @@
+"""``DistillLoss``: the weighted sum of a config's terms, and the one object the train loop calls.
+
+Its parameters (regressors, connectors, FT's paraphraser) train with the student: hand
+``list(student.parameters()) + list(distill_loss.parameters())`` to the optimiser.
+
+Decisions:
+- A term with weight 0 is built (so its config is checked) but neither computed nor reported
+  (with ``alpha: 1`` the default ``ce`` is absent from the dict): every reported number is a
+  real, computed value. ``student_paths``/``teacher_paths`` (what to hook each step) leave its
+  layers out; ``feature_paths(distill)`` (what to probe before building) keeps them.
+- Reported values are unweighted, keyed by the term's name, ``name_1``, ``name_2``... on repeats.
+- Pretrain mode (FitNets' hint stage, FT's paraphraser, AB/FSP initialisation): only terms with a
+  ``pretrain_loss`` and ``epoch < term.pretrain_epochs`` take part, UNWEIGHTED, as RepDistiller's
+  init stage sums the raw losses (a weight tuned for the distillation stage, e.g. FT's 500, would
+  otherwise scale the reconstruction loss). ``epoch`` counts the pretrain epochs from 0.
+"""
+
+from __future__ import annotations
+
+from collections.abc import Mapping
+
+import torch
+from torch import Tensor, nn
+
+from raykd.config import ConfigError, DistillConfig
+from raykd.losses.base import LossInputs
+from raykd.losses.registry import LOSSES, build_term, term_field
+
+
+def _shapes(shapes: Mapping[str, torch.Size], paths: list[str], side: str, where: str,
+            key: str) -> list[torch.Size]:
+    missing = [p for p in paths if p not in shapes]
+    if missing:
+        raise ConfigError(f"{where}.{side}_layers: no {side} feature {missing[0]!r} was probed "
+                          f"for {key}; known paths: {', '.join(shapes) or 'none'}")
+    return [torch.Size(shapes[p]) for p in paths]
+
+
+def _unique_names(keys: list[str]) -> list[str]:
+    seen: dict[str, int] = {}
+    names = []
+    for key in keys:
+        n = seen.get(key, 0)
+        names.append(key if n == 0 else f"{key}_{n}")
+        seen[key] = n + 1
+    return names
+
+
+class DistillLoss(nn.Module):
+    """Σ weight·term over ``distill.terms()``; see the module docstring for the decisions."""
+
+    def __init__(self, distill: DistillConfig, student_shapes: Mapping[str, torch.Size],
+                 teacher_shapes: Mapping[str, torch.Size]):
+        super().__init__()
+        cfgs = distill.terms()
+        self.names = _unique_names([c.name for c in cfgs])
+        self.weights = [float(c.weight) for c in cfgs]
+        self.student_layers = [list(c.student_layers) for c in cfgs]
+        self.teacher_layers = [list(c.teacher_layers) for c in cfgs]
+        terms = []
+        for cfg in cfgs:
+            where = term_field(cfg, distill)
+            s_paths = list(cfg.student_layers)
+            t_paths = list(cfg.teacher_layers)
+            s_shapes = _shapes(student_shapes, s_paths, "student", where, cfg.name) \
+                if "features" in LOSSES[cfg.name].needs and s_paths and t_paths else []
+            t_shapes = _shapes(teacher_shapes, t_paths, "teacher", where, cfg.name) \
+                if s_shapes else []
+            terms.append(build_term(cfg, distill, s_shapes, t_shapes, field=where))
+        self.terms = nn.ModuleList(terms)
+        active = [i for i, w in enumerate(self.weights) if w > 0]
+        self.student_paths = _union(self.student_layers[i] for i in active)
+        self.teacher_paths = _union(self.teacher_layers[i] for i in active)
+        self.needs_teacher_features = bool(self.teacher_paths)
+        self.needs_teacher_logits = any("logits" in LOSSES[cfgs[i].name].needs for i in active)
+        self.needs_labels = any("labels" in LOSSES[cfgs[i].name].needs for i in active)
+        self.pretrain_epochs = max((self.terms[i].pretrain_epochs for i in active
+                                    if self.terms[i].has_pretrain), default=0)
+
+    def forward(self, student_logits: Tensor | None, teacher_logits: Tensor | None,
+                labels: Tensor | None, s_feats: Mapping[str, Tensor],
+                t_feats: Mapping[str, Tensor], mask: Tensor | None = None, epoch: int = 0,
+                pretrain: bool = False) -> tuple[Tensor, dict[str, float]]:
+        """(total, {name: unweighted value}); teacher tensors are detached here and in terms."""
+        if teacher_logits is not None:
+            teacher_logits = teacher_logits.detach()
+        total: Tensor | None = None
+        values: dict[str, float] = {}
+        for i, term in enumerate(self.terms):
+            weight = self.weights[i]
+            if weight <= 0:
+                continue
+            if pretrain and not (term.has_pretrain and epoch < term.pretrain_epochs):
+                continue
+            inp = LossInputs(
+                student_logits=student_logits, teacher_logits=teacher_logits, labels=labels,
+                student_feats=[s_feats[p] for p in self.student_layers[i]],
+                teacher_feats=[t_feats[p].detach() for p in self.teacher_layers[i]],
+                mask=mask, epoch=epoch)
+            value = term.pretrain_loss(inp) if pretrain else term(inp)
+            contribution = value if pretrain else weight * value
+            total = contribution if total is None else total + contribution
+            values[self.names[i]] = float(value.detach())
+        if total is None:
+            total = self._zero(student_logits, s_feats)
+        return total, values
+
+    def _zero(self, student_logits: Tensor | None, s_feats: Mapping[str, Tensor]) -> Tensor:
+        """A 0 that still belongs to the graph (so ``backward()`` works when nothing applies)."""
+        if student_logits is not None:
+            return student_logits.sum() * 0.0
+        for feat in s_feats.values():
+            return feat.sum() * 0.0
+        return torch.zeros((), requires_grad=True)
+
+
+def feature_paths(distill: DistillConfig) -> tuple[list[str], list[str]]:
+    """(student paths, teacher paths) to probe before building ``DistillLoss``: every layer any
+    term of the config names, weight-0 terms included (they are built, so checked, too)."""
+    cfgs = distill.terms()
+    return (_union(c.student_layers for c in cfgs), _union(c.teacher_layers for c in cfgs))
+
+
+def _union(lists) -> list[str]:
+    out: list[str] = []
+    for paths in lists:
+        out.extend(p for p in paths if p not in out)
+    return out

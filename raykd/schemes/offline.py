@@ -1,0 +1,165 @@
+"""Offline distillation: a fixed teacher (trained first when none is given) teaches a student.
+
+config → teacher (checkpoint | MLflow URI | ensemble | trained now) → teacher actor + cache →
+student fit (Ray Train) → optional baseline fit → test accuracies → MLflow + summary.
+"""
+
+from __future__ import annotations
+
+import time
+from pathlib import Path
+from typing import Any
+
+import torch
+
+from raykd import tracking
+from raykd.config import RaykdConfig, dump_yaml
+
+
+def evaluate_checkpoints(sources: list[str], cfg: RaykdConfig, tracking_uri: str,
+                         split: str = "test", fallback=None) -> float:
+    """Accuracy of one model or an ensemble (averaged logits) on a split, in the driver."""
+    from raykd.data import build_dataset
+    from raykd.teacher.loading import local_checkpoint
+    from raykd.train.checkpoint import load_model
+
+    ds = build_dataset(cfg.data, split)
+    models = [load_model(local_checkpoint(s, tracking_uri), fallback or cfg.teacher, ds.info)
+              for s in sources]
+    correct = 0
+    with torch.inference_mode():
+        for chunk in torch.arange(len(ds)).split(1024):
+            _, x, y = ds.get_batch(chunk)
+            logits = torch.stack([m(x) for m in models]).mean(0)
+            correct += int((logits.argmax(-1) == y).sum())
+    return correct / max(len(ds), 1)
+
+
+def count_checkpoint_params(source: str, tracking_uri: str) -> int:
+    from raykd.teacher.loading import local_checkpoint
+    from raykd.train.checkpoint import read_checkpoint
+
+    state, _, _ = read_checkpoint(local_checkpoint(source, tracking_uri))
+    return int(sum(t.numel() for k, t in state.items() if t.is_floating_point()
+                   and "running_" not in k))
+
+
+def log_config(uri: str, run_id: str, cfg: RaykdConfig, config_path: str | None) -> None:
+    tracking.log_params(uri, run_id, cfg.to_dict())
+    import tempfile
+
+    with tempfile.TemporaryDirectory() as tmp:
+        resolved = Path(tmp) / "config.resolved.yaml"
+        dump_yaml(cfg, resolved)
+        tracking.log_artifact(uri, run_id, resolved, "config")
+        if config_path:
+            tracking.log_artifact(uri, run_id, config_path, "config")
+
+
+def train_teacher(cfg: RaykdConfig, uri: str, parent_run_id: str | None) -> dict[str, Any]:
+    """Train the teacher with Ray Train; checkpoint logged to MLflow. Returns its summary part."""
+    from raykd.train.fit import fit
+
+    with tracking.tracked_run(uri, cfg.tracking.experiment, "teacher", parent_run_id,
+                              {"raykd.role": "teacher"}) as run_id:
+        if parent_run_id is None:
+            log_config(uri, run_id, cfg, None)
+        result = fit(cfg, "teacher", tracking_uri=uri, run_id=run_id, name="teacher")
+        weights = str(result.checkpoint / "model.safetensors")
+        tracking.log_artifact(uri, run_id, weights, "teacher")
+        acc = evaluate_checkpoints([weights], cfg, uri)
+        tracking.log_metrics(uri, run_id, {"test_accuracy": acc, "params": result.params})
+    return {"checkpoint": weights, "accuracy": acc, "params": result.params, "run_id": run_id,
+            "mlflow_uri": f"runs:/{run_id}/teacher/model.safetensors",
+            "val_accuracy": result.history[-1]["val_accuracy"] if result.history else None}
+
+
+def teacher_sources(cfg: RaykdConfig) -> list[str]:
+    if cfg.teacher.ensemble:
+        return list(cfg.teacher.ensemble)
+    return [cfg.teacher.checkpoint] if cfg.teacher.checkpoint else []
+
+
+def obtain_teacher(cfg: RaykdConfig, uri: str, parent: str) -> tuple[list[str], dict[str, Any]]:
+    sources = teacher_sources(cfg)
+    if sources:
+        return sources, {"source": sources, "trained": False}
+    trained = train_teacher(cfg, uri, parent)
+    return [trained["checkpoint"]], {**trained, "source": [trained["checkpoint"]],
+                                     "trained": True}
+
+
+def run_student(cfg: RaykdConfig, role: str, uri: str, parent: str, teacher=None,
+                name: str | None = None, init_from: str | None = None) -> dict[str, Any]:
+    """Fit a student (or the baseline), evaluate it on test, log it; return its summary part."""
+    from raykd.data import dataset_info
+    from raykd.train.fit import fit
+
+    name = name or role
+    with tracking.tracked_run(uri, cfg.tracking.experiment, name, parent,
+                              {"raykd.role": role}) as run_id:
+        start = time.perf_counter()
+        result = fit(cfg, role, tracking_uri=uri, run_id=run_id, teacher=teacher, name=name,
+                     init_from=init_from)
+        weights = str(result.checkpoint / "model.safetensors")
+        acc = evaluate_checkpoints([weights], cfg, uri, fallback=cfg.student)
+        final = {"test_accuracy": acc, "params": result.params,
+                 "train_seconds": time.perf_counter() - start}
+        tracking.log_metrics(uri, run_id, final)
+        tracking.log_artifact(uri, run_id, weights, "checkpoint")
+        _log_model(cfg, uri, run_id, weights, dataset_info(cfg.data))
+    return {"accuracy": acc, "params": result.params, "run_id": run_id, "checkpoint": weights,
+            "val_accuracy": result.history[-1]["val_accuracy"] if result.history else None,
+            "history": result.history, "transfer_size": result.transfer_size,
+            "train_seconds": round(final["train_seconds"], 2)}
+
+
+def _log_model(cfg: RaykdConfig, uri: str, run_id: str, weights: str, info) -> None:
+    from raykd.train.checkpoint import load_model
+
+    model = load_model(weights, cfg.student, info, field="student")
+    tracking.log_torch_model(uri, run_id, model, torch.zeros(1, *info.input_shape), "model")
+
+
+def run_distill(cfg: RaykdConfig, *, baseline: bool = False, config_path: str | None = None,
+                parent_run_id: str | None = None, run_name: str = "distill") -> dict[str, Any]:
+    import ray
+
+    from raykd.teacher.service import serve_teacher, teacher_stats
+    from raykd.train.fit import ensure_ray
+
+    uri = tracking.resolve_tracking_uri(cfg.tracking.uri)
+    ensure_ray()
+    started = time.perf_counter()
+    with tracking.tracked_run(uri, cfg.tracking.experiment, run_name, parent_run_id,
+                              {"raykd.scheme": "offline"}) as parent:
+        log_config(uri, parent, cfg, config_path)
+        sources, teacher = obtain_teacher(cfg, uri, parent)
+        service = serve_teacher(cfg, sources, uri)
+        try:
+            teacher["cache"] = service.cache
+            init_from = sources[0] if cfg.student.init_from_teacher else None
+            student = run_student(cfg, "student", uri, parent, service.handoff,
+                                  init_from=init_from)
+            teacher["forward_samples"] = teacher_stats(service)["forward_samples"]
+        finally:  # one actor per job; the cache on disk and the driver-owned shards outlive it
+            ray.kill(service.actor)
+        teacher.setdefault("accuracy", evaluate_checkpoints(sources, cfg, uri))
+        teacher.setdefault("params", count_checkpoint_params(sources[0], uri))
+        summary: dict[str, Any] = {"teacher": teacher, "student": student}
+        if baseline:
+            summary["baseline"] = run_student(cfg, "baseline", uri, parent)
+        final = {f"{k}_test_accuracy": v["accuracy"] for k, v in summary.items()}
+        final.update({f"{k}_params": v["params"] for k, v in summary.items()})
+        tracking.log_metrics(uri, parent, final)
+        summary["mlflow"] = {"tracking_uri": uri, "run_id": parent,
+                             "experiment": cfg.tracking.experiment}
+        summary["seconds"] = round(time.perf_counter() - started, 1)
+        tracking.log_dict(uri, parent, _json_safe(summary), "summary.json")
+    return summary
+
+
+def _json_safe(summary: dict[str, Any]) -> dict[str, Any]:
+    import json
+
+    return json.loads(json.dumps(summary, default=str))

@@ -1,0 +1,1 @@
+"""The teacher: cache format (cache.py, topk.py) and the Ray actor that serves it (actor.py)."""

@@ -1,0 +1,80 @@
+"""Model checkpoints as safetensors: no pickle, loadable anywhere, self-describing.
+
+The file's metadata carries the model spec (registry name + args) and the dataset shape it was
+built for, so a checkpoint alone rebuilds its model.
+"""
+
+from __future__ import annotations
+
+import json
+from pathlib import Path
+from types import SimpleNamespace
+
+import torch
+from safetensors.torch import load_file, save_file
+from torch import nn
+
+WEIGHTS = "model.safetensors"
+
+
+def save_checkpoint(model: nn.Module, spec: dict, info, path: str | Path) -> Path:
+    """Write ``model``'s state dict to ``path`` (a file, or a folder that gets model.safetensors)."""
+    path = Path(path)
+    if path.suffix != ".safetensors":
+        path.mkdir(parents=True, exist_ok=True)
+        path = path / WEIGHTS
+    state = {k: v.detach().cpu().contiguous() for k, v in model.state_dict().items()}
+    meta = {"raykd.model": json.dumps({"name": spec["name"], "args": spec.get("args", {})}),
+            "raykd.input_shape": json.dumps(list(info.input_shape)),
+            "raykd.num_classes": str(info.num_classes)}
+    tmp = path.with_suffix(".tmp")
+    save_file(state, str(tmp), metadata=meta)
+    tmp.replace(path)  # never leave a half-written checkpoint under the real name
+    return path
+
+
+def find_weights(path: str | Path) -> Path:
+    path = Path(path)
+    if path.is_dir():
+        found = sorted(path.rglob("*.safetensors")) or sorted(path.rglob("*.pt"))
+        if not found:
+            raise FileNotFoundError(f"no .safetensors or .pt checkpoint under {path}")
+        return found[0]
+    return path
+
+
+def read_checkpoint(path: str | Path) -> tuple[dict[str, torch.Tensor], dict | None, object]:
+    """(state_dict, model spec or None, shape info or None). ``.pt`` files are read with
+    ``weights_only=True`` so a checkpoint can never run code."""
+    path = find_weights(path)
+    if path.suffix == ".safetensors":
+        from safetensors import safe_open
+
+        with safe_open(str(path), framework="pt") as f:
+            meta = f.metadata() or {}
+        state = load_file(str(path))
+        spec = json.loads(meta["raykd.model"]) if "raykd.model" in meta else None
+        info = None
+        if "raykd.input_shape" in meta:
+            info = SimpleNamespace(input_shape=tuple(json.loads(meta["raykd.input_shape"])),
+                                   num_classes=int(meta["raykd.num_classes"]))
+        return state, spec, info
+    obj = torch.load(str(path), map_location="cpu", weights_only=True)
+    state = obj.get("state_dict", obj) if isinstance(obj, dict) else obj
+    return state, None, None
+
+
+def load_model(path: str | Path, fallback_spec, info, field: str = "teacher") -> nn.Module:
+    """Rebuild the model a checkpoint describes (or ``fallback_spec`` for bare state dicts)."""
+    from raykd.config import ConfigError, ModelConfig
+    from raykd.models import build_model
+
+    state, spec, _ = read_checkpoint(path)
+    model_cfg = ModelConfig(**spec) if spec else fallback_spec
+    model = build_model(model_cfg, info, field=field)
+    missing, unexpected = model.load_state_dict(state, strict=False)
+    if missing or unexpected:
+        raise ConfigError(f"{field}.checkpoint: {path} does not fit model {model_cfg.name} "
+                          f"{model_cfg.args}: missing {list(missing)[:3]}, unexpected "
+                          f"{list(unexpected)[:3]}; give the matching {field}.name/args")
+    return model.eval()

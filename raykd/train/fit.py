@@ -1,0 +1,76 @@
+"""Run one training role (teacher, student, baseline) as a Ray Train TorchTrainer fit."""
+
+from __future__ import annotations
+
+import os
+from dataclasses import dataclass
+from pathlib import Path
+from typing import Any
+
+from raykd.config import RaykdConfig
+
+
+class TrainingError(RuntimeError):
+    """A training run failed on the cluster; the message names the run and the cause."""
+
+
+@dataclass
+class FitResult:
+    role: str
+    checkpoint: Path  # local folder holding model.safetensors
+    history: list[dict[str, float]]
+    params: int
+    run_id: str | None
+    transfer_size: int
+
+
+def runs_dir() -> Path:
+    return (Path.cwd() / ".raykd" / "runs").resolve()
+
+
+def ensure_ray() -> None:
+    """Connect to the cluster in RAY_ADDRESS (ray job submit sets it) or start a local one."""
+    import ray
+
+    if not ray.is_initialized():
+        ray.init(address=os.environ.get("RAY_ADDRESS"), include_dashboard=False,
+                 log_to_driver=True, logging_level="WARNING", configure_logging=True)
+
+
+def fit(cfg: RaykdConfig, role: str, *, tracking_uri: str | None = None,
+        run_id: str | None = None, teacher=None, name: str | None = None,
+        init_from: str | None = None) -> FitResult:
+    import ray.train
+    from ray.train.torch import TorchTrainer
+
+    from raykd.train.loop import train_loop_per_worker
+
+    ensure_ray()
+    name = name or role
+    loop: dict[str, Any] = {"config": cfg.to_dict(), "role": role, "tracking_uri": tracking_uri,
+                            "run_id": run_id, "teacher": teacher, "name": name,
+                            "init_from": init_from}
+    t = cfg.train
+    trainer = TorchTrainer(
+        train_loop_per_worker,
+        train_loop_config=loop,
+        scaling_config=ray.train.ScalingConfig(
+            num_workers=t.num_workers, use_gpu=t.use_gpu,
+            resources_per_worker={"CPU": t.cpus_per_worker, **({"GPU": 1} if t.use_gpu else {})}),
+        run_config=ray.train.RunConfig(
+            name=f"{name}-{run_id or os.getpid()}", storage_path=str(runs_dir()),
+            failure_config=ray.train.FailureConfig(max_failures=t.max_failures),
+            checkpoint_config=ray.train.CheckpointConfig(num_to_keep=1),
+            logging_config=ray.train.LoggingConfig(log_level="WARNING")),
+    )
+    try:
+        result = trainer.fit()
+    except Exception as err:  # TrainingFailedError wraps the worker's exception
+        raise TrainingError(f"{name}: training failed: {err}") from err
+    if result.error is not None or result.checkpoint is None:
+        cause = result.error or "no checkpoint was reported"
+        raise TrainingError(f"{name}: training failed: {cause}")
+    ret = result.return_value or {}
+    return FitResult(role=role, checkpoint=Path(result.checkpoint.path), history=ret.get(
+        "history", []), params=int(ret.get("params", 0)), run_id=run_id,
+        transfer_size=int(ret.get("transfer_size", 0)))

@@ -1,0 +1,37 @@
+"""One Ray instance for the whole test session; MLflow in a per-test sqlite file."""
+
+from __future__ import annotations
+
+import os
+
+import pytest
+
+# Quiet, deterministic, and never reaching for the network.
+os.environ.setdefault("RAY_DEDUP_LOGS", "0")
+os.environ.setdefault("MLFLOW_ENABLE_ARTIFACTS_PROGRESS_BAR", "false")
+os.environ.setdefault("TQDM_DISABLE", "1")
+
+
+@pytest.fixture(scope="session")
+def ray_session():
+    import ray
+
+    if not ray.is_initialized():
+        # 4 logical CPUs on 2 cores: a Tune trial driver and the teacher actor can sit beside two
+        # training workers. Oversubscription only slows the tests, it never changes results.
+        ray.init(num_cpus=4, include_dashboard=False, logging_level="WARNING",
+                 log_to_driver=True)
+    yield ray
+    ray.shutdown()
+
+
+@pytest.fixture()
+def workdir(tmp_path, monkeypatch):
+    """Run in a fresh folder: caches, Ray Train storage and mlflow.db land there."""
+    monkeypatch.chdir(tmp_path)
+    return tmp_path
+
+
+@pytest.fixture()
+def mlflow_uri(workdir):
+    return f"sqlite:///{workdir / 'mlflow.db'}"

@@ -1,0 +1,98 @@
+"""End to end: `raykd distill --baseline` on digits with real Ray (2 workers) and real MLflow,
+then the cache reuse / invalidation the teacher actor promises."""
+
+from __future__ import annotations
+
+import json
+
+import pytest
+
+from raykd.cli import main
+
+FAST = ["--set", "train.epochs=2", "--set", "teacher.epochs=2", "--set", "train.num_workers=2"]
+
+
+@pytest.fixture(scope="module")
+def distilled(ray_session, tmp_path_factory):
+    """One real distillation shared by the checks below (fits are the expensive unit)."""
+    import os
+
+    root = tmp_path_factory.mktemp("distill")
+    old = os.getcwd()
+    os.chdir(root)
+    try:
+        uri = f"sqlite:///{root / 'mlflow.db'}"
+        rc = main(["distill", "--baseline", *FAST, "--set", f"tracking.uri={uri}",
+                   "--set", "tracking.experiment=e2e", "--summary", str(root / "s.json")])
+        summary = json.loads((root / "s.json").read_text())
+    finally:
+        os.chdir(old)
+    return rc, summary, uri, root
+
+
+def test_distill_summary_has_every_part(distilled):
+    rc, summary, uri, _ = distilled
+    assert rc == 0
+    for part in ("teacher", "student", "baseline"):
+        assert 0.0 <= summary[part]["accuracy"] <= 1.0
+        assert summary[part]["params"] > 0
+    # The default teacher (512-512 MLP) is far bigger than the 32-unit student.
+    assert summary["teacher"]["params"] > 10 * summary["student"]["params"]
+    assert summary["student"]["params"] == summary["baseline"]["params"]
+    assert summary["mlflow"]["tracking_uri"] == uri
+    # Two epochs on digits already learn far above chance (10%).
+    assert summary["teacher"]["accuracy"] > 0.5
+    assert summary["teacher"]["cache"]["status"] == "built"
+
+
+def test_mlflow_run_params_and_metrics_read_back(distilled):
+    from mlflow.tracking import MlflowClient
+
+    _, summary, uri, _ = distilled
+    client = MlflowClient(tracking_uri=uri)
+    parent = client.get_run(summary["mlflow"]["run_id"])
+    assert parent.info.status == "FINISHED"
+    assert parent.data.params["distill.temperature"] == "4.0"
+    assert parent.data.params["train.num_workers"] == "2"
+    assert parent.data.params["student.args.hidden_sizes"] == "[32]"
+    assert parent.data.metrics["student_test_accuracy"] == pytest.approx(
+        summary["student"]["accuracy"])
+    assert parent.data.metrics["baseline_test_accuracy"] == pytest.approx(
+        summary["baseline"]["accuracy"])
+    student = client.get_run(summary["student"]["run_id"])
+    assert student.data.tags["mlflow.parentRunId"] == parent.info.run_id
+    curve = client.get_metric_history(student.info.run_id, "val_accuracy")
+    assert [m.step for m in curve] == [0, 1]
+    losses = client.get_metric_history(student.info.run_id, "loss_kd")
+    assert len(losses) == 2 and all(m.value >= 0 for m in losses)
+    artifacts = {a.path for a in client.list_artifacts(parent.info.run_id, "config")}
+    assert "config/config.resolved.yaml" in artifacts
+    student_files = {a.path for a in client.list_artifacts(student.info.run_id)}
+    assert "checkpoint" in student_files
+
+
+def test_teacher_checkpoint_loads_weights_only(distilled):
+    import torch
+    from safetensors.torch import load_file
+
+    _, summary, _, _ = distilled
+    state = load_file(summary["teacher"]["checkpoint"])
+    assert all(isinstance(t, torch.Tensor) for t in state.values())
+
+
+def test_second_run_reuses_cache_without_teacher_forward(distilled, ray_session):
+    import os
+
+    _, summary, uri, root = distilled
+    ckpt = summary["teacher"]["checkpoint"]
+    old = os.getcwd()
+    os.chdir(root)
+    try:
+        rc = main(["distill", "--set", "train.epochs=1", "--set", f"teacher.checkpoint={ckpt}",
+                   "--set", f"tracking.uri={uri}", "--summary", str(root / "s2.json")])
+        second = json.loads((root / "s2.json").read_text())
+    finally:
+        os.chdir(old)
+    assert rc == 0
+    assert second["teacher"]["cache"]["status"] == "reused"
+    assert second["teacher"]["forward_samples"] == 0  # the teacher never ran
