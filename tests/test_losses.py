@@ -262,3 +262,19 @@ def test_distill_loss_reports_paths_without_probed_shapes():
     with pytest.raises(ConfigError, match=r"distill.losses.0.student_layers: no student feature "
                                           r"'layer9' was probed for sp"):
         DistillLoss(distill, S_SHAPES, T_SHAPES)
+
+
+def test_weight_zero_term_with_a_first_stage_is_initialisation_only():
+    # RepDistiller's AB: AB loss during the init stage, then KD without it
+    distill = DistillConfig(losses=[
+        {"name": "kd"},
+        {"name": "ab", "weight": 0.0, "student_layers": ["layer3"], "teacher_layers": ["layer3"],
+         "params": {"pretrain_epochs": 30}},
+    ])
+    loss = DistillLoss(distill, S_SHAPES, T_SHAPES)
+    assert loss.pretrain_epochs == 30 and loss.student_paths == ["layer3"]
+    s, t, y, sf, tf = batch()
+    total, values = loss(s, t, y, sf, tf, epoch=29, pretrain=True)
+    assert list(values) == ["ab"] and total.item() == pytest.approx(values["ab"], rel=1e-6)
+    total, values = loss(s, t, y, sf, tf)
+    assert list(values) == ["kd"]

@@ -4,15 +4,18 @@ Its parameters (regressors, connectors, FT's paraphraser) train with the student
 ``list(student.parameters()) + list(distill_loss.parameters())`` to the optimiser.
 
 Decisions:
-- A term with weight 0 is built (so its config is checked) but neither computed nor reported
-  (with ``alpha: 1`` the default ``ce`` is absent from the dict): every reported number is a
-  real, computed value. ``student_paths``/``teacher_paths`` (what to hook each step) leave its
-  layers out; ``feature_paths(distill)`` (what to probe before building) keeps them.
+- A term with weight 0 is built (so its config is checked) but neither computed nor reported in
+  the distillation stage (with ``alpha: 1`` the default ``ce`` is absent from the dict): every
+  reported number is a real, computed value. ``student_paths``/``teacher_paths`` (what to hook
+  each step) leave its layers out unless it has a first stage; ``feature_paths(distill)`` (what
+  to probe before building) keeps them all.
 - Reported values are unweighted, keyed by the term's name, ``name_1``, ``name_2``... on repeats.
 - Pretrain mode (FitNets' hint stage, FT's paraphraser, AB/FSP initialisation): only terms with a
   ``pretrain_loss`` and ``epoch < term.pretrain_epochs`` take part, UNWEIGHTED, as RepDistiller's
   init stage sums the raw losses (a weight tuned for the distillation stage, e.g. FT's 500, would
-  otherwise scale the reconstruction loss). ``epoch`` counts the pretrain epochs from 0.
+  otherwise scale the reconstruction loss). ``epoch`` counts the pretrain epochs from 0. The
+  weight belongs to the distillation stage only, so ``weight: 0`` with ``pretrain_epochs: 30``
+  is AB/FSP used purely as initialisation, RepDistiller's setup for both.
 """
 
 from __future__ import annotations
@@ -55,8 +58,8 @@ class DistillLoss(nn.Module):
         cfgs = distill.terms()
         self.names = _unique_names([c.name for c in cfgs])
         self.weights = [float(c.weight) for c in cfgs]
-        self.student_layers = [list(c.student_layers) for c in cfgs]
-        self.teacher_layers = [list(c.teacher_layers) for c in cfgs]
+        self.term_student_layers = [list(c.student_layers) for c in cfgs]
+        self.term_teacher_layers = [list(c.teacher_layers) for c in cfgs]
         terms = []
         for cfg in cfgs:
             where = term_field(cfg, distill)
@@ -68,14 +71,14 @@ class DistillLoss(nn.Module):
                 if s_shapes else []
             terms.append(build_term(cfg, distill, s_shapes, t_shapes, field=where))
         self.terms = nn.ModuleList(terms)
-        active = [i for i, w in enumerate(self.weights) if w > 0]
-        self.student_paths = _union(self.student_layers[i] for i in active)
-        self.teacher_paths = _union(self.teacher_layers[i] for i in active)
+        staged = [i for i, t in enumerate(self.terms) if t.has_pretrain and t.pretrain_epochs > 0]
+        active = [i for i, w in enumerate(self.weights) if w > 0 or i in staged]
+        self.student_paths = _union(self.term_student_layers[i] for i in active)
+        self.teacher_paths = _union(self.term_teacher_layers[i] for i in active)
         self.needs_teacher_features = bool(self.teacher_paths)
         self.needs_teacher_logits = any("logits" in LOSSES[cfgs[i].name].needs for i in active)
         self.needs_labels = any("labels" in LOSSES[cfgs[i].name].needs for i in active)
-        self.pretrain_epochs = max((self.terms[i].pretrain_epochs for i in active
-                                    if self.terms[i].has_pretrain), default=0)
+        self.pretrain_epochs = max((self.terms[i].pretrain_epochs for i in staged), default=0)
 
     def forward(self, student_logits: Tensor | None, teacher_logits: Tensor | None,
                 labels: Tensor | None, s_feats: Mapping[str, Tensor],
@@ -88,14 +91,14 @@ class DistillLoss(nn.Module):
         values: dict[str, float] = {}
         for i, term in enumerate(self.terms):
             weight = self.weights[i]
-            if weight <= 0:
-                continue
             if pretrain and not (term.has_pretrain and epoch < term.pretrain_epochs):
+                continue
+            if not pretrain and weight <= 0:
                 continue
             inp = LossInputs(
                 student_logits=student_logits, teacher_logits=teacher_logits, labels=labels,
-                student_feats=[s_feats[p] for p in self.student_layers[i]],
-                teacher_feats=[t_feats[p].detach() for p in self.teacher_layers[i]],
+                student_feats=[s_feats[p] for p in self.term_student_layers[i]],
+                teacher_feats=[t_feats[p].detach() for p in self.term_teacher_layers[i]],
                 mask=mask, epoch=epoch)
             value = term.pretrain_loss(inp) if pretrain else term(inp)
             contribution = value if pretrain else weight * value

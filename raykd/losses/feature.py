@@ -180,7 +180,8 @@ class ActivationBoundaries(LossTerm):
 
     Hook pre-ReLU tensors (``path:input``). The connector is a 1×1 conv + BN as the paper's
     (§3.3). The AB authors weight layers by 2^(i−n+1) and scale by 3/1000; here each layer pair
-    counts once and the scale is the term's weight (several terms give per-layer weights).
+    counts once and the scale is the term's weight (several terms give per-layer weights). The
+    paper uses AB as initialisation: ``weight: 0`` with ``pretrain_epochs: N`` does exactly that.
     """
 
     key = "ab"
