@@ -169,7 +169,7 @@ def main(argv: list[str] | None = None) -> int:
     if args.verb not in ("losses", "cache"):
         print_table(summary)
     _write_summary(summary, getattr(args, "summary", None))
-    return 0
+    return int(summary.get("exit_code", 0)) if isinstance(summary, dict) else 0
 
 
 if __name__ == "__main__":

@@ -35,3 +35,22 @@ def workdir(tmp_path, monkeypatch):
 @pytest.fixture()
 def mlflow_uri(workdir):
     return f"sqlite:///{workdir / 'mlflow.db'}"
+
+
+@pytest.fixture(scope="session")
+def digits_teacher(ray_session, tmp_path_factory):
+    """A digits teacher trained once through `raykd train-teacher` (one real Ray Train fit),
+    shared by every test that only needs *a* trained teacher."""
+    from raykd.cli import main
+
+    root = tmp_path_factory.mktemp("teacher")
+    out = root / "teacher.safetensors"
+    cwd = os.getcwd()
+    os.chdir(root)
+    try:
+        rc = main(["train-teacher", "--set", "teacher.epochs=3", "--set",
+                   f"tracking.uri=sqlite:///{root / 'mlflow.db'}", "--out", str(out)])
+    finally:
+        os.chdir(cwd)
+    assert rc == 0 and out.is_file()
+    return out

@@ -4,21 +4,37 @@ Why shards are *task returns* (``actor.shard.remote(i)``): a return value is own
 (the job driver), so the object-store copies outlive this actor. Killing or restarting the actor
 never invalidates the references the workers hold; a restarted actor reopens the cache from disk
 (``__init__`` finds it fresh) and recomputes nothing.
+
+Cache outcomes (``ensure_cache()["status"]``, also in the run summary under ``teacher.cache``):
+
+- ``reused``  a fresh cache for exactly this teacher, data, split, preprocessing and format was
+  found and verified (sha256); the teacher ran no forward pass at all;
+- ``built``   no cache for this data existed under ``teacher.cache_dir``;
+- ``rebuilt`` a cache existed but could not be served. ``previous`` says why: ``corrupt`` /
+  ``truncated`` / ``stale`` (the folder under this key was damaged or mislabelled and has been
+  replaced), or ``changed`` (the nearest cache for the same data was built for another teacher
+  or other settings — ``changed_fields`` lists them, e.g. ``teacher_fingerprint`` after a new
+  checkpoint). A changed teacher's old cache is left in place under its own key: other runs and
+  Tune trials may still use that teacher.
 """
 
 from __future__ import annotations
 
+import hashlib
+import json
 import os
 import time
+import warnings
 from pathlib import Path
 from typing import Any
 
 import numpy as np
 import torch
 
-from raykd.config import RaykdConfig, validate
+from raykd.config import URI_SCHEMES, RaykdConfig, validate
 
 ACTOR_NAMESPACE = "raykd"
+GPU_FRACTION = 0.25
 
 
 def default_cache_dir(cfg: RaykdConfig) -> Path:
@@ -35,16 +51,42 @@ def teacher_views(cfg: RaykdConfig) -> int:
     return cfg.teacher.views if cfg.teacher.mode == "replay" else 1
 
 
+def previous_cache(root: Path, spec) -> tuple[str, list[str]] | None:
+    """The cache under ``root`` for the same data (dataset identity and split) whose spec differs
+    from ``spec`` in the fewest fields: ``(key, differing fields)``, or None. Only words the
+    report of a rebuild; it never changes what is served."""
+    if not root.is_dir():
+        return None
+    want = spec.to_dict()
+    best: tuple[int, str, list[str]] | None = None
+    for folder in sorted(p for p in root.iterdir() if p.is_dir() and not p.name.startswith(".")
+                         and p.name != spec.key())[:256]:
+        try:
+            got = json.loads((folder / "manifest.json").read_text())["spec"]
+        except (OSError, ValueError, KeyError, TypeError):
+            continue
+        if (got.get("dataset_identity"), got.get("split")) != (want["dataset_identity"],
+                                                               want["split"]):
+            continue
+        diff = sorted(k for k in want.keys() | got.keys() if got.get(k) != want.get(k))
+        if best is None or len(diff) < best[0]:
+            best = (len(diff), folder.name, diff)
+    return None if best is None else (best[1], best[2])
+
+
 class TeacherActor:
     """Load the (ensemble) teacher, build or reuse its soft-label cache, serve shards and online
-    forwards. Created through :func:`start_teacher_actor` as a named, restartable Ray actor."""
+    forwards. Created through :func:`start_teacher_actor` as a named, restartable Ray actor; it is
+    a plain class, so benchmarks and tests can also instantiate it in-process."""
 
     def __init__(self, config: dict[str, Any], sources: list[str], tracking_uri: str):
         from raykd.data import build_dataset
         from raykd.teacher.cache import CacheSpec, TeacherCache, check_cache, teacher_fingerprint
         from raykd.teacher.loading import load_teacher_models
 
+        started = time.perf_counter()
         self.cfg = validate(config)
+        self.sources = list(sources)
         self.device = torch.device("cuda" if torch.cuda.is_available() else "cpu")
         self.dataset = build_dataset(self.cfg.data, "train")
         self.models = [m.to(self.device).eval() for m in
@@ -52,82 +94,121 @@ class TeacherActor:
         self.fingerprint = teacher_fingerprint([m.state_dict() for m in self.models])
         self.forward_samples = 0  # every sample the teacher saw since this process started
         self.cache = None
-        self.cache_event: dict[str, Any] = {"status": "none"}
-        if self.cfg.teacher.mode == "online":
-            return
-        self.root = default_cache_dir(self.cfg)
-        info = self.dataset.info
-        self.spec = CacheSpec(
-            teacher_fingerprint=self.fingerprint, dataset_identity=info.identity, split="train",
-            preprocessing=info.preprocessing, views=teacher_views(self.cfg),
-            dtype=self.cfg.teacher.cache_dtype, topk=self.cfg.teacher.topk,
-            augment=augment_description(self.cfg), num_samples=len(self.dataset),
-            num_classes=info.num_classes)
-        status = check_cache(self.root, self.spec)
-        if status.state == "fresh":
-            self.cache = TeacherCache.open(self.root, self.spec)
-            self.cache_event = {"status": "reused", "reason": "fingerprint matches"}
-        else:
-            self.cache_event = {"status": "pending", "reason": f"{status.state}: {status.reason}"}
+        self.spec = None
+        self.cache_event: dict[str, Any] = {"status": "online"}
+        if self.cfg.teacher.mode != "online":
+            self.root = default_cache_dir(self.cfg)
+            info = self.dataset.info
+            self.spec = CacheSpec(
+                teacher_fingerprint=self.fingerprint, dataset_identity=info.identity,
+                split="train", preprocessing=info.preprocessing, views=teacher_views(self.cfg),
+                dtype=self.cfg.teacher.cache_dtype, topk=self.cfg.teacher.topk,
+                augment=augment_description(self.cfg), num_samples=len(self.dataset),
+                num_classes=info.num_classes)
+            # One full verification (sha256 of every array) per start, restarts included: a
+            # restarted actor serves what is on disk only after re-checking it.
+            status = check_cache(self.root, self.spec, verify=True)
+            if status.state == "fresh":
+                self.cache = TeacherCache.open(self.root, self.spec, verify=False)
+                self.cache_event = {"status": "reused", "reason": "fingerprint matches; "
+                                    + status.reason}
+            else:
+                self.cache_event = {"status": "pending", "reason": str(status)}
+        self.start_seconds = round(time.perf_counter() - started, 3)
 
     # -- cache -------------------------------------------------------------------------------
     def ensure_cache(self) -> dict[str, Any]:
-        """Open a fresh cache or (re)build it; never serve a stale or corrupt one."""
+        """Open a fresh cache or (re)build it; never serve a stale, truncated or corrupt one."""
         from raykd.teacher.cache import TeacherCache, build_cache, check_cache
 
         if self.cfg.teacher.mode == "online":
-            return {"status": "online", "forward_samples": self.forward_samples}
+            return self.stats()
         if self.cache is None:
-            before = check_cache(self.root, self.spec)
+            before = check_cache(self.root, self.spec, verify=True)
+            if before.fresh:  # another process published it meanwhile
+                self.cache = TeacherCache.open(self.root, self.spec, verify=False)
+                self.cache_event = {"status": "reused", "reason": str(before)}
+                return self.stats()
+            prior = previous_cache(self.root, self.spec) if before.state == "missing" else None
             start = time.perf_counter()
             build_cache(self.root, self.spec, self._produce, self.cfg.teacher.batch_size,
                         progress=True)
             seconds = time.perf_counter() - start
-            self.cache = TeacherCache.open(self.root, self.spec)
+            self.cache = TeacherCache.open(self.root, self.spec, verify=False)
             rows = self.spec.num_samples * self.spec.views
-            self.cache_event = {
-                "status": "built" if before.state == "missing" else "rebuilt",
-                "reason": f"{before.state}: {before.reason}", "seconds": round(seconds, 3),
-                "samples_per_s": round(rows / max(seconds, 1e-9), 1)}
-        return {**self.cache_event, **self.describe()}
+            event: dict[str, Any] = {"reason": str(before), "seconds": round(seconds, 3),
+                                     "samples_per_s": round(rows / max(seconds, 1e-9), 1)}
+            if before.state != "missing":
+                event.update(status="rebuilt", previous=before.state)
+            elif prior is not None:
+                event.update(status="rebuilt", previous="changed", previous_key=prior[0],
+                             changed_fields=prior[1],
+                             reason=f"cache {prior[0]} for the same data was built for a "
+                                    f"different {', '.join(prior[1])}; built {self.spec.key()}")
+            else:
+                event.update(status="built")
+            self.cache_event = event
+        return self.stats()
+
+    def _require_cache(self):
+        if self.cache is None:  # e.g. restarted while the first build was running
+            self.ensure_cache()
+        return self.cache
 
     def describe(self) -> dict[str, Any]:
         out = {"fingerprint": self.fingerprint, "forward_samples": self.forward_samples,
-               "pid": os.getpid(), "mode": self.cfg.teacher.mode,
-               "reconstructed": _was_reconstructed(), "num_models": len(self.models)}
+               "pid": os.getpid(), "mode": self.cfg.teacher.mode, "device": str(self.device),
+               "reconstructed": _was_reconstructed(), "num_models": len(self.models),
+               "start_seconds": self.start_seconds}
         if self.cache is not None:
-            out.update(path=str(self.cache.path), bytes_per_sample=self.cache.bytes_per_sample,
-                       num_samples=self.cache.num_samples, topk=self.spec.topk,
-                       views=self.spec.views, dtype=self.spec.dtype)
+            out.update(path=str(self.cache.path), key=self.spec.key(),
+                       bytes_per_sample=self.cache.bytes_per_sample,
+                       num_samples=self.cache.num_samples, num_classes=self.spec.num_classes,
+                       topk=self.spec.topk, views=self.spec.views, dtype=self.spec.dtype,
+                       shard_size=self.cfg.teacher.shard_size)
         return out
 
     def cache_spec(self):
+        self._require_cache()
         return self.spec
 
     def shard_bounds(self) -> list[tuple[int, int]]:
-        return [(s.start, s.end) for s in self.cache.shards(self.cfg.teacher.shard_size)]
+        cache = self._require_cache()
+        size = self.cfg.teacher.shard_size
+        return [(s, min(s + size, cache.num_samples)) for s in range(0, cache.num_samples, size)]
 
     def shard(self, i: int) -> dict[str, np.ndarray]:
         """One shard's arrays, returned (not ray.put) so the caller owns the object-store copy."""
-        shard = self.cache.shards(self.cfg.teacher.shard_size)[i]
-        return {name: np.ascontiguousarray(arr) for name, arr in shard.arrays.items()}
+        cache = self._require_cache()
+        size = self.cfg.teacher.shard_size
+        start = i * size
+        if not 0 <= start < cache.num_samples:
+            raise IndexError(f"shard {i} is outside the cache ({cache.num_samples} samples, "
+                             f"{size} per shard)")
+        end = min(start + size, cache.num_samples)
+        out = {name: np.ascontiguousarray(arr[start:end]) for name, arr in cache.arrays.items()}
+        out["num_classes"] = np.array([cache.num_classes], dtype=np.int64)
+        return out
 
     def _produce(self, start: int, end: int, view: int) -> torch.Tensor:
-        from raykd.data.augment import augment, view_seeds
+        from raykd.teacher.client import replay_inputs
 
         idx = torch.arange(start, end)
         _, x, _ = self.dataset.get_batch(idx)
-        if self.spec.views > 1 or self.spec.augment:
-            seeds = view_seeds(idx, view, self.cfg.train.seed)
-            x = augment(x, seeds, self.cfg.train.jitter, self.cfg.train.flip)
+        if self.spec.augment:  # replay: view `view` of each sample, as the student will see it
+            t = self.cfg.train
+            x = replay_inputs(x, idx, view, t.seed, t.jitter, t.flip)
         return self._logits(x)
 
     # -- online ------------------------------------------------------------------------------
     @torch.inference_mode()
     def _logits(self, x: torch.Tensor) -> torch.Tensor:
-        x = x.to(self.device)
+        x = x.to(self.device, non_blocking=True)
         # Ensembles average raw logits: stays consistent under any read-time temperature.
-        logits = torch.stack([m(x) for m in self.models]).mean(0)
+        if len(self.models) == 1:
+            logits = self.models[0](x)
+        else:
+            logits = torch.stack([m(x) for m in self.models]).mean(0)
         self.forward_samples += len(x)
         return logits.float().cpu()
 
@@ -161,26 +242,53 @@ def _was_reconstructed() -> bool:
     import ray
 
     try:
-        return bool(ray.get_runtime_context().was_current_actor_reconstructed)
+        with warnings.catch_warnings():  # the property reads a deprecated attribute internally
+            warnings.simplefilter("ignore")
+            return bool(ray.get_runtime_context().was_current_actor_reconstructed)
     except Exception:
         return False
 
 
-def actor_name(cfg: RaykdConfig, sources: list[str]) -> str:
-    import hashlib
+def _source_signature(source: str) -> str:
+    """A local checkpoint by path, size and mtime (overwriting it gives a new actor, whose
+    fingerprint then finds the cache changed); MLflow URIs by their text."""
+    if source.startswith(URI_SCHEMES):
+        return source
+    try:
+        st = Path(source).stat()
+    except OSError:
+        return source
+    return f"{Path(source).resolve()}:{st.st_size}:{st.st_mtime_ns}"
 
-    key = hashlib.sha256(repr((sorted(sources), cfg.data.model_dump(), cfg.teacher.mode,
-                               cfg.teacher.topk, cfg.teacher.cache_dtype)).encode()).hexdigest()
-    return f"teacher-{key[:12]}"
+
+def actor_name(cfg: RaykdConfig, sources: list[str]) -> str:
+    """Same teacher sources, data, teacher settings and replayed augmentation ⇒ same actor: the
+    job's Ray Train workers and Tune trials (which differ in student/loss settings) share it."""
+    teacher = cfg.teacher.model_dump(mode="json", exclude={"checkpoint", "ensemble", "epochs",
+                                                           "lr", "jitter", "max_restarts"})
+    blob = json.dumps([[_source_signature(s) for s in sources], cfg.data.model_dump(mode="json"),
+                       teacher, augment_description(cfg)], sort_keys=True, default=str)
+    return f"teacher-{hashlib.sha256(blob.encode()).hexdigest()[:16]}"
+
+
+def actor_gpus(cfg: RaykdConfig, cluster_gpus: float) -> float:
+    """A GPU fraction for the teacher when the cluster has GPUs to spare beside the training
+    workers (each takes a whole GPU); otherwise 0 — taking a slice the workers need would leave
+    the fit waiting for resources forever."""
+    if not cluster_gpus:
+        return 0.0
+    workers = cfg.train.num_workers if cfg.train.use_gpu else 0
+    return GPU_FRACTION if cluster_gpus - workers >= GPU_FRACTION else 0.0
 
 
 def start_teacher_actor(cfg: RaykdConfig, sources: list[str], tracking_uri: str):
-    """A named, restartable actor (a GPU fraction when the cluster has GPUs)."""
+    """The job's named, restartable teacher actor (found again if it already runs). Its methods
+    are retried across restarts (``max_task_retries=-1``), so an online forward in flight when
+    the actor dies completes on the restarted one."""
     import ray
 
-    gpus = ray.cluster_resources().get("GPU", 0)
     remote = ray.remote(TeacherActor).options(
         name=actor_name(cfg, sources), namespace=ACTOR_NAMESPACE, get_if_exists=True,
         max_restarts=cfg.teacher.max_restarts, max_task_retries=-1, num_cpus=0,
-        num_gpus=0.25 if (cfg.train.use_gpu and gpus) else 0, lifetime=None)
+        num_gpus=actor_gpus(cfg, ray.cluster_resources().get("GPU", 0)), lifetime=None)
     return remote.remote(cfg.to_dict(), list(sources), tracking_uri)

@@ -2,18 +2,32 @@
 
 The driver hands every worker a :class:`TeacherHandoff`: object references to the cache shards
 (cached/replay) or the actor handle (online). Cached shards are fetched with ``ray.get`` — zero-copy
-from the node's object store — and indexed locally. When the cache is larger than the worker's
-budget, shards are kept in a small LRU and the next shards are fetched ahead in a thread.
+from the node's object store, so the workers of one node share one copy — and indexed locally;
+the actor is not contacted at all while a cached fit runs (it may die and restart meanwhile).
+When the cache is larger than the worker's budget (``TeacherHandoff.max_resident_bytes``), shards
+are kept in a small LRU, each epoch's order is regrouped shard by shard
+(:func:`shard_local_order`) and the next batch's shards are fetched ahead in a thread.
+
+Replay mode: :func:`replay_view` picks which of the V cached views each sample is shown in an
+epoch, :func:`replay_inputs` renders that view; the teacher actor renders the cache's views with
+the same :func:`replay_inputs`, so the student sees exactly the image whose labels it gets.
 """
 
 from __future__ import annotations
 
+import os
 from collections import OrderedDict
 from concurrent.futures import Future, ThreadPoolExecutor
 from dataclasses import dataclass, field
 from typing import Any
 
 import torch
+
+DEFAULT_RESIDENT_BYTES = 2 << 30
+
+
+def _resident_budget() -> int:
+    return int(os.environ.get("RAYKD_CACHE_RESIDENT_BYTES", DEFAULT_RESIDENT_BYTES))
 
 
 @dataclass
@@ -22,19 +36,40 @@ class TeacherHandoff:
     bounds: list[tuple[int, int]] = field(default_factory=list)  # shard index ranges
     refs: list[Any] = field(default_factory=list)  # ObjectRef per shard → dict of arrays
     spec: Any = None  # CacheSpec
-    bytes_per_row: int = 0
+    bytes_per_row: int = 0  # bytes per sample, all views
     actor: Any = None  # online mode
     feature_shapes: dict[str, list[int]] = field(default_factory=dict)
-    max_resident_bytes: int = 2 << 30
+    max_resident_bytes: int = field(default_factory=_resident_budget)
 
 
+# -- replay ----------------------------------------------------------------------------------
+def replay_view(idx: torch.Tensor, epoch: int, views: int, seed: int) -> torch.Tensor:
+    """The cached view (0..views−1) each sample of ``idx`` is shown in ``epoch``: a function of
+    (seed, sample, epoch) only, so it does not depend on the batch, the rank or the world size."""
+    from raykd.data.augment import view_seeds
+
+    idx = torch.as_tensor(idx, dtype=torch.int64)
+    if views == 1:
+        return torch.zeros_like(idx)
+    # A stream of its own (negative "views"): never the seed that renders a view's augmentation.
+    return view_seeds(idx, -1 - int(epoch), seed) % views
+
+
+def replay_inputs(x: torch.Tensor, idx: torch.Tensor, view: torch.Tensor | int, seed: int,
+                  jitter: int, flip: bool) -> torch.Tensor:
+    """View ``view`` of samples ``idx``: the augmentation drawn from the seed of (sample, view).
+    The teacher actor caches the logits of exactly these images."""
+    from raykd.data.augment import augment, view_seeds
+
+    return augment(x, view_seeds(idx, view, seed), jitter, flip)
+
+
+# -- cached ----------------------------------------------------------------------------------
 class CachedTeacher:
     def __init__(self, handoff: TeacherHandoff):
-        import bisect
-
-        self._bisect = bisect
         self.handoff = handoff
         self.starts = [b[0] for b in handoff.bounds]
+        self._starts_t = torch.tensor(self.starts, dtype=torch.int64)
         total = handoff.bounds[-1][1] * handoff.bytes_per_row if handoff.bounds else 0
         self.all_resident = total <= handoff.max_resident_bytes
         per_shard = max(1, (handoff.bounds[0][1] - handoff.bounds[0][0]) * handoff.bytes_per_row)
@@ -42,9 +77,12 @@ class CachedTeacher:
             2, handoff.max_resident_bytes // per_shard)
         self.resident: OrderedDict[int, Any] = OrderedDict()
         self.pending: dict[int, Future] = {}
+        self.fetches = 0  # shard fetches (ray.get) so far, prefetches included
         self.pool = None if self.all_resident else ThreadPoolExecutor(1, "cache-prefetch")
+        self._everything: list[Any] = []
         if self.all_resident:
             self._fetch_now(list(range(len(handoff.bounds))))
+            self._everything = [self.resident[i] for i in range(len(handoff.bounds))]
 
     def _shard(self, i: int, arrays: dict):
         from raykd.teacher.cache import CacheShard
@@ -52,15 +90,23 @@ class CachedTeacher:
         start, end = self.handoff.bounds[i]
         return CacheShard(start=start, end=end, arrays=arrays)
 
+    def _get(self, i: int) -> dict:
+        import ray
+
+        self.fetches += 1
+        return ray.get(self.handoff.refs[i])
+
     def _fetch_now(self, shard_ids: list[int]) -> None:
         import ray
 
         todo = [i for i in shard_ids if i not in self.resident]
         waiting = {i: self.pending.pop(i) for i in todo if i in self.pending}
         fresh = [i for i in todo if i not in waiting]
-        arrays = ray.get([self.handoff.refs[i] for i in fresh]) if fresh else []
-        for i, arr in zip(fresh, arrays, strict=True):
-            self.resident[i] = self._shard(i, arr)
+        if fresh:
+            self.fetches += len(fresh)
+            arrays = ray.get([self.handoff.refs[i] for i in fresh])
+            for i, arr in zip(fresh, arrays, strict=True):
+                self.resident[i] = self._shard(i, arr)
         for i, fut in waiting.items():
             self.resident[i] = self._shard(i, fut.result())
         for i in shard_ids:
@@ -69,32 +115,36 @@ class CachedTeacher:
             self.resident.popitem(last=False)
 
     def shard_of(self, idx: torch.Tensor) -> torch.Tensor:
-        return torch.bucketize(idx, torch.tensor(self.starts), right=True) - 1
+        return torch.bucketize(torch.as_tensor(idx, dtype=torch.int64), self._starts_t,
+                               right=True) - 1
 
     def prefetch(self, upcoming: torch.Tensor) -> None:
         """Start fetching the shards ``upcoming`` indices need (no-op when all are resident)."""
         if self.all_resident or upcoming.numel() == 0:
             return
-        import ray
-
         for i in self.shard_of(upcoming).unique().tolist():
             if i not in self.resident and i not in self.pending:
-                self.pending[i] = self.pool.submit(ray.get, self.handoff.refs[i])
+                self.pending[i] = self.pool.submit(self._get, i)
 
     def logits(self, idx: torch.Tensor, view: torch.Tensor | int = 0) -> torch.Tensor:
+        """Raw float32 teacher logits [B, C] of samples ``idx`` at ``view`` (local indexing)."""
         from raykd.teacher.cache import lookup
 
+        if self.all_resident:
+            return lookup(self._everything, idx, view)
         needed = self.shard_of(idx).unique().tolist()
         self._fetch_now(needed)
-        return lookup([self.resident[i] for i in sorted(needed)], idx, view)
+        return lookup([self.resident[i] for i in needed], idx, view)
 
     def close(self) -> None:
         if self.pool:
             self.pool.shutdown(wait=False, cancel_futures=True)
 
 
+# -- online ----------------------------------------------------------------------------------
 class OnlineTeacher:
-    """Runs the teacher (in the actor) on the live batch, returning logits and hooked features."""
+    """Runs the teacher (in the actor) on the live batch, returning logits and hooked features.
+    One actor call per step for the whole batch; retried on the restarted actor if it dies."""
 
     def __init__(self, handoff: TeacherHandoff, feature_paths: list[str]):
         self.actor = handoff.actor

@@ -1,45 +1,65 @@
-"""`raykd cache build|inspect|verify`."""
+"""`raykd cache build|inspect|verify`.
+
+- ``build``   starts the teacher actor for ``--config``/``--set`` and makes sure its cache is fresh:
+  prints the actor's report (``status`` reused | built | rebuilt, with the reason) as JSON.
+- ``inspect`` prints a cache folder's manifest summary as JSON (shapes checked, no checksums).
+- ``verify``  checks every array against the manifest's sha256; exit code 0 when every cache is
+  fresh, 1 otherwise. ``PATH`` may be one cache folder or ``teacher.cache_dir`` (all of them).
+"""
 
 from __future__ import annotations
 
 import json
+from pathlib import Path
 from typing import Any
 
 from raykd.config import ConfigError
 
 
+def _cache_folders(path: str | None, action: str) -> list[Path]:
+    if not path:
+        raise ConfigError(f"path: raykd cache {action} needs a cache folder, e.g. "
+                          f".raykd/cache/<key> (or the cache directory itself)")
+    root = Path(path).expanduser()
+    if (root / "manifest.json").is_file():
+        return [root]
+    found = sorted(p for p in root.iterdir() if (p / "manifest.json").is_file()
+                   and not p.name.startswith(".")) if root.is_dir() else []
+    if not found:
+        raise ConfigError(f"path: {path} is not a raykd cache (no manifest.json in it or in its "
+                          f"subfolders); give a folder under teacher.cache_dir")
+    return found
+
+
 def cache_command(args) -> dict[str, Any]:
     from raykd.teacher.cache import inspect_cache, verify_cache
 
-    if args.action in ("inspect", "verify"):
-        if not args.path:
-            raise ConfigError(f"path: raykd cache {args.action} needs a cache folder, e.g. "
-                              f".raykd/cache/<key>")
-        from pathlib import Path
-
-        if not (Path(args.path) / "manifest.json").is_file():
-            raise ConfigError(f"path: {args.path} is not a raykd cache (no manifest.json); "
-                              f"give a folder under teacher.cache_dir")
-        if args.action == "inspect":
-            out = inspect_cache(args.path)
-            print(json.dumps(out, indent=2, default=str))
-            return out
-        status = verify_cache(args.path)
-        print(f"{args.path}: {status.state}" + (f" ({status.reason})" if status.reason else ""))
-        if status.state != "fresh":
-            raise SystemExit(1)
-        return {"state": status.state, "reason": status.reason}
-    return build(args)
+    if args.action == "build":
+        return build(args)
+    folders = _cache_folders(args.path, args.action)
+    if args.action == "inspect":
+        out = []
+        for folder in folders:
+            info = inspect_cache(folder)
+            info["state"] = str(verify_cache(folder, verify=False))
+            out.append(info)
+        print(json.dumps(out[0] if len(out) == 1 else out, indent=2, default=str))
+        return {"caches": out}
+    results = []
+    for folder in folders:
+        status = verify_cache(folder)
+        print(f"{folder}: {status.state}" + (f" ({status.reason})" if status.reason else ""))
+        results.append({"path": str(folder), "state": status.state, "reason": status.reason})
+    bad = [r for r in results if r["state"] != "fresh"]
+    return {"caches": results, "exit_code": 1 if bad else 0}
 
 
 def build(args) -> dict[str, Any]:
-    import ray
-
     from raykd import tracking
     from raykd.config import load_config
     from raykd.preflight import preflight
     from raykd.schemes.offline import teacher_sources
-    from raykd.teacher.service import serve_teacher
+    from raykd.teacher.service import ensure_teacher, stop_teacher
     from raykd.train.fit import ensure_ray
 
     cfg = load_config(args.config, args.overrides)
@@ -52,10 +72,8 @@ def build(args) -> dict[str, Any]:
     preflight(cfg, roles=("teacher",))
     uri = tracking.resolve_tracking_uri(cfg.tracking.uri)
     ensure_ray()
-    service = serve_teacher(cfg, sources, uri)
-    try:
-        out = ray.get(service.actor.stats.remote())
-    finally:
-        ray.kill(service.actor)
+    # No shard references: building needs the actor only, not the object-store copies.
+    actor, out = ensure_teacher(cfg, sources, uri)
+    stop_teacher(actor)
     print(json.dumps(out, indent=2, default=str))
     return {"cache": out}

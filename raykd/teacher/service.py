@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import time
 from dataclasses import dataclass
 from typing import Any
 
@@ -23,27 +24,45 @@ def teacher_feature_paths(cfg: RaykdConfig) -> list[str]:
     return paths
 
 
-def serve_teacher(cfg: RaykdConfig, sources: list[str], tracking_uri: str) -> TeacherService:
-    """Start (or find) the job's teacher actor and build the handoff every worker receives.
-
-    Shard references are created here, by the driver, so the driver owns them: they stay valid
-    while the actor restarts."""
+def ensure_teacher(cfg: RaykdConfig, sources: list[str], tracking_uri: str, attempts: int = 5):
+    """The job's actor with its cache ensured. ``get_if_exists`` can hand back an actor that an
+    earlier run of this job has just killed (its name is released asynchronously): then wait
+    and ask again."""
     import ray
 
     from raykd.teacher.actor import start_teacher_actor
 
-    actor = start_teacher_actor(cfg, sources, tracking_uri)
-    cache = ray.get(actor.ensure_cache.remote())
+    for attempt in range(attempts):
+        actor = start_teacher_actor(cfg, sources, tracking_uri)
+        try:
+            return actor, ray.get(actor.ensure_cache.remote())
+        except ray.exceptions.RayActorError:
+            if attempt + 1 == attempts:
+                raise
+            time.sleep(0.5 * (attempt + 1))
+    raise AssertionError("unreachable")
+
+
+def serve_teacher(cfg: RaykdConfig, sources: list[str], tracking_uri: str,
+                  max_resident_bytes: int | None = None) -> TeacherService:
+    """Start (or find) the job's teacher actor and build the handoff every worker receives.
+
+    Shard references are created here, by the driver, so the driver owns them: they stay valid
+    while the actor restarts, and the workers never call the actor in cached/replay mode."""
+    import ray
+
+    actor, cache = ensure_teacher(cfg, sources, tracking_uri)
     if cfg.teacher.mode == "online":
         paths = teacher_feature_paths(cfg)
         shapes = ray.get(actor.feature_shapes.remote(paths)) if paths else {}
         return TeacherService(actor, TeacherHandoff(mode="online", actor=actor,
                                                     feature_shapes=shapes), cache)
-    bounds = ray.get(actor.shard_bounds.remote())
+    bounds, spec = ray.get([actor.shard_bounds.remote(), actor.cache_spec.remote()])
     refs = [actor.shard.remote(i) for i in range(len(bounds))]
-    spec = ray.get(actor.cache_spec.remote())
     handoff = TeacherHandoff(mode=cfg.teacher.mode, bounds=bounds, refs=refs, spec=spec,
                              bytes_per_row=int(cache["bytes_per_sample"]) * spec.views)
+    if max_resident_bytes is not None:
+        handoff.max_resident_bytes = int(max_resident_bytes)
     return TeacherService(actor, handoff, cache)
 
 
@@ -51,3 +70,19 @@ def teacher_stats(service: TeacherService) -> dict[str, Any]:
     import ray
 
     return ray.get(service.actor.stats.remote())
+
+
+def stop_teacher(actor, timeout_s: float = 60.0) -> None:
+    """Kill the actor for good and wait until it is gone, so that the next :func:`serve_teacher`
+    of this job with the same name starts a fresh actor (and re-checks the cache on disk)
+    instead of reaching the dying one."""
+    import ray
+
+    ray.kill(actor, no_restart=True)
+    deadline = time.monotonic() + timeout_s
+    while time.monotonic() < deadline:
+        try:
+            ray.get(actor.describe.remote(), timeout=max(1.0, deadline - time.monotonic()))
+        except (ray.exceptions.RayActorError, ray.exceptions.GetTimeoutError):
+            return
+        time.sleep(0.05)

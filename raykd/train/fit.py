@@ -39,7 +39,11 @@ def ensure_ray() -> None:
 
 def fit(cfg: RaykdConfig, role: str, *, tracking_uri: str | None = None,
         run_id: str | None = None, teacher=None, name: str | None = None,
-        init_from: str | None = None) -> FitResult:
+        init_from: str | None = None, callbacks: list | None = None,
+        storage_path: str | None = None, resume_from=None) -> FitResult:
+    """``callbacks``: Ray Train ``UserCallback``s (Tune trials relay reports through one);
+    ``storage_path``: where the run keeps its checkpoints (default ``runs_dir()``);
+    ``resume_from``: a ``Checkpoint`` to continue from (a Tune trial restored or exploited)."""
     import ray.train
     from ray.train.torch import TorchTrainer
 
@@ -49,7 +53,7 @@ def fit(cfg: RaykdConfig, role: str, *, tracking_uri: str | None = None,
     name = name or role
     loop: dict[str, Any] = {"config": cfg.to_dict(), "role": role, "tracking_uri": tracking_uri,
                             "run_id": run_id, "teacher": teacher, "name": name,
-                            "init_from": init_from}
+                            "init_from": init_from, "resume_from": resume_from}
     t = cfg.train
     trainer = TorchTrainer(
         train_loop_per_worker,
@@ -58,7 +62,8 @@ def fit(cfg: RaykdConfig, role: str, *, tracking_uri: str | None = None,
             num_workers=t.num_workers, use_gpu=t.use_gpu,
             resources_per_worker={"CPU": t.cpus_per_worker, **({"GPU": 1} if t.use_gpu else {})}),
         run_config=ray.train.RunConfig(
-            name=f"{name}-{run_id or os.getpid()}", storage_path=str(runs_dir()),
+            name=f"{name}-{run_id or os.getpid()}", storage_path=storage_path or str(runs_dir()),
+            callbacks=callbacks,
             failure_config=ray.train.FailureConfig(max_failures=t.max_failures),
             checkpoint_config=ray.train.CheckpointConfig(num_to_keep=1),
             logging_config=ray.train.LoggingConfig(log_level="WARNING")),

@@ -107,11 +107,12 @@ def _feature_paths(distill: DistillConfig, side: str) -> list[str]:
     return paths
 
 
-def _restore(model, optimizer) -> int:
-    """Resume from Ray Train's latest checkpoint after a worker failure; returns the next epoch."""
+def _restore(model, optimizer, resume_from=None) -> int:
+    """Resume from Ray Train's latest checkpoint after a worker failure (else from
+    ``resume_from``, a checkpoint handed in by a Tune trial); returns the next epoch."""
     import ray.train
 
-    ckpt = ray.train.get_checkpoint()
+    ckpt = ray.train.get_checkpoint() or resume_from
     if ckpt is None:
         return 0
     from safetensors.torch import load_file
@@ -140,11 +141,12 @@ def train_loop_per_worker(loop: dict[str, Any]) -> dict[str, Any]:
 
     from raykd import tracking
     from raykd.data import build_dataset
-    from raykd.data.augment import augment, view_seeds
+    from raykd.data.augment import augment
     from raykd.losses import DistillLoss
     from raykd.models import build_model, count_params
     from raykd.models.hooks import probe_shapes
-    from raykd.teacher.client import CachedTeacher, OnlineTeacher, shard_local_order
+    from raykd.teacher.client import (CachedTeacher, OnlineTeacher, replay_inputs, replay_view,
+                                      shard_local_order)
 
     cfg, role = validate(loop["config"]), loop["role"]
     plan = RolePlan.of(cfg, role)
@@ -176,14 +178,15 @@ def train_loop_per_worker(loop: dict[str, Any]) -> dict[str, Any]:
     optimizer = _make_optimizer(list(step.parameters()), cfg, plan.lr)
     scheduler = (torch.optim.lr_scheduler.CosineAnnealingLR(optimizer, plan.epochs)
                  if cfg.train.schedule == "cosine" else None)
-    start_epoch = _restore(model, optimizer)
+    start_epoch = _restore(model, optimizer, loop.get("resume_from"))
 
     cached = online = None
     if handoff is not None and handoff.mode == "online":
         online = OnlineTeacher(handoff, _feature_paths(plan.distill, "teacher"))
     elif handoff is not None:
         cached = CachedTeacher(handoff)
-    views = handoff.spec.views if (handoff is not None and handoff.mode == "replay") else 1
+    replay = handoff is not None and handoff.mode == "replay"
+    views = handoff.spec.views if replay else 1
 
     transfer = (train_ds.subset_indices(cfg.distill.include_classes, cfg.distill.exclude_classes)
                 if role == "student" else torch.arange(len(train_ds)))
@@ -207,10 +210,9 @@ def train_loop_per_worker(loop: dict[str, Any]) -> dict[str, Any]:
         for b, idx in enumerate(batches):
             idx, x, y = train_ds.get_batch(idx)
             view: torch.Tensor | int = 0
-            if views > 1:  # replay: the view whose cached labels this sample gets this epoch
-                view = view_seeds(idx, epoch, cfg.train.seed) % views
-                x = augment(x, view_seeds(idx, view, cfg.train.seed), cfg.train.jitter,
-                            cfg.train.flip)
+            if replay:  # the cached view whose labels this sample gets this epoch, rendered
+                view = replay_view(idx, epoch, views, cfg.train.seed)
+                x = replay_inputs(x, idx, view, cfg.train.seed, cfg.train.jitter, cfg.train.flip)
             elif plan.jitter or (role != "teacher" and cfg.train.flip):
                 seeds = torch.randint(0, 2**62, (len(idx),), generator=gen)
                 x = augment(x, seeds, plan.jitter, cfg.train.flip and role != "teacher")

@@ -1,0 +1,325 @@
+"""The teacher actor, driven directly on a real Ray instance: cache reuse, invalidation and repair
+as the actor reports them, shard serving, replay views, online == cached, restarts.
+
+Teachers are small digits MLPs saved with ``save_checkpoint`` from freshly built models (untrained
+weights teach nothing, but every check here is about which logits are served, not their quality).
+Caches are float32 so served logits can be compared with the teacher's own to float tolerance.
+One real Ray Train fit (the kill-mid-training test) is the expensive unit of this file.
+"""
+
+from __future__ import annotations
+
+import threading
+import time
+from pathlib import Path
+
+import pytest
+import torch
+
+from raykd.config import load_config
+from raykd.data import build_dataset
+from raykd.data.augment import augment, view_seeds
+from raykd.models import build_model
+from raykd.teacher.client import (CachedTeacher, OnlineTeacher, TeacherHandoff, replay_inputs,
+                                  replay_view, shard_local_order)
+from raykd.train.checkpoint import load_model, save_checkpoint
+
+HIDDEN = [48]
+
+
+def save_teacher(path: Path, seed: int) -> Path:
+    cfg = load_config(None, {"teacher.args": {"hidden_sizes": HIDDEN}})
+    info = build_dataset(cfg.data, "train").info
+    torch.manual_seed(seed)
+    model = build_model(cfg.teacher, info, field="teacher")
+    return save_checkpoint(model, {"name": "mlp", "args": {"hidden_sizes": HIDDEN}}, info, path)
+
+
+def make_cfg(root: Path, source, **sets):
+    """Digits, a float32 cache under ``root/cache``; ``source`` a path/URI or a list (ensemble)."""
+    base = {"teacher.cache_dir": str(root / "cache"), "teacher.cache_dtype": "float32",
+            "teacher.args": {"hidden_sizes": HIDDEN}, "teacher.batch_size": 256,
+            "tracking.uri": f"sqlite:///{root / 'mlflow.db'}"}
+    if isinstance(source, list):
+        base["teacher.ensemble"] = [str(s) for s in source]
+    else:
+        base["teacher.checkpoint"] = str(source)
+    return load_config(None, {**base, **sets})
+
+
+def sources_of(cfg) -> list[str]:
+    return list(cfg.teacher.ensemble) or [cfg.teacher.checkpoint]
+
+
+def serve(cfg, **kw):
+    from raykd.teacher.service import serve_teacher
+
+    return serve_teacher(cfg, sources_of(cfg), cfg.tracking.uri, **kw)
+
+
+def stop(actor) -> None:
+    from raykd.teacher.service import stop_teacher
+
+    stop_teacher(actor)
+
+
+@torch.inference_mode()
+def teacher_logits(ckpts: list[Path], cfg, x: torch.Tensor) -> torch.Tensor:
+    info = build_dataset(cfg.data, "train").info
+    models = [load_model(c, cfg.teacher, info) for c in ckpts]
+    return torch.stack([m(x) for m in models]).mean(0)
+
+
+def all_cached(service) -> torch.Tensor:
+    n = service.handoff.bounds[-1][1]
+    return CachedTeacher(service.handoff).logits(torch.arange(n))
+
+
+def restarted(actor, old_pid: int, timeout_s: float = 300) -> dict:
+    """The stats of the actor's next incarnation (after a kill with restart)."""
+    import ray
+
+    deadline = time.monotonic() + timeout_s
+    while time.monotonic() < deadline:
+        stats = ray.get(actor.stats.remote())
+        if stats["pid"] != old_pid:
+            return stats
+        time.sleep(0.1)
+    raise AssertionError("the actor was not restarted")
+
+
+def corrupt_one_byte(file: Path) -> None:
+    data = bytearray(file.read_bytes())
+    data[-7] ^= 0x5A  # inside the array payload, past the .npy header
+    file.write_bytes(bytes(data))
+
+
+@pytest.fixture(scope="module")
+def teachers(tmp_path_factory):
+    root = tmp_path_factory.mktemp("teachers")
+    return save_teacher(root / "a.safetensors", 1), save_teacher(root / "b.safetensors", 2)
+
+
+# -- identity: reuse, invalidation, repair ---------------------------------------------------
+def test_reuse_then_corrupt_then_changed_teacher(ray_session, teachers, tmp_path):
+    import shutil
+
+    a, b = teachers
+    ckpt = tmp_path / "teacher.safetensors"  # one path whose content changes below
+    shutil.copy(a, ckpt)
+    cfg = make_cfg(tmp_path, ckpt)
+    x = build_dataset(cfg.data, "train").get_batch(torch.arange(1294))[1]
+    want_a, want_b = teacher_logits([a], cfg, x), teacher_logits([b], cfg, x)
+
+    first = serve(cfg)
+    n = first.cache["num_samples"]
+    assert n == len(x) == 1294
+    assert first.cache["status"] == "built" and first.cache["forward_samples"] == n
+    assert first.cache["bytes_per_sample"] == 10 * 4  # dense float32, 10 classes
+    assert torch.allclose(all_cached(first), want_a, atol=1e-5)
+    stop(first.actor)
+
+    again = serve(cfg)  # same teacher, same data: no forward pass at all
+    assert again.cache["status"] == "reused" and again.cache["forward_samples"] == 0
+    assert again.cache["path"] == first.cache["path"]
+    assert torch.allclose(all_cached(again), want_a, atol=1e-5)
+    stop(again.actor)
+
+    corrupt_one_byte(Path(first.cache["path"]) / "logits.npy")
+    repaired = serve(cfg)  # detected, reported, rebuilt — never served
+    assert repaired.cache["status"] == "rebuilt" and repaired.cache["previous"] == "corrupt"
+    assert "sha256" in repaired.cache["reason"]
+    assert repaired.cache["forward_samples"] == n
+    assert torch.allclose(all_cached(repaired), want_a, atol=1e-5)
+    stop(repaired.actor)
+
+    time.sleep(0.01)  # a distinct mtime even on coarse clocks
+    shutil.copy(b, ckpt)  # a new teacher checkpoint under the same path
+    changed = serve(cfg)
+    assert changed.cache["status"] == "rebuilt" and changed.cache["previous"] == "changed"
+    assert changed.cache["changed_fields"] == ["teacher_fingerprint"]
+    assert changed.cache["previous_key"] == Path(first.cache["path"]).name
+    assert changed.cache["path"] != first.cache["path"]
+    assert changed.cache["forward_samples"] == n
+    assert changed.cache["fingerprint"] != first.cache["fingerprint"]
+    assert torch.allclose(all_cached(changed), want_b, atol=1e-5)
+    stop(changed.actor)
+
+
+# -- serving: online == cached, sharding/prefetch, restarts ----------------------------------
+def test_online_equals_cached_sharded_and_both_survive_restart(ray_session, teachers, tmp_path):
+    import ray
+
+    a, _ = teachers
+    cfg = make_cfg(tmp_path, a, **{"teacher.shard_size": 300})
+    cached = serve(cfg)
+    online = serve(make_cfg(tmp_path, a, **{"teacher.mode": "online"}))
+    assert online.cache["status"] == "online" and online.handoff.refs == []
+    assert cached.handoff.bounds == [(0, 300), (300, 600), (600, 900), (900, 1200),
+                                     (1200, 1294)]
+    ds = build_dataset(cfg.data, "train")
+    idx = torch.randperm(len(ds), generator=torch.Generator().manual_seed(0))[:200]
+    _, x, _ = ds.get_batch(idx)
+
+    teacher = CachedTeacher(cached.handoff)
+    assert teacher.all_resident and teacher.fetches == 5
+    from_cache = teacher.logits(idx)
+    live = OnlineTeacher(online.handoff, [])
+    from_online, feats = live.forward(x)
+    assert feats == {}
+    # Same weights, same inputs: equal up to float32 matmul blocking (other batch shapes).
+    assert torch.allclose(from_online, from_cache, atol=1e-5, rtol=1e-5)
+    assert torch.equal(from_online.argmax(-1), from_cache.argmax(-1))
+
+    # A cache "larger than the worker's memory": a two-shard budget, shard-local order, and
+    # the next batch's shards fetched ahead in a thread — same logits as all-resident.
+    small = TeacherHandoff(**{**cached.handoff.__dict__, "max_resident_bytes": 2 * 300 * 40})
+    budget = CachedTeacher(small)
+    assert not budget.all_resident and budget.capacity == 2 and budget.fetches == 0
+    order = shard_local_order(torch.randperm(1294, generator=torch.Generator().manual_seed(1)),
+                              budget, torch.Generator().manual_seed(2))
+    shards = budget.shard_of(order)
+    assert (shards.diff() != 0).sum() == 4  # each shard visited once, in one run
+    batches = order.split(64)
+    got = []
+    for i, bidx in enumerate(batches):
+        got.append(budget.logits(bidx))
+        assert len(budget.resident) <= 2
+        if i + 1 < len(batches):
+            budget.prefetch(batches[i + 1])
+    budget.close()
+    assert budget.fetches == 5  # every shard fetched exactly once over the epoch
+    assert torch.equal(torch.cat(got), teacher.logits(order))
+
+    # Kill both actors for real; Ray restarts them (max_restarts), nothing is recomputed.
+    in_flight = online.actor.forward.remote(x, [])
+    ray.kill(cached.actor, no_restart=False)
+    ray.kill(online.actor, no_restart=False)
+    assert torch.equal(ray.get(in_flight)[0], from_online)  # retried if it was cut off
+    after = CachedTeacher(cached.handoff)  # driver-owned shard refs outlive the actor
+    assert torch.equal(after.logits(idx), from_cache)
+    stats = restarted(cached.actor, cached.cache["pid"])
+    assert stats["reconstructed"] and stats["status"] == "reused"
+    assert stats["forward_samples"] == 0  # reloaded from disk, not recomputed
+    online_stats = restarted(online.actor, online.cache["pid"])
+    assert online_stats["reconstructed"]
+    again, _ = live.forward(x)  # the handle the workers hold still works
+    assert torch.equal(again, from_online)
+    stop(cached.actor)
+    stop(online.actor)
+
+
+# -- replay ----------------------------------------------------------------------------------
+def test_replay_views_are_the_views_the_student_sees(ray_session, teachers, tmp_path):
+    a, _ = teachers
+    seed = 3
+    cfg = make_cfg(tmp_path, a, **{"teacher.mode": "replay", "teacher.views": 3,
+                                   "train.jitter": 1, "train.seed": seed})
+    service = serve(cfg)
+    assert service.cache["views"] == 3 and service.cache["forward_samples"] == 3 * 1294
+    ds = build_dataset(cfg.data, "train")
+    teacher = CachedTeacher(service.handoff)
+    idx = torch.arange(0, 1294, 7)
+    _, x, _ = ds.get_batch(idx)
+    per_view = []
+    for v in range(3):
+        # The cache's view v of sample i is the teacher on augment(x_i, seed(i, v)).
+        image = augment(x, view_seeds(idx, v, seed), 1)
+        assert torch.equal(replay_inputs(x, idx, v, seed, 1, False), image)
+        want = teacher_logits([a], cfg, image)
+        got = teacher.logits(idx, v)
+        assert torch.allclose(got, want, atol=1e-5)
+        per_view.append((image, got))
+    # Same (sample, view) → same image whatever the batch; different views → different images.
+    sub = idx[5:40].flip(0)
+    assert torch.equal(replay_inputs(ds.get_batch(sub)[1], sub, 2, seed, 1, False),
+                       per_view[2][0][5:40].flip(0))
+    for v, w in ((0, 1), (1, 2), (0, 2)):
+        differs = (per_view[v][0] != per_view[w][0]).flatten(1).any(1)
+        assert differs.float().mean() > 0.5
+        assert not torch.allclose(per_view[v][1], per_view[w][1])
+
+    # The loop's choice: replay_view picks a view per (sample, epoch), independent of the batch;
+    # the student is shown replay_inputs(x, idx, view) and gets the cached labels of that view.
+    for epoch in range(3):
+        view = replay_view(idx, epoch, 3, seed)
+        assert view.min() >= 0 and view.max() < 3
+        assert torch.equal(replay_view(sub, epoch, 3, seed), view[5:40].flip(0))
+        shown = replay_inputs(x, idx, view, seed, 1, False)
+        assert torch.allclose(teacher.logits(idx, view), teacher_logits([a], cfg, shown),
+                              atol=1e-5)
+    assert not torch.equal(replay_view(idx, 0, 3, seed), replay_view(idx, 1, 3, seed))
+    assert torch.equal(replay_view(idx, 4, 1, seed), torch.zeros_like(idx))
+    stop(service.actor)
+
+
+# -- ensemble teacher from a checkpoint and an MLflow URI -----------------------------------
+def test_ensemble_of_checkpoint_and_mlflow_uri(ray_session, teachers, workdir):
+    tmp_path = workdir  # MLflow's artifact store lands in the working directory
+    from raykd import tracking
+
+    a, b = teachers
+    uri = f"sqlite:///{tmp_path / 'mlflow.db'}"
+    with tracking.tracked_run(uri, "teachers", "b") as run_id:
+        tracking.log_artifact(uri, run_id, b, "teacher")
+    source_b = f"runs:/{run_id}/teacher/{b.name}"
+    cfg = make_cfg(tmp_path, [a, source_b], **{"teacher.mode": "online"})
+    service = serve(cfg)
+    assert service.cache["num_models"] == 2
+    _, x, _ = build_dataset(cfg.data, "train").get_batch(torch.arange(64))
+    logits, _ = OnlineTeacher(service.handoff, []).forward(x)
+    each = [teacher_logits([c], cfg, x) for c in (a, b)]
+    assert torch.allclose(logits, (each[0] + each[1]) / 2, atol=1e-5)  # averaged raw logits
+    stop(service.actor)
+
+
+# -- fault tolerance in a real fit -----------------------------------------------------------
+def test_killing_the_actor_mid_training_finishes_without_recomputing(ray_session, teachers,
+                                                                    workdir, mlflow_uri):
+    """Replay mode (2 views, ±1 px) through a real 2-worker Ray Train fit; the named actor is
+    killed (and restarted by Ray) once the first epoch has been logged."""
+    import ray
+    from mlflow.tracking import MlflowClient
+
+    from raykd import tracking
+    from raykd.train.fit import fit
+
+    a, _ = teachers
+    epochs = 4
+    cfg = make_cfg(workdir, a, **{"teacher.mode": "replay", "teacher.views": 2,
+                                  "train.jitter": 1, "train.epochs": epochs,
+                                  "train.num_workers": 2, "tracking.uri": mlflow_uri})
+    service = serve(cfg)
+    assert service.cache["status"] == "built"
+    run_id = tracking.start_run(mlflow_uri, "kill", "student")
+    outcome: dict = {}
+
+    def train():
+        try:
+            outcome["result"] = fit(cfg, "student", tracking_uri=mlflow_uri, run_id=run_id,
+                                    teacher=service.handoff, name="student")
+        except BaseException as err:  # surfaced by the assertions below
+            outcome["error"] = err
+
+    thread = threading.Thread(target=train, daemon=True)
+    thread.start()
+    client = MlflowClient(tracking_uri=mlflow_uri)
+    logged = []
+    deadline = time.monotonic() + 600
+    while thread.is_alive() and time.monotonic() < deadline:
+        logged = client.get_metric_history(run_id, "val_accuracy")
+        if logged:
+            break
+        time.sleep(0.1)
+    assert 1 <= len(logged) < epochs, "the fit must still be running when the actor is killed"
+    ray.kill(service.actor, no_restart=False)
+    thread.join(timeout=600)
+    assert "error" not in outcome, outcome.get("error")
+    history = outcome["result"].history
+    assert [h["epoch"] for h in history] == list(range(epochs))
+    assert all(torch.isfinite(torch.tensor(h["train_loss"])) for h in history)
+    stats = restarted(service.actor, service.cache["pid"])
+    assert stats["reconstructed"] is True
+    assert stats["status"] == "reused" and stats["forward_samples"] == 0
+    tracking.end_run(mlflow_uri, run_id)
+    stop(service.actor)
