@@ -8,20 +8,25 @@ import json
 from raykd.cli import main
 
 LOSSES = ("[{name: ce, weight: 0.5}, {name: kd, weight: 0.5}, "
-          "{name: fitnets, weight: 1.0, student_layers: [layers.0], teacher_layers: [layers.1]}, "
+          "{name: fitnets, weight: 1.0, student_layers: [layers.0], teacher_layers: [layers.1], "
+          "params: {connector: learned}}, "
           "{name: rkd, weight: 1.0, student_layers: [layers.0], teacher_layers: [layers.1]}]")
 
 
 def test_feature_and_relation_terms_train_together(digits_teacher, workdir, mlflow_uri):
+    """Also covers DistilBERT-style student initialisation: the 512-unit student starts from the
+    teacher's first hidden layer and head (the teacher is a 512-512 MLP)."""
     from mlflow.tracking import MlflowClient
 
     rc = main(["distill", "--set", f"teacher.checkpoint={digits_teacher}",
                "--set", "teacher.mode=online", "--set", "train.epochs=2",
+               "--set", "student.args.hidden_sizes=[512]", "--set", "student.init_from_teacher=true",
                "--set", f"distill.losses={LOSSES}", "--set", f"tracking.uri={mlflow_uri}",
                "--summary", str(workdir / "s.json")])
     assert rc == 0
     summary = json.loads((workdir / "s.json").read_text())
     assert summary["teacher"]["cache"]["status"] == "online"
+    assert "layers.0.linear.weight" in summary["student"]["init_copied"]
     assert summary["student"]["accuracy"] > 0.1  # learned something in two epochs
     client = MlflowClient(tracking_uri=mlflow_uri)
     run_id = summary["student"]["run_id"]
@@ -30,7 +35,7 @@ def test_feature_and_relation_terms_train_together(digits_teacher, workdir, mlfl
     for key, curve in curves.items():
         assert len(curve) == 2, key  # one value per epoch, per term
         assert all(m.value >= 0 for m in curve), key
-    # The hint regressor and the student both learn: the FitNets term falls over training.
+    # The (freshly initialised) hint regressor learns: the FitNets term falls over training.
     assert curves["fitnets"][1].value < curves["fitnets"][0].value
     # The actor ran the teacher on the live batches (online), not from a cache.
     assert summary["teacher"]["forward_samples"] > 0

@@ -111,6 +111,7 @@ def run_student(cfg: RaykdConfig, role: str, uri: str, parent: str, teacher=None
     return {"accuracy": acc, "params": result.params, "run_id": run_id, "checkpoint": weights,
             "val_accuracy": result.history[-1]["val_accuracy"] if result.history else None,
             "history": result.history, "transfer_size": result.transfer_size,
+            "init_copied": result.init_copied,
             "train_seconds": round(final["train_seconds"], 2)}
 
 

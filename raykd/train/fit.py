@@ -22,6 +22,7 @@ class FitResult:
     params: int
     run_id: str | None
     transfer_size: int
+    init_copied: list[str]
 
 
 def runs_dir() -> Path:
@@ -78,4 +79,4 @@ def fit(cfg: RaykdConfig, role: str, *, tracking_uri: str | None = None,
     ret = result.return_value or {}
     return FitResult(role=role, checkpoint=Path(result.checkpoint.path), history=ret.get(
         "history", []), params=int(ret.get("params", 0)), run_id=run_id,
-        transfer_size=int(ret.get("transfer_size", 0)))
+        transfer_size=int(ret.get("transfer_size", 0)), init_copied=ret.get("init_copied", []))

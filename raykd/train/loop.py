@@ -159,11 +159,14 @@ def train_loop_per_worker(loop: dict[str, Any]) -> dict[str, Any]:
     info = train_ds.info
     field = "teacher" if role == "teacher" else "student"
     model = build_model(plan.model, info, field=field)
+    copied: list[str] = []
     if loop.get("init_from") and role == "student":
         from raykd.models.init import init_student_from_teacher
+        from raykd.teacher.loading import local_checkpoint
         from raykd.train.checkpoint import load_model
 
-        init_student_from_teacher(model, load_model(loop["init_from"], cfg.teacher, info))
+        teacher_src = local_checkpoint(loop["init_from"], loop.get("tracking_uri") or "")
+        copied = init_student_from_teacher(model, load_model(teacher_src, cfg.teacher, info))
     model.to(device)
 
     handoff = loop.get("teacher") if role == "student" else None
@@ -260,4 +263,4 @@ def train_loop_per_worker(loop: dict[str, Any]) -> dict[str, Any]:
     if cached is not None:
         cached.close()
     return {"history": history, "params": count_params(model), "role": role,
-            "transfer_size": len(transfer)}
+            "transfer_size": len(transfer), "init_copied": copied}
