@@ -96,3 +96,21 @@ def test_second_run_reuses_cache_without_teacher_forward(distilled, ray_session)
     assert rc == 0
     assert second["teacher"]["cache"]["status"] == "reused"
     assert second["teacher"]["forward_samples"] == 0  # the teacher never ran
+
+
+def test_student_logged_as_mlflow_model_that_predicts(distilled):
+    import mlflow
+    import torch
+    from mlflow.tracking import MlflowClient
+
+    _, summary, uri, _ = distilled
+    client = MlflowClient(tracking_uri=uri)
+    run = client.get_run(summary["student"]["run_id"])
+    mlflow.set_tracking_uri(uri)
+    models = [m for m in mlflow.search_logged_models(
+        experiment_ids=[run.info.experiment_id], output_format="list")
+        if m.source_run_id == run.info.run_id]
+    assert len(models) == 1, "the student is logged as an MLflow model"
+    model = mlflow.pytorch.load_model(f"models:/{models[0].model_id}")
+    logits = model(torch.zeros(3, 1, 8, 8))
+    assert tuple(logits.shape) == (3, 10)
