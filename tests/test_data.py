@@ -394,7 +394,6 @@ def test_unknown_dataset_name_lists_allowed_names():
 
 
 def test_load_config_unknown_dataset():
-    pytest.importorskip("raykd.models")  # the embedded default config also validates the models
     with pytest.raises(ConfigError) as err:
         load_config(None, ["data.name=nope"])
     msg = str(err.value)
