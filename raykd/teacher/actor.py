@@ -291,4 +291,7 @@ def start_teacher_actor(cfg: RaykdConfig, sources: list[str], tracking_uri: str)
         name=actor_name(cfg, sources), namespace=ACTOR_NAMESPACE, get_if_exists=True,
         max_restarts=cfg.teacher.max_restarts, max_task_retries=-1, num_cpus=0,
         num_gpus=actor_gpus(cfg, ray.cluster_resources().get("GPU", 0)), lifetime=None)
-    return remote.remote(cfg.to_dict(), list(sources), tracking_uri)
+    # The actor's working directory is Ray's, not the user's: resolve the cache folder here.
+    config = cfg.to_dict()
+    config["teacher"]["cache_dir"] = str(default_cache_dir(cfg))
+    return remote.remote(config, list(sources), tracking_uri)
