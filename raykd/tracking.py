@@ -155,4 +155,18 @@ def download(uri: str, artifact_uri: str) -> Path:
     """Fetch an MLflow artifact URI (runs:/..., models:/...) to a local path."""
     import mlflow
 
-    return Path(mlflow.artifacts.download_artifacts(artifact_uri=artifact_uri, tracking_uri=uri))
+    if not artifact_uri.startswith("models:/"):
+        return Path(mlflow.artifacts.download_artifacts(artifact_uri=artifact_uri,
+                                                        tracking_uri=uri))
+    # models:/ is resolved through the model REGISTRY (and MLflow 3's logged models), which
+    # download_artifacts takes from the GLOBAL URIs, not from tracking_uri — left unset, they
+    # default to ./mlflow.db, which the lookup creates. Point both at `uri` for this call.
+    prev_tracking, prev_registry = mlflow.get_tracking_uri(), mlflow.get_registry_uri()
+    mlflow.set_tracking_uri(uri)
+    mlflow.set_registry_uri(uri)
+    try:
+        return Path(mlflow.artifacts.download_artifacts(artifact_uri=artifact_uri,
+                                                        tracking_uri=uri))
+    finally:
+        mlflow.set_tracking_uri(prev_tracking)
+        mlflow.set_registry_uri(prev_registry)

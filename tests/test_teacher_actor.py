@@ -20,6 +20,7 @@ from raykd.config import load_config
 from raykd.data import build_dataset
 from raykd.data.augment import augment, view_seeds
 from raykd.models import build_model
+from raykd.teacher.cache import TeacherCache
 from raykd.teacher.client import (CachedTeacher, OnlineTeacher, TeacherHandoff, replay_inputs,
                                   replay_view, shard_local_order)
 from raykd.train.checkpoint import load_model, save_checkpoint
@@ -57,10 +58,10 @@ def serve(cfg, **kw):
     return serve_teacher(cfg, sources_of(cfg), cfg.tracking.uri, **kw)
 
 
-def stop(actor) -> None:
+def stop(service) -> None:
     from raykd.teacher.service import stop_teacher
 
-    stop_teacher(actor)
+    stop_teacher(service)
 
 
 @torch.inference_mode()
@@ -100,6 +101,35 @@ def teachers(tmp_path_factory):
     return save_teacher(root / "a.safetensors", 1), save_teacher(root / "b.safetensors", 2)
 
 
+# -- the worker's per-step read path (no Ray) ------------------------------------------------
+@pytest.mark.parametrize("dtype", ["float16", "bfloat16", "float32"])
+@pytest.mark.parametrize("classes,topk", [(10, None), (10, 3), (300, None), (300, 7)])
+def test_shard_table_decodes_exactly_as_lookup(tmp_path, dtype, classes, topk):
+    """ShardTable (torch ops over the shard's own memory) == cache.lookup, for every dtype, dense
+    and top-k, uint8 and uint16 class indices, int and per-sample views, across shards."""
+    from raykd.teacher.cache import CacheSpec, TeacherCache, build_cache, lookup
+    from raykd.teacher.client import ShardTable
+
+    spec = CacheSpec(teacher_fingerprint="f" * 64, dataset_identity="synthetic:x", split="train",
+                     preprocessing="none", num_samples=50, num_classes=classes, views=2,
+                     dtype=dtype, topk=topk)
+    table = torch.randn(50, 2, classes, generator=torch.Generator().manual_seed(0)) * 4
+    build_cache(tmp_path, spec, lambda s, e, v: table[s:e, v], 16, progress=False)
+    cache = TeacherCache.open(tmp_path, spec)
+    shards = cache.shards(20, copy=True)
+    for shard in shards:  # as a worker gets them from the object store: read-only
+        for a in shard.arrays.values():
+            a.flags.writeable = False
+    tables = [ShardTable(s.start, s.end, s.arrays) for s in shards]
+    idx = torch.randperm(50, generator=torch.Generator().manual_seed(1))
+    views = torch.randint(0, 2, (50,), generator=torch.Generator().manual_seed(2))
+    for shard, tab in zip(shards, tables, strict=True):
+        local = idx[(idx >= shard.start) & (idx < shard.end)]
+        sel = (idx >= shard.start) & (idx < shard.end)
+        for view in (0, 1, views[sel]):
+            assert torch.equal(tab.logits(local - shard.start, view), lookup(shards, local, view))
+
+
 # -- identity: reuse, invalidation, repair ---------------------------------------------------
 def test_reuse_then_corrupt_then_changed_teacher(ray_session, teachers, tmp_path):
     import shutil
@@ -117,13 +147,13 @@ def test_reuse_then_corrupt_then_changed_teacher(ray_session, teachers, tmp_path
     assert first.cache["status"] == "built" and first.cache["forward_samples"] == n
     assert first.cache["bytes_per_sample"] == 10 * 4  # dense float32, 10 classes
     assert torch.allclose(all_cached(first), want_a, atol=1e-5)
-    stop(first.actor)
+    stop(first)
 
     again = serve(cfg)  # same teacher, same data: no forward pass at all
     assert again.cache["status"] == "reused" and again.cache["forward_samples"] == 0
     assert again.cache["path"] == first.cache["path"]
     assert torch.allclose(all_cached(again), want_a, atol=1e-5)
-    stop(again.actor)
+    stop(again)
 
     corrupt_one_byte(Path(first.cache["path"]) / "logits.npy")
     repaired = serve(cfg)  # detected, reported, rebuilt — never served
@@ -131,7 +161,7 @@ def test_reuse_then_corrupt_then_changed_teacher(ray_session, teachers, tmp_path
     assert "sha256" in repaired.cache["reason"]
     assert repaired.cache["forward_samples"] == n
     assert torch.allclose(all_cached(repaired), want_a, atol=1e-5)
-    stop(repaired.actor)
+    stop(repaired)
 
     time.sleep(0.01)  # a distinct mtime even on coarse clocks
     shutil.copy(b, ckpt)  # a new teacher checkpoint under the same path
@@ -143,7 +173,7 @@ def test_reuse_then_corrupt_then_changed_teacher(ray_session, teachers, tmp_path
     assert changed.cache["forward_samples"] == n
     assert changed.cache["fingerprint"] != first.cache["fingerprint"]
     assert torch.allclose(all_cached(changed), want_b, atol=1e-5)
-    stop(changed.actor)
+    stop(changed)
 
 
 # -- serving: online == cached, sharding/prefetch, restarts ----------------------------------
@@ -164,6 +194,8 @@ def test_online_equals_cached_sharded_and_both_survive_restart(ray_session, teac
     teacher = CachedTeacher(cached.handoff)
     assert teacher.all_resident and teacher.fetches == 5
     from_cache = teacher.logits(idx)
+    disk = TeacherCache.open(Path(cached.cache["path"]).parent, cached.handoff.spec)
+    assert torch.equal(from_cache, disk.read(idx))  # idx spans all five shards
     live = OnlineTeacher(online.handoff, [])
     from_online, feats = live.forward(x)
     assert feats == {}
@@ -205,8 +237,8 @@ def test_online_equals_cached_sharded_and_both_survive_restart(ray_session, teac
     assert online_stats["reconstructed"]
     again, _ = live.forward(x)  # the handle the workers hold still works
     assert torch.equal(again, from_online)
-    stop(cached.actor)
-    stop(online.actor)
+    stop(cached)
+    stop(online)
 
 
 # -- replay ----------------------------------------------------------------------------------
@@ -250,27 +282,34 @@ def test_replay_views_are_the_views_the_student_sees(ray_session, teachers, tmp_
                               atol=1e-5)
     assert not torch.equal(replay_view(idx, 0, 3, seed), replay_view(idx, 1, 3, seed))
     assert torch.equal(replay_view(idx, 4, 1, seed), torch.zeros_like(idx))
-    stop(service.actor)
+    stop(service)
 
 
-# -- ensemble teacher from a checkpoint and an MLflow URI -----------------------------------
-def test_ensemble_of_checkpoint_and_mlflow_uri(ray_session, teachers, workdir):
-    tmp_path = workdir  # MLflow's artifact store lands in the working directory
+# -- ensemble teacher from a checkpoint and MLflow URIs --------------------------------------
+def test_ensemble_of_checkpoint_run_and_registered_model(ray_session, teachers, workdir):
+    """Three members: a local checkpoint, a run artifact (runs:/) and a registered model version
+    (models:/) of the same second teacher — raw logits averaged, (A + B + B) / 3."""
+    from mlflow.tracking import MlflowClient
+
     from raykd import tracking
 
     a, b = teachers
-    uri = f"sqlite:///{tmp_path / 'mlflow.db'}"
+    uri = f"sqlite:///{workdir / 'mlflow.db'}"  # artifacts land in the working directory
     with tracking.tracked_run(uri, "teachers", "b") as run_id:
         tracking.log_artifact(uri, run_id, b, "teacher")
-    source_b = f"runs:/{run_id}/teacher/{b.name}"
-    cfg = make_cfg(tmp_path, [a, source_b], **{"teacher.mode": "online"})
+    client = MlflowClient(tracking_uri=uri, registry_uri=uri)
+    client.create_registered_model("digits-teacher")
+    artifacts = client.get_run(run_id).info.artifact_uri
+    version = client.create_model_version("digits-teacher", f"{artifacts}/teacher", run_id)
+    members = [a, f"runs:/{run_id}/teacher/{b.name}", f"models:/digits-teacher/{version.version}"]
+    cfg = make_cfg(workdir, members, **{"teacher.mode": "online"})
     service = serve(cfg)
-    assert service.cache["num_models"] == 2
+    assert service.cache["num_models"] == 3
     _, x, _ = build_dataset(cfg.data, "train").get_batch(torch.arange(64))
     logits, _ = OnlineTeacher(service.handoff, []).forward(x)
     each = [teacher_logits([c], cfg, x) for c in (a, b)]
-    assert torch.allclose(logits, (each[0] + each[1]) / 2, atol=1e-5)  # averaged raw logits
-    stop(service.actor)
+    assert torch.allclose(logits, (each[0] + 2 * each[1]) / 3, atol=1e-5)  # averaged raw logits
+    stop(service)
 
 
 # -- fault tolerance in a real fit -----------------------------------------------------------
@@ -322,4 +361,4 @@ def test_killing_the_actor_mid_training_finishes_without_recomputing(ray_session
     assert stats["reconstructed"] is True
     assert stats["status"] == "reused" and stats["forward_samples"] == 0
     tracking.end_run(mlflow_uri, run_id)
-    stop(service.actor)
+    stop(service)

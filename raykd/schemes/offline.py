@@ -124,9 +124,7 @@ def _log_model(cfg: RaykdConfig, uri: str, run_id: str, weights: str, info) -> N
 
 def run_distill(cfg: RaykdConfig, *, baseline: bool = False, config_path: str | None = None,
                 parent_run_id: str | None = None, run_name: str = "distill") -> dict[str, Any]:
-    import ray
-
-    from raykd.teacher.service import serve_teacher, teacher_stats
+    from raykd.teacher.service import serve_teacher, stop_teacher, teacher_stats
     from raykd.train.fit import ensure_ray
 
     uri = tracking.resolve_tracking_uri(cfg.tracking.uri)
@@ -144,7 +142,7 @@ def run_distill(cfg: RaykdConfig, *, baseline: bool = False, config_path: str | 
                                   init_from=init_from)
             teacher["forward_samples"] = teacher_stats(service)["forward_samples"]
         finally:  # one actor per job; the cache on disk and the driver-owned shards outlive it
-            ray.kill(service.actor)
+            stop_teacher(service)  # killed AND its name released: a next run starts afresh
         teacher.setdefault("accuracy", evaluate_checkpoints(sources, cfg, uri))
         teacher.setdefault("params", count_checkpoint_params(sources[0], uri))
         summary: dict[str, Any] = {"teacher": teacher, "student": student}

@@ -193,12 +193,3 @@ def corner(dims: list[Dim]) -> dict[str, Any]:
 
 def param_space(dims: list[Dim], search: str) -> dict[str, Any]:
     return {d.key: d.domain(search) for d in dims}
-
-
-def grid_size(dims: list[Dim], search: str) -> int:
-    """Points in the grid part of the space (1 when nothing is a grid)."""
-    n = 1
-    for d in dims:
-        if d.kind == "grid" and search != "optuna" or (d.kind == "choice" and search == "grid"):
-            n *= len(d.values)
-    return n

@@ -65,7 +65,57 @@ def replay_inputs(x: torch.Tensor, idx: torch.Tensor, view: torch.Tensor | int, 
 
 
 # -- cached ----------------------------------------------------------------------------------
+class ShardTable:
+    """One cache shard as torch tensors over the SAME memory as its arrays (zero-copy: for a shard
+    fetched from Ray's object store, the node's shared copy), read with a handful of torch ops
+    per step. Decodes exactly as :func:`raykd.teacher.cache.lookup` (tested against it): dense
+    rows cast to float32; top-k rows rebuilt as the tail mean with the k values scattered in."""
+
+    def __init__(self, start: int, end: int, arrays: dict):
+        import warnings
+
+        import numpy as np
+
+        self.start, self.end = start, end
+        self.num_classes = int(arrays["num_classes"][0])
+        with warnings.catch_warnings():  # object-store arrays are read-only; we only gather
+            warnings.simplefilter("ignore", UserWarning)
+            self.t = {name: self._tensor(a, np) for name, a in arrays.items()
+                      if name != "num_classes"}
+        self.dense = "logits" in self.t
+        self.views = next(iter(self.t.values())).shape[1]
+
+    @staticmethod
+    def _tensor(a, np) -> torch.Tensor:
+        if a.dtype == np.uint16:
+            # bfloat16 bits (values, tail) or class indices (top-k with C > 256): kept as raw
+            # 16 bits (int16), told apart by the array's name when read.
+            return torch.from_numpy(a.view(np.int16))
+        return torch.from_numpy(a)
+
+    def logits(self, rows: torch.Tensor, view: torch.Tensor | int) -> torch.Tensor:
+        """float32 [B, C] for shard-local ``rows`` at ``view``."""
+        if self.dense:
+            return self._values(self.t["logits"][rows, view])
+        values = self._values(self.t["topk_values"][rows, view])
+        indices = self.t["topk_indices"][rows, view]
+        indices = (indices.to(torch.int64) & 0xFFFF) if indices.dtype == torch.int16 \
+            else indices.to(torch.int64)
+        tail = self._values(self.t["tail"][rows, view])
+        out = tail.unsqueeze(-1).expand(len(tail), self.num_classes).clone()
+        return out.scatter_(-1, indices, values)
+
+    def _values(self, x: torch.Tensor) -> torch.Tensor:
+        if x.dtype == torch.int16:  # bfloat16 bits (numpy has no bfloat16)
+            return x.view(torch.bfloat16).float()
+        return x.float()
+
+
 class CachedTeacher:
+    """Cached soft labels, indexed locally. All shards resident (the cache fits the worker's
+    budget): fetched once, at construction. Otherwise an LRU of ``capacity`` shards, fetched on
+    demand or ahead by :meth:`prefetch` in a thread."""
+
     def __init__(self, handoff: TeacherHandoff):
         self.handoff = handoff
         self.starts = [b[0] for b in handoff.bounds]
@@ -75,25 +125,22 @@ class CachedTeacher:
         per_shard = max(1, (handoff.bounds[0][1] - handoff.bounds[0][0]) * handoff.bytes_per_row)
         self.capacity = len(handoff.bounds) if self.all_resident else max(
             2, handoff.max_resident_bytes // per_shard)
-        self.resident: OrderedDict[int, Any] = OrderedDict()
+        self.resident: OrderedDict[int, ShardTable] = OrderedDict()
         self.pending: dict[int, Future] = {}
         self.fetches = 0  # shard fetches (ray.get) so far, prefetches included
         self.pool = None if self.all_resident else ThreadPoolExecutor(1, "cache-prefetch")
-        self._everything: list[Any] = []
+        self._tables: list[ShardTable] = []
         if self.all_resident:
             self._fetch_now(list(range(len(handoff.bounds))))
-            self._everything = [self.resident[i] for i in range(len(handoff.bounds))]
+            self._tables = [self.resident[i] for i in range(len(handoff.bounds))]
 
-    def _shard(self, i: int, arrays: dict):
-        from raykd.teacher.cache import CacheShard
-
+    def _table(self, i: int, arrays: dict) -> ShardTable:
         start, end = self.handoff.bounds[i]
-        return CacheShard(start=start, end=end, arrays=arrays)
+        return ShardTable(start, end, arrays)
 
     def _get(self, i: int) -> dict:
         import ray
 
-        self.fetches += 1
         return ray.get(self.handoff.refs[i])
 
     def _fetch_now(self, shard_ids: list[int]) -> None:
@@ -106,9 +153,9 @@ class CachedTeacher:
             self.fetches += len(fresh)
             arrays = ray.get([self.handoff.refs[i] for i in fresh])
             for i, arr in zip(fresh, arrays, strict=True):
-                self.resident[i] = self._shard(i, arr)
+                self.resident[i] = self._table(i, arr)
         for i, fut in waiting.items():
-            self.resident[i] = self._shard(i, fut.result())
+            self.resident[i] = self._table(i, fut.result())
         for i in shard_ids:
             self.resident.move_to_end(i)
         while len(self.resident) > max(self.capacity, len(shard_ids)):
@@ -124,17 +171,37 @@ class CachedTeacher:
             return
         for i in self.shard_of(upcoming).unique().tolist():
             if i not in self.resident and i not in self.pending:
+                self.fetches += 1
                 self.pending[i] = self.pool.submit(self._get, i)
 
     def logits(self, idx: torch.Tensor, view: torch.Tensor | int = 0) -> torch.Tensor:
-        """Raw float32 teacher logits [B, C] of samples ``idx`` at ``view`` (local indexing)."""
-        from raykd.teacher.cache import lookup
-
-        if self.all_resident:
-            return lookup(self._everything, idx, view)
-        needed = self.shard_of(idx).unique().tolist()
-        self._fetch_now(needed)
-        return lookup([self.resident[i] for i in needed], idx, view)
+        """Raw float32 teacher logits [B, C] of samples ``idx`` at ``view`` (local indexing;
+        the actor is not involved)."""
+        idx = torch.as_tensor(idx, dtype=torch.int64)
+        if len(self._tables) == 1:  # the common case: one resident shard, no search at all
+            return self._tables[0].logits(idx, view)
+        if idx.numel() == 0:
+            return torch.empty(0, self.handoff.spec.num_classes, dtype=torch.float32)
+        which = self.shard_of(idx)
+        lo, hi = int(which.min()), int(which.max())
+        if lo < 0 or hi >= len(self.starts):
+            raise IndexError(f"sample index outside the cache's {len(self.starts)} shards")
+        if not self.all_resident:
+            self._fetch_now(which.unique().tolist())
+        tables = self._tables or [None] * len(self.starts)
+        if lo == hi:
+            table = tables[lo] or self.resident[lo]
+            return table.logits(idx - table.start, view)
+        out = None
+        for s in which.unique().tolist():
+            table = tables[s] or self.resident[s]
+            sel = (which == s).nonzero().squeeze(1)
+            v = view[sel] if isinstance(view, torch.Tensor) and view.dim() else view
+            part = table.logits(idx[sel] - table.start, v)
+            if out is None:
+                out = torch.empty(len(idx), part.shape[-1], dtype=torch.float32)
+            out[sel] = part
+        return out
 
     def close(self) -> None:
         if self.pool:

@@ -59,7 +59,8 @@ def build(args) -> dict[str, Any]:
     from raykd.config import load_config
     from raykd.preflight import preflight
     from raykd.schemes.offline import teacher_sources
-    from raykd.teacher.service import ensure_teacher, stop_teacher
+    from raykd.teacher.actor import actor_name
+    from raykd.teacher.service import TeacherService, ensure_teacher, stop_teacher
     from raykd.train.fit import ensure_ray
 
     cfg = load_config(args.config, args.overrides)
@@ -74,6 +75,6 @@ def build(args) -> dict[str, Any]:
     ensure_ray()
     # No shard references: building needs the actor only, not the object-store copies.
     actor, out = ensure_teacher(cfg, sources, uri)
-    stop_teacher(actor)
+    stop_teacher(TeacherService(actor, None, out, actor_name(cfg, sources)))
     print(json.dumps(out, indent=2, default=str))
     return {"cache": out}

@@ -15,6 +15,7 @@ class TeacherService:
     actor: Any
     handoff: TeacherHandoff
     cache: dict[str, Any]  # what ensure_cache reported (status, reason, bytes/sample, ...)
+    name: str | None = None  # the actor's name (namespace ``raykd``)
 
 
 def teacher_feature_paths(cfg: RaykdConfig) -> list[str]:
@@ -36,8 +37,8 @@ def ensure_teacher(cfg: RaykdConfig, sources: list[str], tracking_uri: str, atte
         actor = start_teacher_actor(cfg, sources, tracking_uri)
         try:
             return actor, ray.get(actor.ensure_cache.remote())
-        except ray.exceptions.RayActorError:
-            if attempt + 1 == attempts:
+        except ray.exceptions.RayActorError as err:
+            if err.actor_init_failed or attempt + 1 == attempts:  # a bad teacher: say so now
                 raise
             time.sleep(0.5 * (attempt + 1))
     raise AssertionError("unreachable")
@@ -51,19 +52,22 @@ def serve_teacher(cfg: RaykdConfig, sources: list[str], tracking_uri: str,
     while the actor restarts, and the workers never call the actor in cached/replay mode."""
     import ray
 
+    from raykd.teacher.actor import actor_name
+
     actor, cache = ensure_teacher(cfg, sources, tracking_uri)
+    name = actor_name(cfg, sources)
     if cfg.teacher.mode == "online":
         paths = teacher_feature_paths(cfg)
         shapes = ray.get(actor.feature_shapes.remote(paths)) if paths else {}
         return TeacherService(actor, TeacherHandoff(mode="online", actor=actor,
-                                                    feature_shapes=shapes), cache)
+                                                    feature_shapes=shapes), cache, name)
     bounds, spec = ray.get([actor.shard_bounds.remote(), actor.cache_spec.remote()])
     refs = [actor.shard.remote(i) for i in range(len(bounds))]
     handoff = TeacherHandoff(mode=cfg.teacher.mode, bounds=bounds, refs=refs, spec=spec,
                              bytes_per_row=int(cache["bytes_per_sample"]) * spec.views)
     if max_resident_bytes is not None:
         handoff.max_resident_bytes = int(max_resident_bytes)
-    return TeacherService(actor, handoff, cache)
+    return TeacherService(actor, handoff, cache, name)
 
 
 def teacher_stats(service: TeacherService) -> dict[str, Any]:
@@ -72,17 +76,24 @@ def teacher_stats(service: TeacherService) -> dict[str, Any]:
     return ray.get(service.actor.stats.remote())
 
 
-def stop_teacher(actor, timeout_s: float = 60.0) -> None:
-    """Kill the actor for good and wait until it is gone, so that the next :func:`serve_teacher`
-    of this job with the same name starts a fresh actor (and re-checks the cache on disk)
-    instead of reaching the dying one."""
+def stop_teacher(target, timeout_s: float = 60.0) -> None:
+    """Kill the teacher actor for good (``target``: a :class:`TeacherService` or an actor handle)
+    and wait until its name is released, so that the next :func:`serve_teacher` of this job
+    starts a fresh actor — which re-checks the cache on disk — instead of reaching the dying one.
+    """
     import ray
 
+    from raykd.teacher.actor import ACTOR_NAMESPACE
+
+    actor, name = (target.actor, target.name) if isinstance(target, TeacherService) else (
+        target, None)
     ray.kill(actor, no_restart=True)
+    if name is None:
+        return
     deadline = time.monotonic() + timeout_s
     while time.monotonic() < deadline:
         try:
-            ray.get(actor.describe.remote(), timeout=max(1.0, deadline - time.monotonic()))
-        except (ray.exceptions.RayActorError, ray.exceptions.GetTimeoutError):
+            ray.get_actor(name, namespace=ACTOR_NAMESPACE)
+        except ValueError:  # no live actor holds the name any more
             return
         time.sleep(0.05)

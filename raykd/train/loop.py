@@ -9,6 +9,7 @@ prints one line per epoch and writes the checkpoint.
 from __future__ import annotations
 
 import json
+import sys
 import tempfile
 import time
 from dataclasses import dataclass
@@ -251,9 +252,12 @@ def train_loop_per_worker(loop: dict[str, Any]) -> dict[str, Any]:
         history.append(metrics)
         checkpoint = None
         if rank == 0:
-            print(f"[{loop.get('name', role)}] epoch {epoch + 1}/{plan.epochs} "
-                  f"loss {metrics['train_loss']:.4f} val_acc {metrics['val_accuracy']:.4f} "
-                  f"({metrics['samples_per_s']:.0f} samples/s)", flush=True)
+            # Not print(): Ray Train patches it to log *and* tee, which doubles every line.
+            sys.stdout.write(f"[{loop.get('name', role)}] epoch {epoch + 1}/{plan.epochs} "
+                             f"loss {metrics['train_loss']:.4f} "
+                             f"val_acc {metrics['val_accuracy']:.4f} "
+                             f"({metrics['samples_per_s']:.0f} samples/s)\n")
+            sys.stdout.flush()
             if uri and run_id:
                 tracking.log_metrics(uri, run_id, metrics, step=epoch)
             last = epoch + 1 == plan.epochs

@@ -1,0 +1,109 @@
+#!/usr/bin/env python
+"""Benchmark: Hinton et al. (2015) §3 on MNIST through raykd, at the configs' default budget.
+
+Runs the whole Hinton job (teacher, baseline, distilled, omitted-3, only-7-8) in a fresh working
+folder — its own MLflow sqlite file, teacher cache and Ray Train storage, so the teacher is trained,
+not reused — and writes one flat JSON record::
+
+    teacher_errors, baseline_errors, distilled_errors    test errors (of the 10,000 test images)
+    gap_closed                                           (baseline − distilled) / (baseline − teacher)
+    omitted_errors_before / _after                       test errors, no 3s in the transfer set,
+    omitted_class_errors_before / _after                 ... and those on the test 3s,
+                                                         before / after the class-3 bias shift
+    two_class_error_before / _after                      test error rate (fraction), transfer set
+                                                         of only 7s and 8s, before / after the shift
+    wall_seconds                                         the whole job, Ray start-up included
+
+plus the chosen shifts, the settings, the paper's numbers and the markdown table.
+
+    python benchmarks/hinton_mnist.py --data-root ../shared/data/mnist \\
+        --json benchmarks/results/hinton_mnist.json
+    # a longer budget (e.g. on a GPU), every --set goes to the job:
+    python benchmarks/hinton_mnist.py --set teacher.epochs=200 --set train.epochs=100 \\
+        --set train.use_gpu=true --set train.num_workers=1 --json /tmp/hinton_long.json
+"""
+
+from __future__ import annotations
+
+import argparse
+import json
+import os
+import platform
+import sys
+import tempfile
+import time
+from pathlib import Path
+
+REPO = Path(__file__).resolve().parents[1]
+sys.path.insert(0, str(REPO))
+
+
+def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
+    p = argparse.ArgumentParser(description=__doc__.splitlines()[1])
+    p.add_argument("--data-root", default="../shared/data/mnist",
+                   help="MNIST folder in torchvision layout (default: ../shared/data/mnist)")
+    p.add_argument("--json", default=str(REPO / "benchmarks" / "results" / "hinton_mnist.json"),
+                   help="where to write the record (default: benchmarks/results/hinton_mnist.json)")
+    p.add_argument("--markdown", default=None, help="also write the comparison table here")
+    p.add_argument("--config", default=str(REPO / "configs" / "mnist_hinton_distill.yaml"))
+    p.add_argument("--set", dest="overrides", action="append", default=[], metavar="KEY=VALUE",
+                   help="passed on to the job (default budget when none)")
+    p.add_argument("--workdir", default=None,
+                   help="working folder for MLflow, caches and Ray Train (default: a new temp dir)")
+    return p.parse_args(argv)
+
+
+def main(argv: list[str] | None = None) -> int:
+    args = parse_args(argv)
+    data_root = str(Path(args.data_root).expanduser().resolve())
+    out = Path(args.json).expanduser().resolve()
+    markdown = Path(args.markdown).expanduser().resolve() if args.markdown else None
+    workdir = Path(args.workdir or tempfile.mkdtemp(prefix="raykd-hinton-bench-")).resolve()
+    workdir.mkdir(parents=True, exist_ok=True)
+    os.chdir(workdir)
+
+    from raykd.cli import main as raykd_main
+    from raykd.schemes.hinton import BENCHMARK_KEYS
+
+    summary_path = workdir / "summary.json"
+    started = time.perf_counter()
+    rc = raykd_main(["hinton-mnist", "--config", str(Path(args.config).resolve()),
+                     "--data-root", data_root, *sum((["--set", o] for o in args.overrides), []),
+                     "--summary", str(summary_path)])
+    wall = time.perf_counter() - started
+    if rc != 0:
+        print(f"benchmark: the job failed (exit {rc}); nothing written", file=sys.stderr)
+        return rc
+    summary = json.loads(summary_path.read_text())
+    record = {k: summary["benchmark"][k] for k in BENCHMARK_KEYS}
+    record.update(
+        wall_seconds=round(wall, 1), job_seconds=summary["seconds"],
+        omitted_class=summary["omitted"]["classes"][0],
+        omitted_shift=summary["omitted"]["shift"]["delta"],
+        omitted_transfer_size=summary["omitted"]["transfer_size"],
+        two_classes=summary["two_class"]["classes"],
+        two_class_shift=summary["two_class"]["shift"]["delta"],
+        two_class_transfer_size=summary["two_class"]["transfer_size"],
+        two_class_errors_before=summary["two_class"]["errors_before"],
+        two_class_errors_after=summary["two_class"]["errors_after"],
+        shift_split=summary["omitted"]["shift"]["split"],
+        test_size=summary["table"]["test_size"],
+        train_seconds={k: summary[k].get("train_seconds")
+                       for k in ("baseline", "distilled") if k in summary},
+        teacher_val_accuracy=summary["teacher"].get("val_accuracy"),
+        settings=summary["settings"], overrides=args.overrides, paper=summary["paper"],
+        data_root=data_root, machine={"platform": platform.platform(),
+                                      "cpus": os.cpu_count(), "python": platform.python_version()},
+        mlflow=summary["mlflow"], markdown=summary["markdown"])
+    out.parent.mkdir(parents=True, exist_ok=True)
+    out.write_text(json.dumps(record, indent=2) + "\n")
+    if markdown:
+        markdown.parent.mkdir(parents=True, exist_ok=True)
+        markdown.write_text(summary["markdown"])
+    print(json.dumps({k: record[k] for k in (*BENCHMARK_KEYS, "wall_seconds")}, indent=2))
+    print(f"benchmark: wrote {out} ({wall / 60:.1f} min)")
+    return 0
+
+
+if __name__ == "__main__":
+    sys.exit(main())
