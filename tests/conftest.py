@@ -19,7 +19,9 @@ def ray_session():
     if not ray.is_initialized():
         # 4 logical CPUs on 2 cores: a Tune trial driver and the teacher actor can sit beside two
         # training workers. Oversubscription only slows the tests, it never changes results.
-        ray.init(num_cpus=4, include_dashboard=False, logging_level="WARNING",
+        from raykd.train.fit import init_ray
+
+        init_ray(num_cpus=4, include_dashboard=False, logging_level="WARNING",
                  log_to_driver=True)
     yield ray
     ray.shutdown()

@@ -29,12 +29,31 @@ def runs_dir() -> Path:
     return (Path.cwd() / ".raykd" / "runs").resolve()
 
 
+def init_ray(attempts: int = 3, **kwargs) -> None:
+    """``ray.init`` that retries a local start whose raylet missed Ray's fixed 30 s start-up
+    window (seen on an overloaded 2-core machine); a cluster address is never retried."""
+    import time
+
+    import ray
+
+    for attempt in range(attempts):
+        try:
+            ray.init(**kwargs)
+            return
+        except Exception as err:
+            if "timed out during startup" not in str(err) or attempt + 1 == attempts \
+                    or kwargs.get("address"):
+                raise
+            ray.shutdown()
+            time.sleep(2)
+
+
 def ensure_ray() -> None:
     """Connect to the cluster in RAY_ADDRESS (ray job submit sets it) or start a local one."""
     import ray
 
     if not ray.is_initialized():
-        ray.init(address=os.environ.get("RAY_ADDRESS"), include_dashboard=False,
+        init_ray(address=os.environ.get("RAY_ADDRESS"), include_dashboard=False,
                  log_to_driver=True, logging_level="WARNING", configure_logging=True)
 
 
