@@ -437,7 +437,7 @@ def run_hinton(plan: HintonPlan) -> dict[str, Any]:
     import ray
 
     from raykd.schemes.offline import count_checkpoint_params, log_config, run_student
-    from raykd.teacher.service import serve_teacher, teacher_stats
+    from raykd.teacher.service import serve_teacher, stop_teacher, teacher_stats
     from raykd.train.fit import ensure_ray
 
     cfg, job = plan.distill, plan.job
@@ -481,7 +481,7 @@ def run_hinton(plan: HintonPlan) -> dict[str, Any]:
                     name="only-" + "-".join(str(c) for c in job.two_classes))
             teacher["forward_samples"] = teacher_stats(service)["forward_samples"]
         finally:  # the cache on disk and the driver-owned shards outlive the actor
-            ray.kill(service.actor)
+            stop_teacher(service)
         # 4. evaluation in the driver: error counts, gap, bias shifts on validation data
         if "distilled" in students:
             summary["distilled"] = _student_part(students["distilled"], cfg, uri)

@@ -119,7 +119,8 @@ def _log_model(cfg: RaykdConfig, uri: str, run_id: str, weights: str, info) -> N
     from raykd.train.checkpoint import load_model
 
     model = load_model(weights, cfg.student, info, field="student")
-    tracking.log_torch_model(uri, run_id, model, torch.zeros(1, *info.input_shape), "model")
+    # A batch of 2, not 1: torch.export would specialise the batch dimension to a size-1 example.
+    tracking.log_torch_model(uri, run_id, model, torch.zeros(2, *info.input_shape), "model")
 
 
 def run_distill(cfg: RaykdConfig, *, baseline: bool = False, config_path: str | None = None,

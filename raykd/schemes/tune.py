@@ -384,7 +384,7 @@ def run_tune(cfg: RaykdConfig, dims: list[Dim] | None = None, *, resume: bool = 
     from ray import tune
 
     from raykd.schemes.offline import log_config, obtain_teacher
-    from raykd.teacher.service import serve_teacher, teacher_stats
+    from raykd.teacher.service import serve_teacher, stop_teacher, teacher_stats
     from raykd.train.fit import ensure_ray
 
     dims = dims if dims is not None else check_tune_config(cfg)
@@ -452,7 +452,7 @@ def run_tune(cfg: RaykdConfig, dims: list[Dim] | None = None, *, resume: bool = 
                       f"(state in {folder})", file=sys.stderr)
                 raise KeyboardInterrupt
         finally:  # one actor per job; the cache on disk outlives it
-            ray.kill(service.actor)
+            stop_teacher(service)
         teacher["forward_samples"] = after["forward_samples"]
         teacher["forward_samples_during_search"] = after["forward_samples"] - before
         summary = _finish(cfg, run_cfg, dims, results, teacher, sources, uri, parent, folder,
