@@ -121,18 +121,31 @@ except ImportError:  # pragma: no cover - Train V1 API
 
 class ReportRelay(_UserCallback):
     """Train V2 callback (on the Train controller): pass each epoch's rank-0 metrics — and a
-    copy of its checkpoint, taken before the next report can delete it — to the trial."""
+    copy of its checkpoint, taken before the next report can delete it — to the trial, then
+    wait until the trial has handed it to Tune. The wait keeps the run in step with the
+    scheduler (workers run at most an epoch or two ahead of its decision); the first item also
+    carries the controller's handle, so a trial the scheduler stops can abort its run."""
 
-    def __init__(self, queue, folder: str):
-        self.queue, self.folder = queue, folder
+    def __init__(self, queue, acks, folder: str):
+        self.queue, self.acks, self.folder = queue, acks, folder
+        self.sent_handle = False
 
     def after_report(self, run_context, metrics, checkpoint):
+        import ray
+
         item: dict[str, Any] = {"metrics": dict(metrics[0]), "checkpoint": None}
         if checkpoint is not None:
             dest = Path(self.folder) / f"report-{uuid.uuid4().hex[:8]}"
             checkpoint.to_directory(str(dest))
             item["checkpoint"] = str(dest)
-        self.queue.put(item)
+        if not self.sent_handle:
+            item["controller"] = ray.get_runtime_context().current_actor
+            self.sent_handle = True
+        try:
+            self.queue.put(item)
+            self.acks.get(timeout=3600)
+        except Exception:  # noqa: BLE001 - the trial is gone; its end takes this run with it
+            pass
 
 
 def _find_child(uri: str, experiment: str, parent: str, trial_id: str):
@@ -205,6 +218,7 @@ def tune_trial(config: dict[str, Any], setup: dict[str, Any], handoff: Any) -> N
         tracking.log_metrics(uri, run_id, {f"pbt.{k}": v for k, v in params.items()
                                            if isinstance(v, int | float)}, step=start)
     queue = Queue(actor_options={"num_cpus": 0})
+    acks = Queue(actor_options={"num_cpus": 0})
     folder = tempfile.mkdtemp(prefix="raykd-relay-")
     box: dict[str, Any] = {}
 
@@ -212,13 +226,14 @@ def tune_trial(config: dict[str, Any], setup: dict[str, Any], handoff: Any) -> N
         try:
             box["result"] = fit(cfg, "student", tracking_uri=uri, run_id=run_id, teacher=handoff,
                                 name=f"trial-{trial_id}-{uuid.uuid4().hex[:6]}",
-                                callbacks=[ReportRelay(queue, folder)],
+                                callbacks=[ReportRelay(queue, acks, folder)],
                                 storage_path=setup["train_storage"], resume_from=resume_from)
         except BaseException as err:  # noqa: BLE001 - re-raised in the trial below
             box["error"] = err
 
     thread = threading.Thread(target=work, name="raykd-trial-fit", daemon=True)
     thread.start()
+    controller = None
     try:
         while True:
             try:
@@ -227,11 +242,14 @@ def tune_trial(config: dict[str, Any], setup: dict[str, Any], handoff: Any) -> N
                 if thread.is_alive() or not queue.empty():
                     continue
                 break
+            controller = item.get("controller", controller)
             metrics = {k: v for k, v in item["metrics"].items() if isinstance(v, int | float)}
             metrics["epochs"] = int(metrics.get("epoch", 0)) + 1
-            if metrics["epochs"] >= cfg.train.epochs:
-                # The last epoch: let the Train run shut down cleanly first — Tune may stop the
-                # trial at this report — then close the MLflow run before reporting.
+            last = metrics["epochs"] >= cfg.train.epochs
+            if last:
+                # Let the Train run shut down cleanly first — Tune may stop the trial at this
+                # report — then close the MLflow run, then report.
+                acks.put(True)
                 thread.join()
                 if "error" in box:
                     break
@@ -241,9 +259,16 @@ def tune_trial(config: dict[str, Any], setup: dict[str, Any], handoff: Any) -> N
                 from ray.tune import Checkpoint
 
                 checkpoint = Checkpoint.from_directory(item["checkpoint"])
-            tune.report(metrics, checkpoint=checkpoint)
+            try:
+                tune.report(metrics, checkpoint=checkpoint)
+            except BaseException:  # SystemExit: the scheduler stopped (or paused) this trial
+                if controller is not None and thread.is_alive():
+                    controller.abort.remote()  # stop the workers now, free their resources
+                raise
             if item["checkpoint"]:
                 shutil.rmtree(item["checkpoint"], ignore_errors=True)
+            if not last:
+                acks.put(True)
         thread.join()
     finally:
         shutil.rmtree(folder, ignore_errors=True)
@@ -474,9 +499,15 @@ def _trial_rows(results, dims: list[Dim], uri: str, experiment: str, parent: str
     """One row per trial: values, final metric, epochs trained (from its MLflow curve), status."""
     c = tracking.client(uri)
     rows = []
-    for res in results:
+    # A trial that failed before its first report has no metrics or config in its Result; its
+    # Trial (same order) still knows both.
+    trials = list(getattr(getattr(results, "_experiment_analysis", None), "trials", None) or [])
+    if len(trials) != len(results):
+        trials = [None] * len(results)
+    for res, trial in zip(results, trials, strict=True):
         last = res.metrics or {}
-        trial_id = last.get("trial_id") or (res.path and Path(res.path).name)
+        trial_id = last.get("trial_id") or getattr(trial, "trial_id", None)
+        config = res.config or getattr(trial, "config", None) or {}
         child = _find_child(uri, experiment, parent, trial_id) if trial_id else None
         epochs = 0
         curve: list[float] = []
@@ -485,7 +516,7 @@ def _trial_rows(results, dims: list[Dim], uri: str, experiment: str, parent: str
             epochs = len(hist)
             curve = [m.value for m in hist]
         rows.append({"trial_id": trial_id, "run_id": child.info.run_id if child else None,
-                     "config": {d.key: res.config.get(d.key) for d in dims},
+                     "config": {d.key: config.get(d.key) for d in dims},
                      "metric": last.get(metric), "epochs": epochs, "curve": curve,
                      "error": str(res.error).splitlines()[0] if res.error else None,
                      "child_status": child.info.status if child else None})
