@@ -364,8 +364,7 @@ def _scheduler(cfg: RaykdConfig, dims: list[Dim]):
         from ray.tune.schedulers import PopulationBasedTraining
 
         return PopulationBasedTraining(time_attr="epochs", perturbation_interval=tc.grace_period,
-                                       hyperparam_mutations={d.key: d.mutation() for d in dims},
-                                       seed=cfg.train.seed)
+                                       hyperparam_mutations={d.key: d.mutation() for d in dims})
     return None
 
 
@@ -517,7 +516,8 @@ def _trial_rows(results, dims: list[Dim], uri: str, experiment: str, parent: str
             curve = [m.value for m in hist]
         rows.append({"trial_id": trial_id, "run_id": child.info.run_id if child else None,
                      "config": {d.key: config.get(d.key) for d in dims},
-                     "metric": last.get(metric), "epochs": epochs, "curve": curve,
+                     "metric": last.get(metric), "epochs": epochs,
+                     "scheduled_epochs": int(last.get("epochs") or 0), "curve": curve,
                      "error": str(res.error).splitlines()[0] if res.error else None,
                      "child_status": child.info.status if child else None})
     return rows
@@ -588,7 +588,10 @@ def _finish(cfg: RaykdConfig, run_cfg: RaykdConfig, dims: list[Dim], results, te
             tracking.set_tags(uri, best_row["run_id"], {"raykd.best_trial": "true"})
     out_cfg = best_config_of(cfg, params, teacher.get("checkpoint") if teacher.get("trained")
                              else None, run_cfg.teacher.cache_dir)
+    # Trained epochs (the MLflow curves) can exceed the epochs the scheduler granted (what Tune
+    # saw) by an epoch or two per stopped trial: workers run ahead of the scheduler's decision.
     total_epochs = sum(r["epochs"] for r in rows)
+    scheduled = sum(r["scheduled_epochs"] for r in rows)
     with tempfile.TemporaryDirectory() as tmp:
         path = Path(tmp) / "best_config.yaml"
         dump_yaml(out_cfg, path)
@@ -602,12 +605,14 @@ def _finish(cfg: RaykdConfig, run_cfg: RaykdConfig, dims: list[Dim], results, te
     tracking.log_params(uri, parent, {f"best.{k}": v for k, v in params.items()})
     tracking.log_metrics(uri, parent, {
         f"best_{tc.metric}": part["metric"], "trials": len(rows), "trial_epochs": total_epochs,
+        "scheduled_epochs": scheduled,
         "teacher_forward_samples_during_search": teacher["forward_samples_during_search"],
         **({"best_test_accuracy": part["accuracy"]} if part["accuracy"] is not None else {}),
         **({"teacher_test_accuracy": teacher["accuracy"]} if teacher.get("accuracy") else {})})
     tracking.set_tags(uri, parent, {"raykd.best_trial_id": part["trial_id"],
                                     "raykd.best_run_id": part["run_id"]})
     return {"teacher": teacher, "best": part, "trials": len(rows), "trial_epochs": total_epochs,
+            "scheduled_epochs": scheduled,
             "failed_trials": sum(1 for r in rows if r["error"]),
             "trial_results": [{k: v for k, v in r.items() if k != "curve"} for r in rows],
             "search": {"dir": str(folder), "search": tc.search, "scheduler": tc.scheduler,
