@@ -299,7 +299,7 @@ def test_overrides_reach_every_role_and_the_job_section(mnist_root):
                                      "hinton.two_classes=[1, 2]", "tracking.experiment=x"],
                             str(mnist_root))
     assert plan.teacher.train.epochs == plan.baseline.train.epochs == plan.distill.train.epochs == 7
-    assert plan.teacher.teacher.epochs == 20  # the teacher's own budget is its own key
+    assert plan.teacher.teacher.epochs == 30  # the teacher's own budget is its own key
     assert {c.tracking.experiment for c in (plan.teacher, plan.baseline, plan.distill)} == {"x"}
     assert {c.data.root for c in (plan.teacher, plan.baseline, plan.distill)} == {
         str(mnist_root.resolve())}

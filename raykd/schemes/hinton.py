@@ -434,8 +434,6 @@ def _temperature(summary: dict[str, Any]) -> Any:
 
 def run_hinton(plan: HintonPlan) -> dict[str, Any]:
     """Run the planned experiments under one MLflow parent run; return the summary."""
-    import ray
-
     from raykd.schemes.offline import count_checkpoint_params, log_config, run_student
     from raykd.teacher.service import serve_teacher, stop_teacher, teacher_stats
     from raykd.train.fit import ensure_ray
