@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import os
+import re
 
 import pytest
 
@@ -21,7 +22,7 @@ def ray_session():
         # training workers. Oversubscription only slows the tests, it never changes results.
         from raykd.train.fit import init_ray
 
-        init_ray(num_cpus=4, include_dashboard=False, logging_level="WARNING",
+        init_ray(num_cpus=4, include_dashboard=True, logging_level="WARNING",
                  log_to_driver=True)
     yield ray
     ray.shutdown()
@@ -56,3 +57,17 @@ def digits_teacher(ray_session, tmp_path_factory):
         os.chdir(cwd)
     assert rc == 0 and out.is_file()
     return out
+
+
+# Ray forwards its actors' log lines to the driver's stderr ("(ActorName pid=123) ..."), and
+# actors left by an earlier test can still be writing when a CLI test reads stderr.
+_RAY_FORWARDED = re.compile(r"^(\x1b\[[0-9;]*m)?\(\w+ pid=\d+")
+
+
+@pytest.fixture()
+def cli_stderr(capsys):
+    """Read captured stderr without the lines Ray forwarded from its actors."""
+    def read() -> str:
+        lines = capsys.readouterr().err.splitlines()
+        return "\n".join(line for line in lines if not _RAY_FORWARDED.match(line)).strip()
+    return read

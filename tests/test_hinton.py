@@ -314,11 +314,11 @@ def test_overrides_reach_every_role_and_the_job_section(mnist_root):
     (["--set", "hinton.omit_class=10"], "hinton.omit_class: class 10 is outside 0..9"),
     (["--set", "hinton.teacher_config=nope.yaml"], "hinton.teacher_config: file"),
 ])
-def test_bad_input_is_one_line_and_exit_2(argv, needle, mnist_root, capsys, tmp_path):
+def test_bad_input_is_one_line_and_exit_2(argv, needle, mnist_root, cli_stderr, tmp_path):
     if argv:
         argv = ["--data-root", str(mnist_root), *argv]
     assert main(["hinton-mnist", "--config", str(CONFIG), *argv]) == 2
-    err = capsys.readouterr().err.strip()
+    err = cli_stderr()
     assert needle in err and len(err.splitlines()) == 1
 
 

@@ -56,7 +56,7 @@ def trial_runs(client, experiment: str, parent: str | None = None):
     ("teacher.lr", {"grid": [0.1]}, "cannot be searched"),
     ("distill.losses.1.weight", {"choice": [0.5, 1]}, "distill.losses is not set"),
 ])
-def test_bad_space_is_one_line_naming_the_key(tmp_path, key, spec, expect, capsys):
+def test_bad_space_is_one_line_naming_the_key(tmp_path, key, spec, expect, cli_stderr):
     from raykd.schemes.tune import check_tune_config
 
     cfg_path = write_config(tmp_path / "c.yaml", f"sqlite:///{tmp_path / 'm.db'}", "x",
@@ -67,7 +67,8 @@ def test_bad_space_is_one_line_naming_the_key(tmp_path, key, spec, expect, capsy
     assert "\n" not in str(err.value)
     # Through the CLI: exit 2, one line, nothing started (no MLflow database was created).
     assert main(["tune", "--config", str(cfg_path)]) == 2
-    assert capsys.readouterr().err.strip().startswith(f"raykd: error: tune.space.{key}: ")
+    err = cli_stderr()
+    assert err.startswith(f"raykd: error: tune.space.{key}: ") and len(err.splitlines()) == 1
     assert not (tmp_path / "m.db").exists()
 
 

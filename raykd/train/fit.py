@@ -53,7 +53,11 @@ def ensure_ray() -> None:
     import ray
 
     if not ray.is_initialized():
-        init_ray(address=os.environ.get("RAY_ADDRESS"), include_dashboard=False,
+        # The dashboard hosts the State API: without it Ray Train's PlacementGroupCleaner cannot
+        # see its controller, logs "Failed to query Ray Train Controller actor state" every few
+        # seconds for the rest of the session and never removes a dead run's placement group.
+        # It costs ~2 s of start-up here (7.0-8.2 s against 5.2-6.1 s measured).
+        init_ray(address=os.environ.get("RAY_ADDRESS"), include_dashboard=True,
                  log_to_driver=True, logging_level="WARNING", configure_logging=True)
 
 
