@@ -94,7 +94,7 @@ def main() -> int:
         "search": {"best_config": search["best"]["config"], "best_val_accuracy":
                    search["best"]["metric"], "trials": search["trials"],
                    "trial_epochs": search.get("trial_epochs"), "seconds": search_seconds,
-                   "space": {k: v for k, v in cfg.tune.space.items()},
+                   "space": dict(cfg.tune.space),
                    "search": cfg.tune.search, "scheduler": cfg.tune.scheduler,
                    "teacher_forward_samples_during_search":
                        search["teacher"].get("forward_samples_during_search"),

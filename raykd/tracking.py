@@ -53,6 +53,16 @@ def flatten(prefix: str, value: Any, out: dict[str, str]) -> dict[str, str]:
     return out
 
 
+def search_runs(uri: str, experiment: str, filter_string: str, **kwargs) -> list:
+    """Runs of the experiment named ``experiment`` matching ``filter_string`` (MLflow search
+    syntax; ``kwargs`` go to ``MlflowClient.search_runs``); [] when no such experiment exists."""
+    c = client(uri)
+    exp = c.get_experiment_by_name(experiment)
+    if exp is None:
+        return []
+    return list(c.search_runs([exp.experiment_id], filter_string=filter_string, **kwargs))
+
+
 def experiment_id(uri: str, name: str) -> str:
     c = client(uri)
     exp = c.get_experiment_by_name(name)

@@ -249,14 +249,9 @@ def find_reusable_teacher(uri: str, experiment: str, key: str) -> dict[str, Any]
     still be read, as ``{"run_id", "source", "checkpoint"}``; None when there is none."""
     from raykd.teacher.loading import local_checkpoint
 
-    c = tracking.client(uri)
-    exp = c.get_experiment_by_name(experiment)
-    if exp is None:
-        return None
-    runs = c.search_runs([exp.experiment_id],
-                         filter_string=f"tags.`raykd.hinton.teacher_key` = '{key}' "
-                                       f"and attributes.status = 'FINISHED'",
-                         order_by=["attributes.start_time DESC"], max_results=5)
+    runs = tracking.search_runs(uri, experiment, f"tags.`raykd.hinton.teacher_key` = '{key}' "
+                                                 f"and attributes.status = 'FINISHED'",
+                                order_by=["attributes.start_time DESC"], max_results=5)
     for run in runs:
         source = f"runs:/{run.info.run_id}/teacher/model.safetensors"
         try:

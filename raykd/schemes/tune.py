@@ -149,14 +149,9 @@ class ReportRelay(_UserCallback):
 
 
 def _find_child(uri: str, experiment: str, parent: str, trial_id: str):
-    c = tracking.client(uri)
-    exp = c.get_experiment_by_name(experiment)
-    if exp is None:
-        return None
-    runs = c.search_runs([exp.experiment_id],
-                         filter_string=f"tags.mlflow.parentRunId = '{parent}' and "
-                                       f"tags.`raykd.trial_id` = '{trial_id}'",
-                         max_results=5)
+    runs = tracking.search_runs(uri, experiment, f"tags.mlflow.parentRunId = '{parent}' and "
+                                                 f"tags.`raykd.trial_id` = '{trial_id}'",
+                                max_results=5)
     return runs[0] if runs else None
 
 
