@@ -136,7 +136,7 @@ def test_job_writes_the_comparison_table(job):
 def test_teacher_config_is_hintons_teacher(job, mnist_root):
     s = job["summary"]["settings"]["teacher"]
     assert s["jitter"] == 2
-    assert s["model"]["args"]["dropout"] == 0.5 and s["model"]["args"]["input_dropout"] == 0.2
+    assert s["model"]["args"]["dropout"] == 0.2 and s["model"]["args"]["input_dropout"] == 0.0
     plan = hinton.load_plan(CONFIG, [], str(mnist_root))  # the shipped configs, untouched
     assert plan.teacher.teacher.args["hidden_sizes"] == [1200, 1200]
     assert plan.baseline.student.args == {"hidden_sizes": [800, 800]}
