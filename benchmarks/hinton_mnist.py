@@ -13,11 +13,16 @@ not reused — and writes one flat JSON record::
     two_class_error_before / _after                      test error rate (fraction), transfer set
                                                          of only 7s and 8s, before / after the shift
     wall_seconds                                         the whole job, Ray start-up included
+    seeds, *_per_seed, gap_closed_sd                     the table's seeds (hinton.seeds) and
+                                                         each seed's counts; with several seeds
+                                                         the three counts above are means
 
 plus the chosen shifts, the settings, the paper's numbers and the markdown table.
 
     python benchmarks/hinton_mnist.py --data-root ../shared/data/mnist \\
         --json benchmarks/results/hinton_mnist.json
+    # the table over three seeds (mean and each seed's count; the gap closed from the means):
+    python benchmarks/hinton_mnist.py --set 'hinton.seeds=[0,1,2]' --json /tmp/hinton3.json
     # a longer budget (e.g. on a GPU), every --set goes to the job:
     python benchmarks/hinton_mnist.py --set teacher.epochs=200 --set train.epochs=100 \\
         --set train.use_gpu=true --set train.num_workers=1 --json /tmp/hinton_long.json
@@ -63,7 +68,7 @@ def main(argv: list[str] | None = None) -> int:
     os.chdir(workdir)
 
     from raykd.cli import main as raykd_main
-    from raykd.schemes.hinton import BENCHMARK_KEYS
+    from raykd.schemes.hinton_report import BENCHMARK_KEYS, SEED_KEYS
 
     summary_path = workdir / "summary.json"
     started = time.perf_counter()
@@ -75,7 +80,7 @@ def main(argv: list[str] | None = None) -> int:
         print(f"benchmark: the job failed (exit {rc}); nothing written", file=sys.stderr)
         return rc
     summary = json.loads(summary_path.read_text())
-    record = {k: summary["benchmark"][k] for k in BENCHMARK_KEYS}
+    record = {k: summary["benchmark"][k] for k in BENCHMARK_KEYS + SEED_KEYS}
     record.update(
         wall_seconds=round(wall, 1), job_seconds=summary["seconds"],
         omitted_class=summary["omitted"]["classes"][0],
@@ -88,8 +93,8 @@ def main(argv: list[str] | None = None) -> int:
         two_class_errors_after=summary["two_class"]["errors_after"],
         shift_split=summary["omitted"]["shift"]["split"],
         test_size=summary["table"]["test_size"],
-        train_seconds={k: summary[k].get("train_seconds")
-                       for k in ("baseline", "distilled") if k in summary},
+        train_seconds={f"{role}-seed{r['seed']}": r[role].get("train_seconds")
+                       for r in summary["seed_runs"] for role in ("baseline", "distilled")},
         teacher_val_accuracy=summary["teacher"].get("val_accuracy"),
         settings=summary["settings"], overrides=args.overrides, paper=summary["paper"],
         data_root=data_root, machine={"platform": platform.platform(),
@@ -100,7 +105,8 @@ def main(argv: list[str] | None = None) -> int:
     if markdown:
         markdown.parent.mkdir(parents=True, exist_ok=True)
         markdown.write_text(summary["markdown"])
-    print(json.dumps({k: record[k] for k in (*BENCHMARK_KEYS, "wall_seconds")}, indent=2))
+    print(json.dumps({k: record[k] for k in (*BENCHMARK_KEYS, *SEED_KEYS, "wall_seconds")},
+                     indent=2))
     print(f"benchmark: wrote {out} ({wall / 60:.1f} min)")
     return 0
 

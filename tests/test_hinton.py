@@ -21,6 +21,7 @@ import torch
 
 from raykd.cli import main
 from raykd.schemes import hinton
+from raykd.schemes.hinton_report import SEED_KEYS, markdown_table, table_of
 from raykd.schemes.bias_shift import (accuracy_by_shift, apply_bias_shift, best_shift,
                                       choose_bias_shift, error_counts, shift_grid)
 
@@ -33,6 +34,7 @@ FAST = ["--set", "teacher.epochs=3", "--set", "teacher.lr=0.01", "--set", "train
         "--set", "train.lr=0.01", "--set", "train.batch_size=32",
         "--set", "teacher.args.hidden_sizes=[64,64]", "--set", "student.args.hidden_sizes=[32,32]",
         "--set", f"tracking.experiment={EXPERIMENT}"]
+SEEDS = ["--set", "hinton.seeds=[0,1]"]  # the table twice: baseline and distilled per seed
 
 
 # ---------------------------------------------------------------- a tiny MNIST in the IDX format
@@ -77,12 +79,13 @@ def job(ray_session, mnist_root, tmp_path_factory, monkeypatch_module):
     root = tmp_path_factory.mktemp("hinton_job")
     monkeypatch_module.chdir(root)
     uri = f"sqlite:///{root / 'mlflow.db'}"
-    argv = ["--data-root", str(mnist_root), *FAST, "--set", f"tracking.uri={uri}",
+    argv = ["--data-root", str(mnist_root), *FAST, *SEEDS, "--set", f"tracking.uri={uri}",
             "--summary", str(root / "summary.json"), "--markdown", str(root / "table.md")]
     monkeypatch_module.setattr(sys, "argv", [str(JOB), *argv])
     with pytest.raises(SystemExit) as stopped:
         runpy.run_path(str(JOB), run_name="__main__")
-    plan = hinton.load_plan(CONFIG, _pairs(FAST) + [f"tracking.uri={uri}"], str(mnist_root))
+    plan = hinton.load_plan(CONFIG, _pairs(FAST + SEEDS) + [f"tracking.uri={uri}"],
+                            str(mnist_root))
     summary = json.loads((root / "summary.json").read_text())
     return {"rc": stopped.value.code, "summary": summary, "uri": uri, "root": root,
             "plan": plan, "markdown": (root / "table.md").read_text()}
@@ -111,25 +114,41 @@ def test_job_writes_the_comparison_table(job):
         assert s[part]["accuracy"] == pytest.approx(1 - s[part]["errors"] / test_size)
     assert s["teacher"]["trained"] is True and s["teacher"]["params"] > s["distilled"]["params"]
     assert s["baseline"]["params"] == s["distilled"]["params"]
+    # one baseline and one distilled student per seed; the table holds their means
+    runs = s["seed_runs"]
+    assert [r["seed"] for r in runs] == [0, 1] and s["baseline"] == runs[0]["baseline"]
+    base = [r["baseline"]["errors"] for r in runs]
+    dist = [r["distilled"]["errors"] for r in runs]
     t = s["table"]
-    assert (t["teacher_errors"], t["baseline_errors"], t["distilled_errors"]) == (
-        s["teacher"]["errors"], s["baseline"]["errors"], s["distilled"]["errors"])
+    assert t["teacher_errors"] == s["teacher"]["errors"] and t["seeds"] == [0, 1]
+    assert (t["baseline_errors_per_seed"], t["distilled_errors_per_seed"]) == (base, dist)
+    assert t["baseline_errors"] == pytest.approx(sum(base) / 2, abs=0.05)
+    assert t["distilled_errors"] == pytest.approx(sum(dist) / 2, abs=0.05)
     assert t["gap_closed"] == hinton.gap_closed(t["teacher_errors"], t["baseline_errors"],
                                                 t["distilled_errors"])
+    assert t["gap_closed_per_seed"] == [hinton.gap_closed(t["teacher_errors"], b, d)
+                                        for b, d in zip(base, dist, strict=True)]
+    # the seed reached the workers: same recipe, different initial weights
+    from safetensors.torch import load_file
+
+    w0, w1 = (load_file(str(Path(r["baseline"]["checkpoint"]))) for r in runs)
+    assert w0.keys() == w1.keys() and any(not torch.equal(w0[k], w1[k]) for k in w0)
     # the benchmark's flat record: every key, from the same numbers
     bench = s["benchmark"]
-    assert set(bench) == set(hinton.BENCHMARK_KEYS)
+    assert set(bench) == set(hinton.BENCHMARK_KEYS + SEED_KEYS)
     assert bench == hinton.benchmark_record(s)
     assert bench["omitted_errors_before"] == s["omitted"]["errors_before"]
     assert bench["omitted_class_errors_after"] == s["omitted"]["class_errors_after"]["3"]
     assert bench["two_class_error_before"] == pytest.approx(s["two_class"]["errors_before"] / 100)
     assert all(bench[k] is not None for k in hinton.BENCHMARK_KEYS if k != "gap_closed")
+    assert bench["baseline_errors_per_seed"] == base and bench["seeds"] == [0, 1]
     # the markdown table, written with --markdown, next to the paper's numbers
     md = job["markdown"]
     assert md == s["markdown"]
     assert md.startswith("| | Hinton et al. 2015 | raykd |")
     assert "| 146 |" in md and "| 74 |" in md and "206 → 109" in md and "47.3% → 13.2%" in md
     assert f"{s['omitted']['errors_before']} → {s['omitted']['errors_after']}" in md
+    assert f"mean of 2 seeds | 146 | {t['baseline_errors']} (seeds: {base[0]}, {base[1]}) |" in md
     assert s["settings"]["temperature"] == 20.0 and s["settings"]["bias_split"] == "val"
 
 
@@ -258,8 +277,15 @@ def test_one_mlflow_parent_with_every_run_nested(job):
     children = client.search_runs([exp.experiment_id],
                                   f"tags.mlflow.parentRunId = '{parent.info.run_id}'")
     names = {r.info.run_name for r in children}
-    assert names == {"teacher", "baseline", "distilled", "omitted-3", "only-7-8"}
+    assert names == {"teacher", "baseline-seed0", "baseline-seed1", "distilled-seed0",
+                     "distilled-seed1", "omitted-3", "only-7-8"}
     assert all(r.info.status == "FINISHED" for r in children)
+    seeds = {r.info.run_name: r.data.params["train.seed"] for r in children}
+    assert (seeds["baseline-seed1"], seeds["distilled-seed1"], seeds["omitted-3"]) == (
+        "1", "1", "0")
+    per_seed = client.get_metric_history(parent.info.run_id, "distilled_errors_per_seed")
+    assert [(m.step, m.value) for m in per_seed] == [
+        (i, r["distilled"]["errors"]) for i, r in enumerate(s["seed_runs"])]
     for key in ("teacher_errors", "distilled_errors", "omitted_errors_after",
                 "two_class_error_after"):
         assert parent.data.metrics[key] == pytest.approx(s["benchmark"][key])
@@ -308,7 +334,45 @@ def test_overrides_reach_every_role_and_the_job_section(mnist_root):
     assert plan.two_class().distill.include_classes == [1, 2]
 
 
+def test_table_seeds_default_to_the_configs_own_seed(mnist_root):
+    plan = hinton.load_plan(CONFIG, ["train.seed=4"], str(mnist_root))
+    assert plan.job.seeds is None
+    [(seed, base, dist)] = plan.seed_runs()
+    assert seed == base.train.seed == dist.train.seed == 4
+    plan = hinton.load_plan(CONFIG, ["hinton.seeds=[2, 5]"], str(mnist_root))
+    assert [(s, b.train.seed, d.train.seed) for s, b, d in plan.seed_runs()] == [(2, 2, 2),
+                                                                              (5, 5, 5)]
+    assert plan.omitted().train.seed == plan.distill.train.seed == 0
+
+
+def _summary(base: list[int], dist: list[int]) -> dict:
+    runs = [{"seed": i, "baseline": {"errors": b}, "distilled": {"errors": d}}
+            for i, (b, d) in enumerate(zip(base, dist, strict=True))]
+    return {"table": table_of(90, runs, 10_000), "settings": {"temperature": 20.0}}
+
+
+def test_one_seed_table_keeps_plain_counts():
+    t = _summary([150], [100])["table"]
+    assert (t["baseline_errors"], t["distilled_errors"], t["gap_closed_sd"]) == (150, 100, None)
+    assert t["gap_closed"] == pytest.approx(50 / 60)
+    md = markdown_table(_summary([150], [100]))
+    assert "| Baseline 784-800-800-10, hard labels: test errors | 146 | 150 |" in md
+    assert "| 91.1% | 83.3% |" in md and "seeds" not in md
+
+
+def test_several_seeds_average_before_the_gap_is_taken():
+    t = _summary([150, 144, 147], [100, 110, 96])["table"]
+    assert (t["baseline_errors"], t["distilled_errors"]) == (147.0, 102.0)
+    assert t["gap_closed"] == pytest.approx(45 / 57)  # from the means, not the mean of gaps
+    assert t["gap_closed_per_seed"] == pytest.approx([50 / 60, 34 / 54, 51 / 57])
+    assert t["gap_closed_sd"] == pytest.approx(0.1388, abs=1e-4)
+    md = markdown_table(_summary([150, 144, 147], [100, 110, 96]))
+    assert "mean of 3 seeds | 74 | 102.0 (seeds: 100, 110, 96) |" in md
+    assert "| 91.1% | 78.9% (seeds: 83.3%, 63.0%, 89.5%) |" in md
+
+
 @pytest.mark.parametrize("argv, needle", [
+    (["--set", "hinton.seeds=[1,1]"], "hinton.seeds: give distinct non-negative seeds"),
     ([], "data.root: dataset 'mnist' needs data.root"),
     (["--set", "hinton.omit_clas=3"], "hinton.omit_clas: unknown key"),
     (["--set", "hinton.omit_class=10"], "hinton.omit_class: class 10 is outside 0..9"),

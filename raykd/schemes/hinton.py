@@ -26,208 +26,20 @@ student's checkpoint; the shifted weights are logged next to the original.
 
 from __future__ import annotations
 
-import copy
 import hashlib
 import json
 import tempfile
 import time
 from pathlib import Path
-from typing import Any, Literal
-
-from pydantic import BaseModel, ConfigDict, Field, ValidationError, field_validator
+from typing import Any
 
 from raykd import tracking
-from raykd.config import (ConfigError, RaykdConfig, _set_dotted, dump_yaml, parse_overrides,
-                          read_yaml, validate)
-
-MAIN_CONFIG = "mnist_hinton_distill.yaml"
-JOB_SECTION = "hinton"
-EXPERIMENTS = ("table", "omitted", "two_class")
-SHARED_SECTIONS = ("data", "tracking")  # taken from the main config for every role
-
-# Hinton et al. 2015, §3 (MNIST; the paper chose its bias shifts on the test set).
-PAPER = {"teacher_errors": 67, "baseline_errors": 146, "distilled_errors": 74,
-         "gap_closed": (146 - 74) / (146 - 67),
-         "omitted_errors_before": 206, "omitted_errors_after": 109,
-         "omitted_class_errors_before": 133, "omitted_class_errors_after": 14,
-         "omitted_class_size": 1010, "omitted_shift": 3.5,
-         "two_class_error_before": 0.473, "two_class_error_after": 0.132, "two_class_shift": -7.6}
-
-BENCHMARK_KEYS = ("teacher_errors", "baseline_errors", "distilled_errors", "gap_closed",
-                  "omitted_errors_before", "omitted_errors_after", "omitted_class_errors_before",
-                  "omitted_class_errors_after", "two_class_error_before", "two_class_error_after")
-
-
-class HintonJob(BaseModel):
-    """The ``hinton:`` section of the main config (settable with ``--set hinton.KEY=VALUE``)."""
-
-    model_config = ConfigDict(extra="forbid", frozen=True)
-
-    teacher_config: str = "mnist_hinton_teacher.yaml"  # relative to the main config's folder
-    baseline_config: str = "mnist_hinton_student.yaml"
-    experiments: list[Literal["table", "omitted", "two_class"]] = Field(
-        default_factory=lambda: list(EXPERIMENTS))
-    omit_class: int = Field(3, ge=0)  # removed from the transfer set in "omitted"
-    two_classes: list[int] = Field(default_factory=lambda: [7, 8])  # the whole "two_class" set
-    shift_low: float = -15.0  # bias-shift grid, scanned on the validation split
-    shift_high: float = 15.0
-    shift_step: float = Field(0.1, gt=0.0)
-    reuse_teacher: bool = True  # reuse a finished teacher run with the same teacher key
-
-    @field_validator("experiments")
-    @classmethod
-    def _some_experiment(cls, value: list[str]) -> list[str]:
-        if not value:
-            raise ValueError(f"name at least one experiment; allowed: {', '.join(EXPERIMENTS)}")
-        return list(dict.fromkeys(value))
-
-    @field_validator("two_classes")
-    @classmethod
-    def _two_classes(cls, value: list[int]) -> list[int]:
-        if not value or len(set(value)) != len(value) or min(value) < 0:
-            raise ValueError("give one or more distinct class numbers, e.g. [7, 8]")
-        return value
-
-
-class HintonPlan(BaseModel):
-    """Everything the job runs, validated before Ray or MLflow is touched."""
-
-    model_config = ConfigDict(arbitrary_types_allowed=True, frozen=True)
-
-    job: HintonJob
-    teacher: RaykdConfig  # trains the teacher (its teacher + train sections)
-    baseline: RaykdConfig  # the student on hard labels
-    distill: RaykdConfig  # the distilled student (teacher section = the teacher config's)
-    config_path: str
-    teacher_config_path: str
-    baseline_config_path: str
-
-    def omitted(self) -> RaykdConfig:
-        return self.distill.with_overrides({"distill.exclude_classes": [self.job.omit_class],
-                                            "distill.include_classes": None})
-
-    def two_class(self) -> RaykdConfig:
-        return self.distill.with_overrides({"distill.include_classes": list(self.job.two_classes),
-                                            "distill.exclude_classes": []})
-
-    @property
-    def grid(self) -> tuple[float, float, float]:
-        return (self.job.shift_low, self.job.shift_high, self.job.shift_step)
-
-
-# ---------------------------------------------------------------------------------- configs
-
-def default_config_path() -> Path:
-    """``configs/mnist_hinton_distill.yaml`` in the working directory, else in the checkout."""
-    for base in (Path.cwd(), Path(__file__).resolve().parents[2]):
-        candidate = base / "configs" / MAIN_CONFIG
-        if candidate.is_file():
-            return candidate
-    raise ConfigError(f"--config: no configs/{MAIN_CONFIG} here or in the raykd checkout; give "
-                      f"--config PATH (the Hinton job's main config)")
-
-
-def _job_section(raw: dict[str, Any], overrides: dict[str, Any]) -> HintonJob:
-    job_raw = raw.pop(JOB_SECTION, None) or {}
-    if not isinstance(job_raw, dict):
-        raise ConfigError(f"{JOB_SECTION}: must be a mapping of the job's settings")
-    job_raw = {JOB_SECTION: copy.deepcopy(job_raw)}
-    for key, value in overrides.items():
-        _set_dotted(job_raw, key, value)
-    try:
-        return HintonJob.model_validate(job_raw[JOB_SECTION])
-    except ValidationError as err:
-        first = err.errors()[0]
-        loc = ".".join([JOB_SECTION, *(str(p) for p in first["loc"])])
-        msg = first["msg"].removeprefix("Value error, ")
-        if first["type"] == "extra_forbidden":
-            msg = f"unknown key; allowed: {', '.join(HintonJob.model_fields)}"
-        raise ConfigError(f"{loc}: {msg}") from None
-
-
-def _role_raw(path: Path, field: str, role_overrides: dict[str, Any],
-              shared: dict[str, Any]) -> dict[str, Any]:
-    if not path.is_file():
-        raise ConfigError(f"{JOB_SECTION}.{field}: file {str(path)!r} does not exist; give a YAML "
-                          f"config path (relative to the main config's folder)")
-    raw = copy.deepcopy(read_yaml(path))
-    raw.pop(JOB_SECTION, None)
-    for key, value in role_overrides.items():
-        _set_dotted(raw, key, value)
-    raw.update(copy.deepcopy(shared))
-    return raw
-
-
-def load_plan(config: str | Path | None, overrides: list[str] | dict[str, Any] = (),
-              data_root: str | None = None) -> HintonPlan:
-    """Read the main config and the two it names, apply overrides, validate all three."""
-    path = Path(config).expanduser() if config else default_config_path()
-    raw = copy.deepcopy(read_yaml(path))
-    pairs = overrides if isinstance(overrides, dict) else parse_overrides(list(overrides))
-    pairs = dict(pairs)
-    if data_root is not None:
-        pairs["data.root"] = data_root
-    job_pairs = {k: v for k, v in pairs.items() if k.split(".")[0] == JOB_SECTION}
-    role_pairs = {k: v for k, v in pairs.items() if k.split(".")[0] != JOB_SECTION}
-    job = _job_section(raw, job_pairs)
-    for key, value in role_pairs.items():
-        _set_dotted(raw, key, value)
-    data = raw.get("data")
-    if isinstance(data, dict) and data.get("root"):  # workers run elsewhere: make it absolute
-        data["root"] = str(Path(str(data["root"])).expanduser().resolve())
-    shared = {s: raw[s] for s in SHARED_SECTIONS if s in raw}
-    base = path.resolve().parent
-    teacher_path = (base / job.teacher_config).resolve()
-    baseline_path = (base / job.baseline_config).resolve()
-    teacher_raw = _role_raw(teacher_path, "teacher_config", role_pairs, shared)
-    baseline_raw = _role_raw(baseline_path, "baseline_config", role_pairs, shared)
-    raw["teacher"] = copy.deepcopy(teacher_raw.get("teacher", {}))
-    teacher_cfg = _validate(teacher_raw, teacher_path)
-    plan = HintonPlan(job=job, teacher=teacher_cfg, baseline=_validate(baseline_raw, baseline_path),
-                      distill=_validate(raw, path), config_path=str(path.resolve()),
-                      teacher_config_path=str(teacher_path),
-                      baseline_config_path=str(baseline_path))
-    _check_classes(plan)
-    return plan
-
-
-def _validate(raw: dict[str, Any], path: Path) -> RaykdConfig:
-    try:
-        return validate(raw)
-    except ConfigError as err:
-        if str(err).startswith(("data.", "tracking.")):
-            raise
-        raise ConfigError(f"{err} (in {path.name})") from None
-
-
-def _check_classes(plan: HintonPlan) -> None:
-    from raykd.data import dataset_info
-
-    info = dataset_info(plan.distill.data)
-    n = info.num_classes
-    job = plan.job
-    if "omitted" in job.experiments and job.omit_class >= n:
-        raise ConfigError(f"{JOB_SECTION}.omit_class: class {job.omit_class} is outside "
-                          f"0..{n - 1}; use a class number of {info.name}")
-    if "two_class" in job.experiments and max(job.two_classes) >= n:
-        raise ConfigError(f"{JOB_SECTION}.two_classes: {job.two_classes} has a class outside "
-                          f"0..{n - 1}; use class numbers of {info.name}")
-    if job.shift_high < job.shift_low:
-        raise ConfigError(f"{JOB_SECTION}.shift_high: {job.shift_high} is below shift_low "
-                          f"{job.shift_low}; give low <= high")
-
-
-def preflight_plan(plan: HintonPlan) -> None:
-    from raykd.preflight import preflight
-
-    preflight(plan.teacher, roles=("teacher",))
-    preflight(plan.baseline)
-    preflight(plan.distill)
-    if "omitted" in plan.job.experiments:
-        preflight(plan.omitted())
-    if "two_class" in plan.job.experiments:
-        preflight(plan.two_class())
-
+from raykd.config import RaykdConfig, dump_yaml
+from raykd.schemes.hinton_config import (EXPERIMENTS, JOB_SECTION, MAIN_CONFIG,  # noqa: F401
+                                         HintonJob, HintonPlan, default_config_path, load_plan,
+                                         preflight_plan)
+from raykd.schemes.hinton_report import (BENCHMARK_KEYS, PAPER, benchmark_record,  # noqa: F401
+                                         gap_closed, markdown_table, table_of)
 
 # ---------------------------------------------------------------------------------- teacher
 
@@ -348,83 +160,6 @@ def shift_experiment(cfg: RaykdConfig, student: dict[str, Any], classes: list[in
     return out
 
 
-def gap_closed(teacher: int, baseline: int, distilled: int) -> float | None:
-    """(baseline − distilled) / (baseline − teacher); None when the teacher is not better."""
-    if baseline <= teacher:
-        return None
-    return (baseline - distilled) / (baseline - teacher)
-
-
-def benchmark_record(summary: dict[str, Any]) -> dict[str, Any]:
-    """The flat record ``benchmarks/hinton_mnist.py`` writes (None for experiments not run)."""
-    rec: dict[str, Any] = dict.fromkeys(BENCHMARK_KEYS)
-    table = summary.get("table") or {}
-    for key in ("teacher_errors", "baseline_errors", "distilled_errors", "gap_closed"):
-        rec[key] = table.get(key)
-    if table.get("teacher_errors") is None and "teacher" in summary:
-        rec["teacher_errors"] = summary["teacher"].get("errors")
-    om = summary.get("omitted")
-    if om:
-        c = str(om["classes"][0])
-        rec.update(omitted_errors_before=om["errors_before"], omitted_errors_after=om["errors_after"],
-                   omitted_class_errors_before=om["class_errors_before"][c],
-                   omitted_class_errors_after=om["class_errors_after"][c])
-    tc = summary.get("two_class")
-    if tc:
-        rec.update(two_class_error_before=tc["error_before"], two_class_error_after=tc["error_after"])
-    return rec
-
-
-# ---------------------------------------------------------------------------------- the table
-
-def _pct(x: float | None) -> str:
-    return "–" if x is None else f"{100 * x:.1f}%"
-
-
-def _n(x: Any) -> str:
-    return "–" if x is None else str(x)
-
-
-def markdown_table(summary: dict[str, Any]) -> str:
-    """The comparison with the paper's numbers, as a markdown table."""
-    p, rec = PAPER, benchmark_record(summary)
-    rows = [("Teacher 784-1200-1200-10, dropout + ±2 px jitter: test errors",
-             p["teacher_errors"], _n(rec["teacher_errors"])),
-            ("Baseline 784-800-800-10, hard labels: test errors", p["baseline_errors"],
-             _n(rec["baseline_errors"])),
-            (f"Distilled 784-800-800-10, T={_temperature(summary)}: test errors",
-             p["distilled_errors"], _n(rec["distilled_errors"])),
-            ("Teacher–baseline gap closed by distillation", _pct(p["gap_closed"]),
-             _pct(rec["gap_closed"]))]
-    om = summary.get("omitted")
-    if om:
-        c = str(om["classes"][0])
-        size, delta = om["class_sizes"][c], om["shift"]["delta"]
-        rows += [(f"No {c}s in the transfer set: test errors, before → after bias shift",
-                  f"{p['omitted_errors_before']} → {p['omitted_errors_after']}",
-                  f"{om['errors_before']} → {om['errors_after']}"),
-                 (f"… of them on the {c}s (paper: 1010 test 3s; here {size})",
-                  f"{p['omitted_class_errors_before']} → {p['omitted_class_errors_after']}",
-                  f"{om['class_errors_before'][c]} → {om['class_errors_after'][c]}"),
-                 (f"… bias shift of class {c} (paper: chosen on test; raykd: on validation)",
-                  f"+{p['omitted_shift']}", f"{delta:+.1f}")]
-    tc = summary.get("two_class")
-    if tc:
-        names = " and ".join(f"{c}s" for c in tc["classes"])
-        rows += [(f"Only {names} in the transfer set: test error, before → after bias shift",
-                  f"{_pct(p['two_class_error_before'])} → {_pct(p['two_class_error_after'])}",
-                  f"{_pct(tc['error_before'])} → {_pct(tc['error_after'])}"),
-                 ("… common bias shift of those classes (paper: on test; raykd: on validation)",
-                  f"{p['two_class_shift']}", f"{tc['shift']['delta']:+.1f}")]
-    lines = ["| | Hinton et al. 2015 | raykd |", "|---|---:|---:|"]
-    lines += [f"| {a} | {b} | {c} |" for a, b, c in rows]
-    return "\n".join(lines) + "\n"
-
-
-def _temperature(summary: dict[str, Any]) -> Any:
-    return summary.get("settings", {}).get("temperature", 20)
-
-
 # ---------------------------------------------------------------------------------- the job
 
 def run_hinton(plan: HintonPlan) -> dict[str, Any]:
@@ -451,19 +186,24 @@ def run_hinton(plan: HintonPlan) -> dict[str, Any]:
                        accuracy=1 - counts["errors"] / max(counts["total"], 1),
                        params=teacher.get("params") or count_checkpoint_params(source, uri))
         summary["teacher"] = teacher
-        # 2. the baseline: the same student on hard labels, no teacher
-        if "table" in job.experiments:
-            summary["baseline"] = _student_part(
-                run_student(plan.baseline, "baseline", uri, parent, name="baseline"),
-                plan.baseline, uri)
+        # 2. the baselines: the same student on hard labels, no teacher (one per seed)
+        runs = plan.seed_runs() if "table" in job.experiments else []
+
+        def run_name(name: str, seed: int) -> str:
+            return name if len(runs) == 1 else f"{name}-seed{seed}"
+
+        baselines = {seed: _student_part(run_student(base, "baseline", uri, parent,
+                                                     name=run_name("baseline", seed)), base, uri)
+                     for seed, base, _ in runs}
         # 3. one teacher actor + one soft-label cache for every distillation
         service = serve_teacher(cfg, [source], uri)
         students: dict[str, dict[str, Any]] = {}
+        distilled: dict[int, dict[str, Any]] = {}
         try:
             teacher["cache"] = service.cache
-            if "table" in job.experiments:
-                students["distilled"] = run_student(cfg, "student", uri, parent,
-                                                     service.handoff, name="distilled")
+            for seed, _, dist in runs:
+                distilled[seed] = run_student(dist, "student", uri, parent, service.handoff,
+                                              name=run_name("distilled", seed))
             if "omitted" in job.experiments:
                 students["omitted"] = run_student(plan.omitted(), "student", uri, parent,
                                                   service.handoff,
@@ -476,12 +216,19 @@ def run_hinton(plan: HintonPlan) -> dict[str, Any]:
         finally:  # the cache on disk and the driver-owned shards outlive the actor
             stop_teacher(service)
         # 4. evaluation in the driver: error counts, gap, bias shifts on validation data
-        if "distilled" in students:
-            summary["distilled"] = _student_part(students["distilled"], cfg, uri)
-            t, b, d = (teacher["errors"], summary["baseline"]["errors"],
-                       summary["distilled"]["errors"])
-            summary["table"] = {"teacher_errors": t, "baseline_errors": b, "distilled_errors": d,
-                                "gap_closed": gap_closed(t, b, d), "test_size": counts["total"]}
+        if runs:
+            seed_runs = [{"seed": seed, "baseline": baselines[seed],
+                          "distilled": _student_part(distilled[seed], dist, uri)}
+                         for seed, _, dist in runs]
+            summary["seed_runs"] = seed_runs
+            summary["baseline"], summary["distilled"] = (seed_runs[0]["baseline"],
+                                                         seed_runs[0]["distilled"])
+            summary["table"] = table_of(teacher["errors"], seed_runs, counts["total"])
+            for i, r in enumerate(seed_runs):  # per-seed counts as steps of one metric each
+                tracking.log_metrics(uri, parent, {
+                    "baseline_errors_per_seed": r["baseline"]["errors"],
+                    "distilled_errors_per_seed": r["distilled"]["errors"],
+                    "gap_closed_per_seed": summary["table"]["gap_closed_per_seed"][i]}, step=i)
         if "omitted" in students:
             summary["omitted"] = shift_experiment(plan.omitted(), students["omitted"],
                                                   [job.omit_class], plan.grid, uri)
@@ -535,6 +282,7 @@ def _settings(plan: HintonPlan) -> dict[str, Any]:
                           "epochs": d.train.epochs, "lr": d.train.lr,
                           "optimizer": d.train.optimizer, "schedule": d.train.schedule,
                           "batch_size": d.train.batch_size, "num_workers": d.train.num_workers},
+            "table_seeds": [seed for seed, _, _ in plan.seed_runs()],
             "bias_grid": list(plan.grid), "bias_split": "val",
             "data": {"name": d.data.name, "val_fraction": d.data.val_fraction,
                      "split_seed": d.data.split_seed, "limit": d.data.limit}}
