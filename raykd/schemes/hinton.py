@@ -223,12 +223,11 @@ def run_hinton(plan: HintonPlan) -> dict[str, Any]:
             summary["seed_runs"] = seed_runs
             summary["baseline"], summary["distilled"] = (seed_runs[0]["baseline"],
                                                          seed_runs[0]["distilled"])
-            summary["table"] = table_of(teacher["errors"], seed_runs, counts["total"])
-            for i, r in enumerate(seed_runs):  # per-seed counts as steps of one metric each
-                tracking.log_metrics(uri, parent, {
-                    "baseline_errors_per_seed": r["baseline"]["errors"],
-                    "distilled_errors_per_seed": r["distilled"]["errors"],
-                    "gap_closed_per_seed": summary["table"]["gap_closed_per_seed"][i]}, step=i)
+            table = summary["table"] = table_of(teacher["errors"], seed_runs, counts["total"])
+            keys = ("baseline_errors_per_seed", "distilled_errors_per_seed", "gap_closed_per_seed")
+            for i, values in enumerate(zip(*(table[k] for k in keys), strict=True)):
+                # per-seed counts as steps of one metric each
+                tracking.log_metrics(uri, parent, dict(zip(keys, values, strict=True)), step=i)
         if "omitted" in students:
             summary["omitted"] = shift_experiment(plan.omitted(), students["omitted"],
                                                   [job.omit_class], plan.grid, uri)
@@ -282,7 +281,7 @@ def _settings(plan: HintonPlan) -> dict[str, Any]:
                           "epochs": d.train.epochs, "lr": d.train.lr,
                           "optimizer": d.train.optimizer, "schedule": d.train.schedule,
                           "batch_size": d.train.batch_size, "num_workers": d.train.num_workers},
-            "table_seeds": [seed for seed, _, _ in plan.seed_runs()],
+            "table_seeds": plan.table_seeds,
             "bias_grid": list(plan.grid), "bias_split": "val",
             "data": {"name": d.data.name, "val_fraction": d.data.val_fraction,
                      "split_seed": d.data.split_seed, "limit": d.data.limit}}

@@ -81,6 +81,11 @@ class HintonPlan(BaseModel):
         return self.distill.with_overrides({"distill.include_classes": list(self.job.two_classes),
                                             "distill.exclude_classes": []})
 
+    @property
+    def table_seeds(self) -> list[int]:
+        """The seeds the table's students are trained with."""
+        return self.job.seeds if self.job.seeds is not None else [self.distill.train.seed]
+
     def seed_runs(self) -> list[tuple[int, RaykdConfig, RaykdConfig]]:
         """(seed, baseline config, distilled config) for each run of the table."""
         if self.job.seeds is None:

@@ -65,12 +65,14 @@ def benchmark_record(summary: dict[str, Any]) -> dict[str, Any]:
     om = summary.get("omitted")
     if om:
         c = str(om["classes"][0])
-        rec.update(omitted_errors_before=om["errors_before"], omitted_errors_after=om["errors_after"],
+        rec.update(omitted_errors_before=om["errors_before"],
+                   omitted_errors_after=om["errors_after"],
                    omitted_class_errors_before=om["class_errors_before"][c],
                    omitted_class_errors_after=om["class_errors_after"][c])
     tc = summary.get("two_class")
     if tc:
-        rec.update(two_class_error_before=tc["error_before"], two_class_error_after=tc["error_after"])
+        rec.update(two_class_error_before=tc["error_before"],
+                   two_class_error_after=tc["error_after"])
     return rec
 
 
@@ -82,11 +84,11 @@ def _n(x: Any) -> str:
     return "–" if x is None else str(x)
 
 
-def _with_seeds(mean: Any, per_seed: list[Any] | None, fmt=str) -> str:
+def _with_seeds(mean: Any, per_seed: list[Any] | None, fmt=_n) -> str:
     """``148.3 (seeds: 147, 154, 144)`` for several seeds, the plain value for one."""
     if not per_seed or len(per_seed) < 2:
-        return _n(mean) if fmt is str else fmt(mean)
-    return f"{mean if fmt is str else fmt(mean)} (seeds: {', '.join(fmt(v) for v in per_seed)})"
+        return fmt(mean)
+    return f"{fmt(mean)} (seeds: {', '.join(fmt(v) for v in per_seed)})"
 
 
 def markdown_table(summary: dict[str, Any]) -> str:
