@@ -150,6 +150,11 @@ def test_job_writes_the_comparison_table(job):
     assert f"{s['omitted']['errors_before']} → {s['omitted']['errors_after']}" in md
     assert f"mean of 2 seeds | 146 | {t['baseline_errors']} (seeds: {base[0]}, {base[1]}) |" in md
     assert s["settings"]["temperature"] == 20.0 and s["settings"]["bias_split"] == "val"
+    # the paper's students: un-augmented inputs, labels from the plain cache
+    assert s["settings"]["distilled"]["jitter"] == s["settings"]["baseline"]["jitter"] == 0
+    assert (s["settings"]["distilled"]["teacher_mode"], s["settings"]["distilled"]["views"]) == (
+        "cached", 1)
+    assert "Distilled 784-800-800-10, T=20.0: test errors" in md
 
 
 def test_teacher_config_is_hintons_teacher(job, mnist_root):
@@ -316,6 +321,9 @@ def test_second_job_reuses_the_teacher(job):
     # another teacher setting is another key: nothing to reuse
     other = plan.teacher.with_overrides({"teacher.jitter": 1})
     assert hinton.find_reusable_teacher(uri, EXPERIMENT, hinton.teacher_key(other)) is None
+    # student-only augmentation does not shape the teacher: same key, the teacher is reused
+    students_jittered = plan.teacher.with_overrides({"train.jitter": 2, "train.flip": True})
+    assert hinton.teacher_key(students_jittered) == key
 
 
 # ---------------------------------------------------------------- configs and bad input
@@ -369,6 +377,18 @@ def test_several_seeds_average_before_the_gap_is_taken():
     md = markdown_table(_summary([150, 144, 147], [100, 110, 96]))
     assert "mean of 3 seeds | 74 | 102.0 (seeds: 100, 110, 96) |" in md
     assert "| 91.1% | 78.9% (seeds: 83.3%, 63.0%, 89.5%) |" in md
+
+
+def test_an_augmented_variant_says_so_in_its_rows():
+    summary = _summary([80], [90])
+    summary["settings"].update(baseline={"jitter": 2, "flip": False},
+                               distilled={"jitter": 2, "flip": False, "teacher_mode": "replay",
+                                          "views": 8})
+    md = markdown_table(summary)
+    assert "| Baseline 784-800-800-10, hard labels, ±2 px jitter: test errors | 146 | 80 |" in md
+    assert ("| Distilled 784-800-800-10, T=20.0, ±2 px jitter, teacher replayed on 8 views: "
+            "test errors | 74 | 90 |") in md
+    assert "| 91.1% | – |" in md  # the baseline beat the teacher: no gap to close
 
 
 @pytest.mark.parametrize("argv, needle", [

@@ -50,8 +50,11 @@ def teacher_key(cfg: RaykdConfig) -> str:
 
     d = cfg.to_dict()
     teacher = {k: d["teacher"][k] for k in ("name", "args", "epochs", "lr", "jitter")}
+    # train.jitter/train.flip augment the students only (the teacher's is teacher.jitter), so a
+    # student-augmentation variant reuses the same teacher
     train = {k: v for k, v in d["train"].items()
-             if k not in ("use_gpu", "cpus_per_worker", "max_failures", "checkpoint_every")}
+             if k not in ("use_gpu", "cpus_per_worker", "max_failures", "checkpoint_every",
+                          "jitter", "flip")}
     payload = {"teacher": teacher, "train": train, "data": dataset_info(cfg.data).identity}
     return hashlib.sha256(json.dumps(payload, sort_keys=True).encode()).hexdigest()[:20]
 
@@ -273,18 +276,21 @@ def _settings(plan: HintonPlan) -> dict[str, Any]:
                         "lr": t.teacher.lr or t.train.lr, "jitter": t.teacher.jitter,
                         "optimizer": t.train.optimizer, "schedule": t.train.schedule,
                         "batch_size": t.train.batch_size, "num_workers": t.train.num_workers},
-            "baseline": {"model": s.student.model_dump(include={"name", "args"}),
-                         "epochs": s.train.epochs, "lr": s.train.lr,
-                         "optimizer": s.train.optimizer, "schedule": s.train.schedule,
-                         "batch_size": s.train.batch_size, "num_workers": s.train.num_workers},
-            "distilled": {"model": d.student.model_dump(include={"name", "args"}),
-                          "epochs": d.train.epochs, "lr": d.train.lr,
-                          "optimizer": d.train.optimizer, "schedule": d.train.schedule,
-                          "batch_size": d.train.batch_size, "num_workers": d.train.num_workers},
+            "baseline": _student_settings(s),
+            "distilled": {**_student_settings(d), "teacher_mode": d.teacher.mode,
+                          "views": d.teacher.views if d.teacher.mode == "replay" else 1},
             "table_seeds": plan.table_seeds,
             "bias_grid": list(plan.grid), "bias_split": "val",
             "data": {"name": d.data.name, "val_fraction": d.data.val_fraction,
                      "split_seed": d.data.split_seed, "limit": d.data.limit}}
+
+
+def _student_settings(cfg: RaykdConfig) -> dict[str, Any]:
+    return {"model": cfg.student.model_dump(include={"name", "args"}),
+            "epochs": cfg.train.epochs, "lr": cfg.train.lr, "optimizer": cfg.train.optimizer,
+            "schedule": cfg.train.schedule, "batch_size": cfg.train.batch_size,
+            "num_workers": cfg.train.num_workers, "jitter": cfg.train.jitter,
+            "flip": cfg.train.flip}
 
 
 def _log_role_configs(uri: str, run_id: str, plan: HintonPlan) -> None:

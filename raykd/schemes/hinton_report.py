@@ -98,10 +98,11 @@ def markdown_table(summary: dict[str, Any]) -> str:
     several = f", mean of {len(seeds)} seeds" if len(seeds) > 1 else ""
     rows = [("Teacher 784-1200-1200-10, dropout + ±2 px jitter: test errors",
              p["teacher_errors"], _n(rec["teacher_errors"])),
-            (f"Baseline 784-800-800-10, hard labels: test errors{several}", p["baseline_errors"],
+            (f"Baseline 784-800-800-10, hard labels{_augmented(summary, 'baseline')}: test "
+             f"errors{several}", p["baseline_errors"],
              _with_seeds(rec["baseline_errors"], rec["baseline_errors_per_seed"])),
-            (f"Distilled 784-800-800-10, T={_temperature(summary)}: test errors{several}",
-             p["distilled_errors"],
+            (f"Distilled 784-800-800-10, T={_temperature(summary)}"
+             f"{_augmented(summary, 'distilled')}: test errors{several}", p["distilled_errors"],
              _with_seeds(rec["distilled_errors"], rec["distilled_errors_per_seed"])),
             ("Teacher–baseline gap closed by distillation", _pct(p["gap_closed"]),
              _with_seeds(rec["gap_closed"], rec["gap_closed_per_seed"], _pct))]
@@ -132,3 +133,18 @@ def markdown_table(summary: dict[str, Any]) -> str:
 
 def _temperature(summary: dict[str, Any]) -> Any:
     return summary.get("settings", {}).get("temperature", 20)
+
+
+def _augmented(summary: dict[str, Any], role: str) -> str:
+    """How a student's inputs departed from the paper's un-augmented transfer set, for its row
+    label: a table from a variant (``--set train.jitter=2 --set teacher.mode=replay``) must not
+    read as the paper's recipe."""
+    s = summary.get("settings", {}).get(role, {})
+    parts = [f"±{s['jitter']} px jitter"] if s.get("jitter") else []
+    parts += ["flips"] if s.get("flip") else []
+    if s.get("teacher_mode") == "replay":
+        parts.append(f"teacher replayed on {s.get('views')} views")
+    elif s.get("teacher_mode") == "online" and parts:
+        parts.append("teacher online on the same views")
+    return f", {', '.join(parts)}" if parts else ""
+
