@@ -269,6 +269,8 @@ def _log_child_config(uri: str, run_id: str, cfg: RaykdConfig) -> None:
 
 
 def _settings(plan: HintonPlan) -> dict[str, Any]:
+    from raykd.teacher.actor import teacher_views
+
     t, s, d = plan.teacher, plan.baseline, plan.distill
     return {"temperature": d.distill.temperature, "alpha": d.distill.alpha,
             "teacher": {"model": t.teacher.model_dump(include={"name", "args"}),
@@ -278,7 +280,7 @@ def _settings(plan: HintonPlan) -> dict[str, Any]:
                         "batch_size": t.train.batch_size, "num_workers": t.train.num_workers},
             "baseline": _student_settings(s),
             "distilled": {**_student_settings(d), "teacher_mode": d.teacher.mode,
-                          "views": d.teacher.views if d.teacher.mode == "replay" else 1},
+                          "views": teacher_views(d)},
             "table_seeds": plan.table_seeds,
             "bias_grid": list(plan.grid), "bias_split": "val",
             "data": {"name": d.data.name, "val_fraction": d.data.val_fraction,

@@ -147,4 +147,3 @@ def _augmented(summary: dict[str, Any], role: str) -> str:
     elif s.get("teacher_mode") == "online" and parts:
         parts.append("teacher online on the same views")
     return f", {', '.join(parts)}" if parts else ""
-
