@@ -324,6 +324,15 @@ def test_second_job_reuses_the_teacher(job):
     # student-only augmentation does not shape the teacher: same key, the teacher is reused
     students_jittered = plan.teacher.with_overrides({"train.jitter": 2, "train.flip": True})
     assert hinton.teacher_key(students_jittered) == key
+    # neither does the students' budget once the teacher has its own; without it, it does
+    own = plan.teacher.with_overrides({"teacher.epochs": 3, "teacher.lr": 0.01})
+    longer = own.with_overrides({"train.epochs": 99, "train.lr": 0.5})
+    assert hinton.teacher_key(longer) == hinton.teacher_key(own)
+    inherited = plan.teacher.with_overrides({"teacher.epochs": None, "train.epochs": 3,
+                                             "teacher.lr": 0.01})
+    assert hinton.teacher_key(inherited) == hinton.teacher_key(own)
+    assert hinton.teacher_key(inherited.with_overrides({"train.epochs": 4})) != \
+        hinton.teacher_key(own)
 
 
 # ---------------------------------------------------------------- configs and bad input

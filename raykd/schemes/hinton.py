@@ -49,12 +49,16 @@ def teacher_key(cfg: RaykdConfig) -> str:
     from raykd.data import dataset_info
 
     d = cfg.to_dict()
-    teacher = {k: d["teacher"][k] for k in ("name", "args", "epochs", "lr", "jitter")}
-    # train.jitter/train.flip augment the students only (the teacher's is teacher.jitter), so a
-    # student-augmentation variant reuses the same teacher
+    teacher = {k: d["teacher"][k] for k in ("name", "args", "jitter")}
+    # the teacher's fit falls back to train.epochs/train.lr only where teacher.epochs/teacher.lr
+    # are unset (RolePlan.of); keying the effective values lets a student-budget variant
+    # (--set train.epochs=100) reuse the teacher
+    teacher["epochs"] = cfg.teacher.epochs or cfg.train.epochs
+    teacher["lr"] = cfg.teacher.lr or cfg.train.lr
+    # train.jitter/train.flip augment the students only (the teacher's is teacher.jitter)
     train = {k: v for k, v in d["train"].items()
              if k not in ("use_gpu", "cpus_per_worker", "max_failures", "checkpoint_every",
-                          "jitter", "flip")}
+                          "jitter", "flip", "epochs", "lr")}
     payload = {"teacher": teacher, "train": train, "data": dataset_info(cfg.data).identity}
     return hashlib.sha256(json.dumps(payload, sort_keys=True).encode()).hexdigest()[:20]
 
