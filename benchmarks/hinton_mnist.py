@@ -55,7 +55,43 @@ def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
                    help="passed on to the job (default budget when none)")
     p.add_argument("--workdir", default=None,
                    help="working folder for MLflow, caches and Ray Train (default: a new temp dir)")
+    p.add_argument("--from-summary", default=None, metavar="PATH",
+                   help="write the record from a finished job's summary.json instead of running "
+                        "(wall_seconds is then null; job_seconds comes from the summary)")
     return p.parse_args(argv)
+
+
+def flat_record(summary: dict, wall: float | None, overrides: list[str],
+                     data_root: str) -> dict:
+    """The flat record of one finished job's summary. Experiments left out by
+    ``hinton.experiments`` give None for their fields instead of failing after the run."""
+    from raykd.schemes.hinton_report import BENCHMARK_KEYS, SEED_KEYS
+
+    record = {k: summary["benchmark"][k] for k in BENCHMARK_KEYS + SEED_KEYS}
+    omitted, two = summary.get("omitted") or {}, summary.get("two_class") or {}
+    shift_split = (omitted or two).get("shift", {}).get("split")
+    record.update(
+        wall_seconds=None if wall is None else round(wall, 1), job_seconds=summary["seconds"],
+        experiments=summary.get("experiments"),
+        omitted_class=omitted["classes"][0] if omitted else None,
+        omitted_shift=omitted["shift"]["delta"] if omitted else None,
+        omitted_transfer_size=omitted.get("transfer_size"),
+        two_classes=two.get("classes"),
+        two_class_shift=two["shift"]["delta"] if two else None,
+        two_class_transfer_size=two.get("transfer_size"),
+        two_class_errors_before=two.get("errors_before"),
+        two_class_errors_after=two.get("errors_after"),
+        shift_split=shift_split,
+        test_size=(summary.get("table") or {}).get("test_size"),
+        train_seconds={f"{role}-seed{r['seed']}": r[role].get("train_seconds")
+                       for r in summary.get("seed_runs") or []
+                       for role in ("baseline", "distilled")},
+        teacher_val_accuracy=summary["teacher"].get("val_accuracy"),
+        settings=summary["settings"], overrides=overrides, paper=summary["paper"],
+        data_root=data_root, machine={"platform": platform.platform(),
+                                      "cpus": os.cpu_count(), "python": platform.python_version()},
+        mlflow=summary["mlflow"], markdown=summary["markdown"])
+    return record
 
 
 def main(argv: list[str] | None = None) -> int:
@@ -63,43 +99,33 @@ def main(argv: list[str] | None = None) -> int:
     data_root = str(Path(args.data_root).expanduser().resolve())
     out = Path(args.json).expanduser().resolve()
     markdown = Path(args.markdown).expanduser().resolve() if args.markdown else None
-    workdir = Path(args.workdir or tempfile.mkdtemp(prefix="raykd-hinton-bench-")).resolve()
-    workdir.mkdir(parents=True, exist_ok=True)
-    os.chdir(workdir)
+    if args.from_summary:  # rebuild the record of a finished job; nothing is run
+        source = Path(args.from_summary).expanduser().resolve()
+        if not source.is_file():
+            print(f"benchmark: --from-summary {source}: no such file; give the job's "
+                  f"summary.json (in its --workdir)", file=sys.stderr)
+            return 2
+        summary, wall = json.loads(source.read_text()), None
+    else:
+        workdir = Path(args.workdir or tempfile.mkdtemp(prefix="raykd-hinton-bench-")).resolve()
+        workdir.mkdir(parents=True, exist_ok=True)
+        os.chdir(workdir)
+        from raykd.cli import main as raykd_main
 
-    from raykd.cli import main as raykd_main
+        summary_path = workdir / "summary.json"
+        started = time.perf_counter()
+        rc = raykd_main(["hinton-mnist", "--config", str(Path(args.config).resolve()),
+                         "--data-root", data_root,
+                         *sum((["--set", o] for o in args.overrides), []),
+                         "--summary", str(summary_path)])
+        wall = time.perf_counter() - started
+        if rc != 0:
+            print(f"benchmark: the job failed (exit {rc}); nothing written", file=sys.stderr)
+            return rc
+        summary = json.loads(summary_path.read_text())
     from raykd.schemes.hinton_report import BENCHMARK_KEYS, SEED_KEYS
 
-    summary_path = workdir / "summary.json"
-    started = time.perf_counter()
-    rc = raykd_main(["hinton-mnist", "--config", str(Path(args.config).resolve()),
-                     "--data-root", data_root, *sum((["--set", o] for o in args.overrides), []),
-                     "--summary", str(summary_path)])
-    wall = time.perf_counter() - started
-    if rc != 0:
-        print(f"benchmark: the job failed (exit {rc}); nothing written", file=sys.stderr)
-        return rc
-    summary = json.loads(summary_path.read_text())
-    record = {k: summary["benchmark"][k] for k in BENCHMARK_KEYS + SEED_KEYS}
-    record.update(
-        wall_seconds=round(wall, 1), job_seconds=summary["seconds"],
-        omitted_class=summary["omitted"]["classes"][0],
-        omitted_shift=summary["omitted"]["shift"]["delta"],
-        omitted_transfer_size=summary["omitted"]["transfer_size"],
-        two_classes=summary["two_class"]["classes"],
-        two_class_shift=summary["two_class"]["shift"]["delta"],
-        two_class_transfer_size=summary["two_class"]["transfer_size"],
-        two_class_errors_before=summary["two_class"]["errors_before"],
-        two_class_errors_after=summary["two_class"]["errors_after"],
-        shift_split=summary["omitted"]["shift"]["split"],
-        test_size=summary["table"]["test_size"],
-        train_seconds={f"{role}-seed{r['seed']}": r[role].get("train_seconds")
-                       for r in summary["seed_runs"] for role in ("baseline", "distilled")},
-        teacher_val_accuracy=summary["teacher"].get("val_accuracy"),
-        settings=summary["settings"], overrides=args.overrides, paper=summary["paper"],
-        data_root=data_root, machine={"platform": platform.platform(),
-                                      "cpus": os.cpu_count(), "python": platform.python_version()},
-        mlflow=summary["mlflow"], markdown=summary["markdown"])
+    record = flat_record(summary, wall, args.overrides, data_root)
     out.parent.mkdir(parents=True, exist_ok=True)
     out.write_text(json.dumps(record, indent=2) + "\n")
     if markdown:
@@ -107,7 +133,8 @@ def main(argv: list[str] | None = None) -> int:
         markdown.write_text(summary["markdown"])
     print(json.dumps({k: record[k] for k in (*BENCHMARK_KEYS, *SEED_KEYS, "wall_seconds")},
                      indent=2))
-    print(f"benchmark: wrote {out} ({wall / 60:.1f} min)")
+    took = "" if wall is None else f" ({wall / 60:.1f} min)"
+    print(f"benchmark: wrote {out}{took}")
     return 0
 
 

@@ -157,6 +157,32 @@ def test_job_writes_the_comparison_table(job):
     assert "Distilled 784-800-800-10, T=20.0: test errors" in md
 
 
+def test_benchmark_record_of_full_and_partial_jobs(job):
+    """benchmarks/hinton_mnist.py's flat record: every field of a full job, and None (not a
+    KeyError after the run) for experiments a `hinton.experiments` subset left out."""
+    import copy
+    import importlib.util
+
+    from raykd.schemes.hinton_report import BENCHMARK_KEYS, benchmark_record
+
+    spec = importlib.util.spec_from_file_location("bench", REPO / "benchmarks" / "hinton_mnist.py")
+    bench = importlib.util.module_from_spec(spec)
+    spec.loader.exec_module(bench)
+    full = bench.flat_record(job["summary"], 12.3, [], "/data")
+    assert all(full[k] is not None for k in BENCHMARK_KEYS if k != "gap_closed")  # tiny nets
+    assert full["omitted_class"] == 3 and full["two_classes"] == [7, 8]
+    assert full["shift_split"] == "val" and full["wall_seconds"] == 12.3
+    table_only = copy.deepcopy(job["summary"])
+    del table_only["omitted"], table_only["two_class"]
+    table_only["experiments"] = ["table"]
+    table_only["benchmark"] = benchmark_record(table_only)
+    rec = bench.flat_record(table_only, None, ["hinton.experiments=[table]"], "/data")
+    assert rec["distilled_errors"] == full["distilled_errors"]
+    assert rec["omitted_errors_before"] is None and rec["omitted_class"] is None
+    assert rec["two_classes"] is None and rec["shift_split"] is None
+    assert rec["wall_seconds"] is None and rec["experiments"] == ["table"]
+
+
 def test_teacher_config_is_hintons_teacher(job, mnist_root):
     s = job["summary"]["settings"]["teacher"]
     assert s["jitter"] == 2
