@@ -62,7 +62,7 @@ def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
 
 
 def flat_record(summary: dict, wall: float | None, overrides: list[str],
-                     data_root: str) -> dict:
+                data_root: str) -> dict:
     """The flat record of one finished job's summary. Experiments left out by
     ``hinton.experiments`` give None for their fields instead of failing after the run."""
     from raykd.schemes.hinton_report import BENCHMARK_KEYS, SEED_KEYS

@@ -47,14 +47,14 @@ def teacher_key(cfg: RaykdConfig) -> str:
     """What the trained teacher's weights depend on: its model and training settings, the
     training settings that shape its optimisation, and the dataset's content identity."""
     from raykd.data import dataset_info
+    from raykd.train.loop import RolePlan
 
     d = cfg.to_dict()
+    # the epochs and lr the teacher's fit really uses (train.* only where teacher.* are unset),
+    # so a student-budget variant (--set train.epochs=100) reuses the teacher
+    fit = RolePlan.of(cfg, "teacher")
     teacher = {k: d["teacher"][k] for k in ("name", "args", "jitter")}
-    # the teacher's fit falls back to train.epochs/train.lr only where teacher.epochs/teacher.lr
-    # are unset (RolePlan.of); keying the effective values lets a student-budget variant
-    # (--set train.epochs=100) reuse the teacher
-    teacher["epochs"] = cfg.teacher.epochs or cfg.train.epochs
-    teacher["lr"] = cfg.teacher.lr or cfg.train.lr
+    teacher.update(epochs=fit.epochs, lr=fit.lr)
     # train.jitter/train.flip augment the students only (the teacher's is teacher.jitter)
     train = {k: v for k, v in d["train"].items()
              if k not in ("use_gpu", "cpus_per_worker", "max_failures", "checkpoint_every",
