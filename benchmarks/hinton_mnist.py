@@ -6,7 +6,8 @@ folder — its own MLflow sqlite file, teacher cache and Ray Train storage, so t
 not reused — and writes one flat JSON record::
 
     teacher_errors, baseline_errors, distilled_errors    test errors (of the 10,000 test images)
-    gap_closed                                           (baseline − distilled) / (baseline − teacher)
+    gap_closed                                           (baseline − distilled)
+                                                         / (baseline − teacher)
     omitted_errors_before / _after                       test errors, no 3s in the transfer set,
     omitted_class_errors_before / _after                 ... and those on the test 3s,
                                                          before / after the class-3 bias shift

@@ -2,9 +2,9 @@
 
     ray job submit --address http://HEAD:8265 --working-dir . -- python jobs/train_teacher.py [ARGS]
 
-ARGS are those of `raykd train-teacher` (--config, --set KEY=VALUE, --summary PATH, ...). Inside a job
-RAY_ADDRESS is set, so raykd joins the cluster instead of starting a local one. On a multi-node
-cluster give an MLflow server: --set tracking.uri=http://MLFLOW:5000.
+ARGS are those of `raykd train-teacher` (--config, --set KEY=VALUE, --summary PATH, ...).
+Inside a job RAY_ADDRESS is set, so raykd joins the cluster instead of starting a local one.
+On a multi-node cluster give an MLflow server: --set tracking.uri=http://MLFLOW:5000.
 """
 
 import sys

@@ -72,7 +72,8 @@ def print_table(summary: dict[str, Any]) -> None:
     for name, part in rows:
         print(f"  {name:<10} {part['accuracy'] * 100:8.2f}%  {part.get('params', 0):>8,}")
     if "mlflow" in summary:
-        print(f"\n  MLflow run {summary['mlflow']['run_id']} at {summary['mlflow']['tracking_uri']}")
+        run = summary["mlflow"]
+        print(f"\n  MLflow run {run['run_id']} at {run['tracking_uri']}")
 
 
 def _load(args) -> RaykdConfig:

@@ -268,7 +268,8 @@ def parse_overrides(items: list[str]) -> dict[str, Any]:
     for item in items:
         key, sep, value = item.partition("=")
         if not sep or not key.strip():
-            raise ConfigError(f"--set {item}: expected section.key=value, e.g. --set train.epochs=5")
+            raise ConfigError(f"--set {item}: expected section.key=value, "
+                              "e.g. --set train.epochs=5")
         out[key.strip()] = _parse_value(value)
     return out
 
@@ -281,7 +282,8 @@ def read_yaml(path: str | Path | None) -> dict[str, Any]:
         p = Path(path).expanduser()
         if not p.is_file():
             raise ConfigError(f"--config: file {str(path)!r} does not exist; give a YAML config "
-                              f"path (examples in configs/) or omit --config for the digits default")
+                              "path (examples in configs/) or omit --config for the digits "
+                              "default")
         text, source = p.read_text(), str(p)
     try:
         raw = yaml.safe_load(text)
@@ -292,7 +294,8 @@ def read_yaml(path: str | Path | None) -> dict[str, Any]:
     if raw is None:
         return {}
     if not isinstance(raw, dict):
-        raise ConfigError(f"--config: {source} must hold a mapping of sections (data, teacher, ...)")
+        raise ConfigError(f"--config: {source} must hold a mapping of sections "
+                          "(data, teacher, ...)")
     return raw
 
 

@@ -202,7 +202,8 @@ def markdown(experiment: str, uri: str, rows: list[dict[str, Any]],
 
     lines = [f"# raykd report — experiment `{experiment}`", "",
              f"Tracking URI `{uri}`. Latency: one sample per forward pass, 1 CPU thread, median "
-             f"of 5 timings, measured on `{platform.node()}` ({platform.processor() or platform.machine()}).",
+             f"of 5 timings, measured on `{platform.node()}` "
+             f"({platform.processor() or platform.machine()}).",
              "",
              "| model | accuracy (test) | params | size on disk | latency / sample | seed | run |",
              "|---|---:|---:|---:|---:|---:|---|"]
@@ -214,7 +215,8 @@ def markdown(experiment: str, uri: str, rows: list[dict[str, Any]],
     multi = [g for g in groups if g["n"] > 1]
     if multi:
         lines += ["", "## Over seeds", "",
-                  "| model | runs | mean accuracy | std | min | max |", "|---|---:|---:|---:|---:|---:|"]
+                  "| model | runs | mean accuracy | std | min | max |",
+                  "|---|---:|---:|---:|---:|---:|"]
         for g in multi:
             lines.append(f"| {g['label']} | {g['n']} | {g['mean'] * 100:.2f}% | "
                          f"{g['std'] * 100:.2f} | {g['min'] * 100:.2f}% | {g['max'] * 100:.2f}% |")

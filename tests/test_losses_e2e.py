@@ -20,7 +20,8 @@ def test_feature_and_relation_terms_train_together(digits_teacher, workdir, mlfl
 
     rc = main(["distill", "--set", f"teacher.checkpoint={digits_teacher}",
                "--set", "teacher.mode=online", "--set", "train.epochs=2",
-               "--set", "student.args.hidden_sizes=[512]", "--set", "student.init_from_teacher=true",
+               "--set", "student.args.hidden_sizes=[512]",
+               "--set", "student.init_from_teacher=true",
                "--set", f"distill.losses={LOSSES}", "--set", f"tracking.uri={mlflow_uri}",
                "--summary", str(workdir / "s.json")])
     assert rc == 0

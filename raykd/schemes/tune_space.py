@@ -94,8 +94,9 @@ def parse_dim(key: str, spec: Any) -> Dim:
         raise ConfigError(f"tune.space.{key}: unknown distribution {kind!r}; allowed: "
                           f"{', '.join(DISTRIBUTIONS)}")
     if not isinstance(args, list) or not args:
+        example = "[2, 4, 8]" if kind in ("grid", "choice") else "[0.1, 0.9]"
         raise ConfigError(f"tune.space.{key}: {kind} needs a non-empty list, e.g. "
-                          f"{{{kind}: {'[2, 4, 8]' if kind in ('grid', 'choice') else '[0.1, 0.9]'}}}")
+                          f"{{{kind}: {example}}}")
     if kind in ("grid", "choice"):
         return Dim(key, kind, tuple(args))
     want = 3 if kind == "quniform" else 2

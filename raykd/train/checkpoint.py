@@ -18,7 +18,8 @@ WEIGHTS = "model.safetensors"
 
 
 def save_checkpoint(model: nn.Module, spec: dict, info, path: str | Path) -> Path:
-    """Write ``model``'s state dict to ``path`` (a file, or a folder that gets model.safetensors)."""
+    """Write ``model``'s state dict to ``path`` (a file, or a folder that gets
+    model.safetensors)."""
     path = Path(path)
     if path.suffix != ".safetensors":
         path.mkdir(parents=True, exist_ok=True)
