@@ -350,6 +350,10 @@ def test_killing_the_actor_mid_training_finishes_without_recomputing(ray_session
         if logged:
             break
         time.sleep(0.1)
+    # A precondition of the scenario, not a timing goal: the loop above leaves at the first
+    # logged epoch (polled every 0.1 s; each epoch takes seconds), so the kill lands mid-fit.
+    # If a fit ever finished before the poll saw it, this fails instead of silently testing a
+    # kill after training, which would not exercise the restart at all.
     assert 1 <= len(logged) < epochs, "the fit must still be running when the actor is killed"
     ray.kill(service.actor, no_restart=False)
     thread.join(timeout=600)

@@ -269,6 +269,10 @@ def test_resume_after_killed_driver_skips_finished_trials(searched, ray_session,
                                                  client.get_metric_history(r.info.run_id,
                                                                            "val_accuracy")])
               for r in trial_runs(client, "resume") if r.info.status == "FINISHED"}
+    # A precondition of the scenario: trials run one at a time (max_concurrent_trials=1), each a
+    # full 2-worker fit, and the driver is killed at the first FINISHED trial, so 1 or 2 of the
+    # 3 are done. Were all 3 done, --resume below would have nothing to skip and the test would
+    # not test resuming; it fails here instead.
     assert 1 <= len(before) < 3  # interrupted mid-search
 
     rc = main(["tune", "--config", str(cfg), "--resume", "--summary", str(workdir / "s.json")])
