@@ -25,6 +25,8 @@ def _config_args(p: argparse.ArgumentParser) -> None:
     p.add_argument("--set", dest="overrides", action="append", default=[], metavar="KEY=VALUE",
                    help="override a config value, e.g. --set distill.temperature=8 (repeatable)")
     p.add_argument("--summary", metavar="PATH", help="write the summary JSON here")
+    p.add_argument("--verbose", action="store_true",
+                   help="print Ray's and MLflow's INFO lines and a progress line every epoch")
 
 
 def build_parser() -> ArgumentParser:
@@ -157,6 +159,9 @@ def main(argv: list[str] | None = None) -> int:
 
     try:
         args = build_parser().parse_args(argv)
+        from raykd import console
+
+        console.set_verbose(getattr(args, "verbose", False))
         summary = COMMANDS[args.verb](args)
     except ConfigError as err:
         print(f"raykd: error: {err}", file=sys.stderr)

@@ -166,7 +166,13 @@ class TrainConfig(Section):
     jitter: int = Field(0, ge=0)  # ±pixels random translation of student inputs
     flip: bool = False  # random horizontal flips of student inputs (replay mode caches them)
     max_failures: int = Field(0, ge=0)  # Ray Train restarts a failed run from its last checkpoint
-    checkpoint_every: int = Field(1, ge=1)  # epochs between checkpoints
+    # Checkpoints to Ray Train (for restarts): the last epoch always, plus every N epochs
+    # (0: none) and whenever this many seconds have passed since the last one (null: never).
+    checkpoint_every: int = Field(0, ge=0)
+    checkpoint_seconds: float | None = Field(60.0, gt=0.0)
+    # Which weights a fit returns (and is evaluated, logged and distilled from): the epoch best
+    # on validation (accuracy, ties to the lower loss) or the last one.
+    keep_checkpoint: Literal["best", "last"] = "best"
 
 
 class TrackingConfig(Section):
@@ -200,6 +206,30 @@ class RaykdConfig(Section):
 
     def to_dict(self) -> dict[str, Any]:
         return self.model_dump(mode="json")
+
+    def applicable(self, tracking_uri: str | None = None) -> dict[str, Any]:
+        """The resolved config without the fields that do nothing in this run (what MLflow
+        logs as params): synthetic-data shape for other datasets, replay views outside replay
+        mode, the teacher's training budget when a checkpoint is given, an absent tune."""
+        raw = self.to_dict()
+        data, teacher = raw["data"], raw["teacher"]
+        if self.data.name != "synthetic":
+            for key in ("num_samples", "channels", "num_classes"):
+                data.pop(key)
+            if self.data.name != "imagefolder":
+                data.pop("image_size")
+        if self.teacher.mode != "replay":
+            teacher.pop("views")
+        if self.teacher.checkpoint or self.teacher.ensemble:
+            for key in ("epochs", "lr", "jitter"):
+                teacher.pop(key)
+        if self.train.checkpoint_seconds is None:
+            raw["train"].pop("checkpoint_seconds")
+        if raw.get("tune") is None:
+            raw.pop("tune", None)
+        if tracking_uri is not None:
+            raw["tracking"]["uri"] = tracking_uri
+        return raw
 
     def with_overrides(self, overrides: dict[str, Any]) -> RaykdConfig:
         """A new validated config with dotted-key overrides applied (used by Tune trials)."""

@@ -6,6 +6,7 @@ Only the driver and rank 0 talk to MLflow. Workers get an absolute URI and a run
 
 from __future__ import annotations
 
+import functools
 import json
 import os
 import tempfile
@@ -35,7 +36,13 @@ def resolve_tracking_uri(uri: str | None, base: Path | None = None) -> str:
     return uri
 
 
+@functools.lru_cache(maxsize=8)
 def client(uri: str):
+    """One ``MlflowClient`` per tracking URI for the process: each new client of a sqlite store
+    opens its own engine and checks the schema again."""
+    from raykd import console
+
+    console.configure()
     from mlflow.tracking import MlflowClient
 
     return MlflowClient(tracking_uri=uri)
@@ -121,6 +128,20 @@ def log_metrics(uri: str, run_id: str, metrics: Mapping[str, float], step: int |
         client(uri).log_batch(run_id, metrics=items)
 
 
+def log_epochs(uri: str, run_id: str, epochs: list[Mapping[str, float]]) -> None:
+    """Several epochs' metrics in one call, each at ``step = epoch``; keys starting with ``_``
+    (timestamps) stay out of MLflow."""
+    import time
+
+    from mlflow.entities import Metric
+
+    now = int(time.time() * 1000)
+    items = [Metric(k, float(v), now, int(m["epoch"])) for m in epochs for k, v in m.items()
+             if not k.startswith("_") and isinstance(v, int | float)]
+    for i in range(0, len(items), 1000):  # MLflow caps a batch at 1000 metrics
+        client(uri).log_batch(run_id, metrics=items[i:i + 1000])
+
+
 def log_dict(uri: str, run_id: str, data: Any, name: str) -> None:
     client(uri).log_dict(run_id, data, name)
 
@@ -150,8 +171,11 @@ def log_torch_model(uri: str, run_id: str, model, example, name: str) -> None:
     mlflow.set_tracking_uri(uri)
     try:
         with mlflow.start_run(run_id=run_id, nested=True):
+            # Pinned requirements instead of MLflow's inference, which reloads the model in a
+            # subprocess (and runs `uv export` in a uv project): seconds per model, every fit.
             mlflow.pytorch.log_model(model, name=name, serialization_format="pt2",
-                                     input_example=example.cpu().numpy())
+                                     input_example=example.cpu().numpy(),
+                                     pip_requirements=_model_requirements())
     except Exception as err:  # export can fail for exotic models: keep the weights regardless
         with tempfile.TemporaryDirectory() as tmp:
             note = Path(tmp) / f"{name}_export_error.txt"
@@ -159,6 +183,12 @@ def log_torch_model(uri: str, run_id: str, model, example, name: str) -> None:
             log_artifact(uri, run_id, note)
     finally:
         mlflow.set_tracking_uri(prev)
+
+
+def _model_requirements() -> list[str]:
+    from importlib.metadata import version
+
+    return [f"{pkg}=={version(pkg)}" for pkg in ("torch", "mlflow", "numpy")]
 
 
 def download(uri: str, artifact_uri: str) -> Path:

@@ -45,7 +45,7 @@ def count_checkpoint_params(source: str, tracking_uri: str) -> int:
 
 
 def log_config(uri: str, run_id: str, cfg: RaykdConfig, config_path: str | None) -> None:
-    tracking.log_params(uri, run_id, cfg.to_dict())
+    tracking.log_params(uri, run_id, cfg.applicable(uri))
     import tempfile
 
     with tempfile.TemporaryDirectory() as tmp:
@@ -67,11 +67,25 @@ def train_teacher(cfg: RaykdConfig, uri: str, parent_run_id: str | None) -> dict
         result = fit(cfg, "teacher", tracking_uri=uri, run_id=run_id, name="teacher")
         weights = str(result.checkpoint / "model.safetensors")
         tracking.log_artifact(uri, run_id, weights, "teacher")
-        acc = evaluate_checkpoints([weights], cfg, uri)
-        tracking.log_metrics(uri, run_id, {"test_accuracy": acc, "params": result.params})
+        acc = result.test_accuracy
+        tracking.log_metrics(uri, run_id, {"test_accuracy": acc, "params": result.params,
+                                           "best_epoch": result.best_epoch})
     return {"checkpoint": weights, "accuracy": acc, "params": result.params, "run_id": run_id,
             "mlflow_uri": f"runs:/{run_id}/teacher/model.safetensors",
-            "val_accuracy": result.history[-1]["val_accuracy"] if result.history else None}
+            **_fit_part(result)}
+
+
+def _fit_part(result) -> dict[str, Any]:
+    """What the summary says of a fit beside its accuracy: the selected epoch and timings."""
+    best = next((h for h in result.history if h["epoch"] == result.best_epoch), None)
+    return {"val_accuracy": best["val_accuracy"] if best else None,
+            "best_epoch": result.best_epoch, "epochs": len(result.history),
+            "wall_seconds": round(result.wall_seconds, 2),
+            "worker_start_seconds": round(result.worker_start_seconds, 2),
+            "compute_seconds": round(sum(h["epoch_seconds"] + h.get("eval_seconds", 0.0)
+                                         for h in result.history), 3),
+            "epoch_overhead_seconds": result.epoch_overhead_seconds,
+            "checkpoint_epochs": result.checkpoints}
 
 
 def teacher_sources(cfg: RaykdConfig) -> list[str]:
@@ -102,37 +116,39 @@ def run_student(cfg: RaykdConfig, role: str, uri: str, parent: str, teacher=None
         result = fit(cfg, role, tracking_uri=uri, run_id=run_id, teacher=teacher, name=name,
                      init_from=init_from)
         weights = str(result.checkpoint / "model.safetensors")
-        acc = evaluate_checkpoints([weights], cfg, uri, fallback=cfg.student)
-        final = {"test_accuracy": acc, "params": result.params,
+        acc = result.test_accuracy
+        final = {"test_accuracy": acc, "params": result.params, "best_epoch": result.best_epoch,
                  "train_seconds": time.perf_counter() - start}
         tracking.log_metrics(uri, run_id, final)
         tracking.log_artifact(uri, run_id, weights, "checkpoint")
-        _log_model(cfg, uri, run_id, weights, dataset_info(cfg.data))
+        _log_model(cfg, uri, run_id, weights, dataset_info(cfg.data), role)
     return {"accuracy": acc, "params": result.params, "run_id": run_id, "checkpoint": weights,
-            "val_accuracy": result.history[-1]["val_accuracy"] if result.history else None,
+            **_fit_part(result),
             "history": result.history, "transfer_size": result.transfer_size,
             "init_copied": result.init_copied,
             "train_seconds": round(final["train_seconds"], 2)}
 
 
-def _log_model(cfg: RaykdConfig, uri: str, run_id: str, weights: str, info) -> None:
+def _log_model(cfg: RaykdConfig, uri: str, run_id: str, weights: str, info, role: str) -> None:
     from raykd.train.checkpoint import load_model
 
     model = load_model(weights, cfg.student, info, field="student")
     # A batch of 2, not 1: torch.export would specialise the batch dimension to a size-1 example.
-    tracking.log_torch_model(uri, run_id, model, torch.zeros(2, *info.input_shape), "model")
+    tracking.log_torch_model(uri, run_id, model, torch.zeros(2, *info.input_shape), role)
 
 
 def run_distill(cfg: RaykdConfig, *, baseline: bool = False, config_path: str | None = None,
                 parent_run_id: str | None = None, run_name: str = "distill") -> dict[str, Any]:
     from raykd.teacher.service import serve_teacher, stop_teacher, teacher_stats
-    from raykd.train.fit import ensure_ray
+    from raykd.train.fit import ensure_ray, fit_session
 
     uri = tracking.resolve_tracking_uri(cfg.tracking.uri)
     ensure_ray()
     started = time.perf_counter()
-    with tracking.tracked_run(uri, cfg.tracking.experiment, run_name, parent_run_id,
-                              {"raykd.scheme": "offline"}) as parent:
+    # One worker group runs the teacher, student and baseline fits in turn (fit_session).
+    with fit_session(cfg, run_name), tracking.tracked_run(
+            uri, cfg.tracking.experiment, run_name, parent_run_id,
+            {"raykd.scheme": "offline"}) as parent:
         log_config(uri, parent, cfg, config_path)
         sources, teacher = obtain_teacher(cfg, uri, parent)
         service = serve_teacher(cfg, sources, uri)
@@ -155,6 +171,9 @@ def run_distill(cfg: RaykdConfig, *, baseline: bool = False, config_path: str | 
         summary["mlflow"] = {"tracking_uri": uri, "run_id": parent,
                              "experiment": cfg.tracking.experiment}
         summary["seconds"] = round(time.perf_counter() - started, 1)
+        from raykd.train.fit import RAY_START
+
+        summary["ray_start_seconds"] = RAY_START.get("seconds")
         tracking.log_dict(uri, parent, _json_safe(summary), "summary.json")
     return summary
 

@@ -168,7 +168,7 @@ def _child_run(setup: dict[str, Any], trial_id: str, cfg: RaykdConfig,
     run_id = tracking.start_run(uri, experiment, f"trial {trial_id.split('_')[-1]} {short}"[:240],
                                 parent, {"raykd.role": TRIAL_ROLE, "raykd.trial_id": trial_id,
                                          "raykd.search": setup["search_name"]})
-    tracking.log_params(uri, run_id, cfg.to_dict())
+    tracking.log_params(uri, run_id, cfg.applicable(uri))
     return run_id, None
 
 

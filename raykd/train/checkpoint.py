@@ -17,20 +17,44 @@ from torch import nn
 WEIGHTS = "model.safetensors"
 
 
-def save_checkpoint(model: nn.Module, spec: dict, info, path: str | Path) -> Path:
-    """Write ``model``'s state dict to ``path`` (a file, or a folder that gets
-    model.safetensors)."""
+def _metadata(spec: dict, info) -> dict[str, str]:
+    return {"raykd.model": json.dumps({"name": spec["name"], "args": spec.get("args", {})}),
+            "raykd.input_shape": json.dumps(list(info.input_shape)),
+            "raykd.num_classes": str(info.num_classes)}
+
+
+def _cpu_state(state: dict[str, torch.Tensor]) -> dict[str, torch.Tensor]:
+    return {k: v.detach().cpu().contiguous() for k, v in state.items()}
+
+
+def save_checkpoint(model: nn.Module | dict, spec: dict, info, path: str | Path) -> Path:
+    """Write ``model``'s state dict (or a state dict) to ``path`` (a file, or a folder that
+    gets model.safetensors)."""
     path = Path(path)
     if path.suffix != ".safetensors":
         path.mkdir(parents=True, exist_ok=True)
         path = path / WEIGHTS
-    state = {k: v.detach().cpu().contiguous() for k, v in model.state_dict().items()}
-    meta = {"raykd.model": json.dumps({"name": spec["name"], "args": spec.get("args", {})}),
-            "raykd.input_shape": json.dumps(list(info.input_shape)),
-            "raykd.num_classes": str(info.num_classes)}
+    state = _cpu_state(model if isinstance(model, dict) else model.state_dict())
     tmp = path.with_suffix(".tmp")
-    save_file(state, str(tmp), metadata=meta)
+    save_file(state, str(tmp), metadata=_metadata(spec, info))
     tmp.replace(path)  # never leave a half-written checkpoint under the real name
+    return path
+
+
+def checkpoint_bytes(state: dict[str, torch.Tensor], spec: dict, info) -> bytes:
+    """The same self-describing safetensors file, in memory: how a fit's weights travel from a
+    worker to the driver through the object store (no shared disk needed)."""
+    from safetensors.torch import save
+
+    return save(_cpu_state(state), metadata=_metadata(spec, info))
+
+
+def write_bytes(data: bytes, folder: str | Path) -> Path:
+    folder = Path(folder)
+    folder.mkdir(parents=True, exist_ok=True)
+    path, tmp = folder / WEIGHTS, folder / (WEIGHTS + ".tmp")
+    tmp.write_bytes(data)
+    tmp.replace(path)
     return path
 
 

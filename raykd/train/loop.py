@@ -63,32 +63,41 @@ class DistillStep(nn.Module):
         return total, parts
 
 
-def _all_reduce_sum(values: list[float], world: int) -> list[float]:
+def _all_reduce_sum(values: list[float], world: int, device=None) -> list[float]:
+    """Sum across ranks, on the backend's device: NCCL takes only CUDA tensors."""
     if world == 1:
         return values
     import torch.distributed as dist
 
-    t = torch.tensor(values, dtype=torch.float64)
+    t = torch.tensor(values, dtype=torch.float64, device=device)
     dist.all_reduce(t)
-    return t.tolist()
+    return t.cpu().tolist()
 
 
 @torch.no_grad()
-def evaluate(model: nn.Module, dataset, device, rank: int = 0, world: int = 1,
-             batch_size: int = 1024) -> float:
-    """Accuracy over ``dataset``, each rank scoring its strided share."""
+def evaluate_split(model: nn.Module, dataset, device, rank: int = 0, world: int = 1,
+                   batch_size: int = 1024) -> tuple[float, float]:
+    """(accuracy, mean cross-entropy) over ``dataset``, each rank scoring its strided share."""
     was_training = model.training
     model.eval()
-    correct = total = 0
+    correct = total = loss = 0.0
     idx_all = torch.arange(rank, len(dataset), world)
     for chunk in idx_all.split(batch_size):
         _, x, y = dataset.get_batch(chunk)
-        pred = model(x.to(device)).argmax(-1).cpu()
-        correct += int((pred == y).sum())
+        logits = model(x.to(device))
+        y = y.to(logits.device)
+        correct += float((logits.argmax(-1) == y).sum())
+        loss += float(torch.nn.functional.cross_entropy(logits.float(), y, reduction="sum"))
         total += len(y)
     model.train(was_training)
-    correct, total = _all_reduce_sum([correct, total], world)
-    return correct / max(total, 1)
+    correct, total, loss = _all_reduce_sum([correct, total, loss], world, device)
+    return correct / max(total, 1), loss / max(total, 1)
+
+
+def evaluate(model: nn.Module, dataset, device, rank: int = 0, world: int = 1,
+             batch_size: int = 1024) -> float:
+    """Accuracy over ``dataset``, each rank scoring its strided share."""
+    return evaluate_split(model, dataset, device, rank, world, batch_size)[0]
 
 
 def _make_optimizer(params, cfg: RaykdConfig, lr: float) -> torch.optim.Optimizer:
@@ -108,23 +117,32 @@ def _feature_paths(distill: DistillConfig, side: str) -> list[str]:
     return paths
 
 
-def _restore(model, optimizer, resume_from=None) -> int:
-    """Resume from Ray Train's latest checkpoint after a worker failure (else from
-    ``resume_from``, a checkpoint handed in by a Tune trial); returns the next epoch."""
+def _restore(model, optimizer, phase_id: int, resume_from=None) -> tuple[int, dict | None]:
+    """Resume after a worker failure from Ray Train's latest checkpoint when it belongs to this
+    phase (else from ``resume_from``, a checkpoint handed in by a Tune trial); returns the next
+    epoch and the best-so-far record ({epoch, val_accuracy, val_loss, state} or None)."""
     import ray.train
-
-    ckpt = ray.train.get_checkpoint() or resume_from
-    if ckpt is None:
-        return 0
     from safetensors.torch import load_file
 
+    ckpt, best = ray.train.get_checkpoint(), None
+    if ckpt is not None:
+        with ckpt.as_directory() as d:
+            if json.loads((Path(d) / "state.json").read_text()).get("phase") != phase_id:
+                ckpt = None  # an earlier phase's checkpoint: this phase starts afresh
+    ckpt = ckpt or resume_from
+    if ckpt is None:
+        return 0, None
     with ckpt.as_directory() as d:
         model.load_state_dict(load_file(str(Path(d) / "model.safetensors")))
         optimizer.load_state_dict(torch.load(Path(d) / "optimizer.pt", weights_only=True))
-        return json.loads((Path(d) / "state.json").read_text())["epoch"] + 1
+        state = json.loads((Path(d) / "state.json").read_text())
+        if state.get("best") and (Path(d) / "best.safetensors").is_file():
+            best = {**state["best"], "state": load_file(str(Path(d) / "best.safetensors"))}
+        return state["epoch"] + 1, best
 
 
-def _save(model, optimizer, spec: dict, info, epoch: int, metrics: dict):
+def _save(model, optimizer, spec: dict, info, epoch: int, metrics: dict, phase_id: int,
+          best: dict | None):
     import ray.train
 
     from raykd.train.checkpoint import save_checkpoint
@@ -132,15 +150,34 @@ def _save(model, optimizer, spec: dict, info, epoch: int, metrics: dict):
     tmp = tempfile.mkdtemp(prefix="raykd-ckpt-")
     save_checkpoint(model, spec, info, tmp)
     torch.save(optimizer.state_dict(), Path(tmp) / "optimizer.pt")
-    (Path(tmp) / "state.json").write_text(json.dumps({"epoch": epoch, "metrics": metrics}))
+    record = None
+    if best is not None:
+        save_checkpoint(best["state"], spec, info, Path(tmp) / "best.safetensors")
+        record = {k: v for k, v in best.items() if k != "state"}
+    (Path(tmp) / "state.json").write_text(json.dumps(
+        {"epoch": epoch, "metrics": metrics, "phase": phase_id, "best": record}))
     return ray.train.Checkpoint.from_directory(tmp)
 
 
-def train_loop_per_worker(loop: dict[str, Any]) -> dict[str, Any]:
+def _better(metrics: dict[str, float], best: dict | None) -> bool:
+    """Higher validation accuracy wins; a tie goes to the lower validation loss."""
+    if best is None:
+        return True
+    key = (metrics["val_accuracy"], -metrics["val_loss"])
+    return key > (best["val_accuracy"], -best["val_loss"])
+
+
+def run_phase(loop: dict[str, Any], phase_id: int, coordinator,
+              report_every_epoch: bool = False) -> dict[str, Any]:
+    """Train one role (teacher, student or baseline) on this worker; see group.py.
+
+    Rank 0 sends each epoch's metrics to the coordinator without waiting. Ray Train gets a
+    report only when a checkpoint is due (``train.checkpoint_every`` epochs,
+    ``train.checkpoint_seconds``, the last epoch) or on every epoch for a Tune trial, whose
+    scheduler reads them. Returns (rank 0) the selected weights as safetensors bytes."""
     import ray.train
     import ray.train.torch
 
-    from raykd import tracking
     from raykd.data import build_dataset
     from raykd.data.augment import augment
     from raykd.losses import DistillLoss
@@ -148,13 +185,15 @@ def train_loop_per_worker(loop: dict[str, Any]) -> dict[str, Any]:
     from raykd.models.hooks import probe_shapes
     from raykd.teacher.client import (CachedTeacher, OnlineTeacher, replay_inputs, replay_view,
                                       shard_local_order)
+    from raykd.train.checkpoint import checkpoint_bytes
 
+    started_at = time.time()
     cfg, role = validate(loop["config"]), loop["role"]
     plan = RolePlan.of(cfg, role)
     ctx = ray.train.get_context()
     rank, world = ctx.get_world_rank(), ctx.get_world_size()
     device = ray.train.torch.get_device()
-    torch.manual_seed(cfg.train.seed)  # identical initial weights on every rank
+    torch.manual_seed(cfg.train.seed)  # identical initial weights on every rank, every phase
 
     train_ds, val_ds = build_dataset(cfg.data, "train"), build_dataset(cfg.data, "val")
     info = train_ds.info
@@ -182,7 +221,10 @@ def train_loop_per_worker(loop: dict[str, Any]) -> dict[str, Any]:
     optimizer = _make_optimizer(list(step.parameters()), cfg, plan.lr)
     scheduler = (torch.optim.lr_scheduler.CosineAnnealingLR(optimizer, plan.epochs)
                  if cfg.train.schedule == "cosine" else None)
-    start_epoch = _restore(model, optimizer, loop.get("resume_from"))
+    start_epoch, best = _restore(model, optimizer, phase_id, loop.get("resume_from"))
+    if scheduler:
+        for _ in range(start_epoch):
+            scheduler.step()
 
     cached = online = None
     if handoff is not None and handoff.mode == "online":
@@ -196,10 +238,12 @@ def train_loop_per_worker(loop: dict[str, Any]) -> dict[str, Any]:
                 if role == "student" else torch.arange(len(train_ds)))
     sampler = torch.utils.data.DistributedSampler(range(len(transfer)), num_replicas=world,
                                                   rank=rank, shuffle=True, seed=cfg.train.seed)
-    uri, run_id = loop.get("tracking_uri"), loop.get("run_id")
     history: list[dict[str, float]] = []
+    checkpoints: list[int] = []
     spec = {"name": plan.model.name, "args": plan.model.args}
-    bs = cfg.train.batch_size
+    bs, keep_best = cfg.train.batch_size, cfg.train.keep_checkpoint == "best"
+    every, every_s = cfg.train.checkpoint_every, cfg.train.checkpoint_seconds
+    last_checkpoint_at = time.monotonic()
     for epoch in range(start_epoch, plan.epochs):
         t0 = time.perf_counter()
         sampler.set_epoch(epoch)
@@ -241,30 +285,48 @@ def train_loop_per_worker(loop: dict[str, Any]) -> dict[str, Any]:
                 sums[f"loss_{k}"] = sums.get(f"loss_{k}", 0.0) + float(v) * n
         if scheduler:
             scheduler.step()
+        last = epoch + 1 == plan.epochs
+        # Rank 0's clock decides a time-based checkpoint; the sum hands its decision to every
+        # rank, because a Ray Train report is a barrier that all ranks must reach together.
+        sums["_due"] = float(rank == 0 and every_s is not None
+                             and time.monotonic() - last_checkpoint_at >= every_s)
         keys = sorted(sums)
-        reduced = dict(zip(keys, _all_reduce_sum([sums[k] for k in keys], world), strict=True))
+        reduced = dict(zip(keys, _all_reduce_sum([sums[k] for k in keys], world, device),
+                           strict=True))
         seconds = time.perf_counter() - t0
         metrics = {("train_loss" if k == "loss" else k): v / max(reduced["n"], 1)
-                   for k, v in reduced.items() if k != "n"}
-        metrics.update(val_accuracy=evaluate(model, val_ds, device, rank, world),
-                       epoch=epoch, epoch_seconds=seconds,
+                   for k, v in reduced.items() if k not in ("n", "_due")}
+        t1 = time.perf_counter()
+        val_acc, val_loss = evaluate_split(model, val_ds, device, rank, world)
+        metrics.update(val_accuracy=val_acc, val_loss=val_loss, epoch=epoch,
+                       epoch_seconds=seconds, eval_seconds=time.perf_counter() - t1,
                        samples_per_s=reduced["n"] / max(seconds, 1e-9), pretrain=float(pretrain))
+        if _better(metrics, best) or not keep_best:
+            best = {"epoch": epoch, "val_accuracy": val_acc, "val_loss": val_loss,
+                    "state": {k: v.detach().clone() for k, v in model.state_dict().items()}}
+        metrics.update(best_epoch=best["epoch"], _ended_at=time.time())
         history.append(metrics)
-        checkpoint = None
-        if rank == 0:
-            # Not print(): Ray Train patches it to log *and* tee, which doubles every line.
-            sys.stdout.write(f"[{loop.get('name', role)}] epoch {epoch + 1}/{plan.epochs} "
-                             f"loss {metrics['train_loss']:.4f} "
-                             f"val_acc {metrics['val_accuracy']:.4f} "
-                             f"({metrics['samples_per_s']:.0f} samples/s)\n")
-            sys.stdout.flush()
-            if uri and run_id:
-                tracking.log_metrics(uri, run_id, metrics, step=epoch)
-            last = epoch + 1 == plan.epochs
-            if last or (epoch + 1) % cfg.train.checkpoint_every == 0:
-                checkpoint = _save(model, optimizer, spec, info, epoch, metrics)
-        ray.train.report(metrics, checkpoint=checkpoint)
+        if rank == 0:  # fire and forget: the driver draws progress and logs to MLflow
+            coordinator.epoch.remote(phase_id, metrics)
+        due = last or bool(every and (epoch + 1) % every == 0) or reduced["_due"] > 0
+        if due or report_every_epoch:
+            checkpoint = None
+            if due and rank == 0:
+                checkpoint = _save(model, optimizer, spec, info, epoch, metrics, phase_id, best)
+            if due:
+                checkpoints.append(epoch)
+                last_checkpoint_at = time.monotonic()
+            ray.train.report({k: v for k, v in metrics.items() if not k.startswith("_")},
+                             checkpoint=checkpoint)
     if cached is not None:
         cached.close()
-    return {"history": history, "params": count_params(model), "role": role,
-            "transfer_size": len(transfer), "init_copied": copied}
+    if best is None:  # resumed after the last epoch had been checkpointed
+        best = {"epoch": plan.epochs - 1, "state": model.state_dict()}
+    model.load_state_dict(best["state"])
+    test_acc = evaluate(model, build_dataset(cfg.data, "test"), device, rank, world)
+    result = {"history": history, "params": count_params(model), "role": role,
+              "transfer_size": len(transfer), "init_copied": copied, "best_epoch": best["epoch"],
+              "test_accuracy": test_acc, "checkpoints": checkpoints, "started_at": started_at}
+    if rank == 0:
+        result["weights"] = checkpoint_bytes(best["state"], spec, info)
+    return result
