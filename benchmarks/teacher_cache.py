@@ -256,6 +256,8 @@ def step_breakdown(cfg: RaykdConfig, cached_dense, cached_topk, reps: int = 300
     t = cached_dense.logits(idx)
     kd = DistillLoss(cfg.distill, {}, {})
     ce = DistillLoss(DistillConfig(losses=[LossTermConfig(name="ce")]), {}, {})
+    kd_only = DistillLoss(DistillConfig(temperature=cfg.distill.temperature,
+                                        losses=[LossTermConfig(name="kd")]), {}, {})
 
     def clock(fn) -> float:
         for _ in range(20):
@@ -270,7 +272,8 @@ def step_breakdown(cfg: RaykdConfig, cached_dense, cached_topk, reps: int = 300
     return {"cache_lookup_dense": clock(lambda: cached_dense.logits(idx)),
             "cache_lookup_topk": clock(lambda: cached_topk.logits(idx)),
             "loss_kd_plus_ce_fwd_bwd": clock(lambda: kd(s, t, y, {}, {})[0].backward()),
-            "loss_ce_fwd_bwd": clock(lambda: ce(s, None, y, {}, {})[0].backward())}
+            "loss_ce_fwd_bwd": clock(lambda: ce(s, None, y, {}, {})[0].backward()),
+            "loss_kd_alone_fwd_bwd": clock(lambda: kd_only(s, t, y, {}, {})[0].backward())}
 
 
 def measure_throughput(cfg: RaykdConfig, teacher_path: Path, args) -> dict[str, Any]:
@@ -548,6 +551,7 @@ def main(argv: list[str] | None = None) -> int:
                            "build_over_raw>=0.90": result["build_over_raw"] >= 0.90,
                            "dense_over_topk>=10": result["dense_over_topk"] >= 10}
         result["seconds"] = round(time.perf_counter() - started, 1)
+        result["machine"]["load_average_at_end"] = os.getloadavg()
     finally:
         ray.shutdown()
         shutil.rmtree(work, ignore_errors=True)

@@ -14,19 +14,24 @@ FAST = ["--set", "train.epochs=2", "--set", "teacher.epochs=2", "--set", "train.
 
 @pytest.fixture(scope="module")
 def distilled(ray_session, tmp_path_factory):
-    """One real distillation shared by the checks below (fits are the expensive unit)."""
+    """One real distillation shared by the checks below (fits are the expensive unit), run as a
+    user runs it: `raykd distill` in its own process, its console going to a file (not a
+    terminal). It joins the session's Ray cluster rather than starting one."""
     import os
+    import subprocess
+    import sys
 
     root = tmp_path_factory.mktemp("distill")
-    old = os.getcwd()
-    os.chdir(root)
-    try:
-        uri = f"sqlite:///{root / 'mlflow.db'}"
-        rc = main(["distill", "--baseline", *FAST, "--set", f"tracking.uri={uri}",
-                   "--set", "tracking.experiment=e2e", "--summary", str(root / "s.json")])
-        summary = json.loads((root / "s.json").read_text())
-    finally:
-        os.chdir(old)
+    uri = f"sqlite:///{root / 'mlflow.db'}"
+    env = {**os.environ, "RAY_ADDRESS": ray_session.get_runtime_context().gcs_address}
+    with (root / "console.txt").open("w") as console:
+        rc = subprocess.run(
+            [sys.executable, "-m", "raykd.cli", "distill", "--baseline", *FAST,
+             "--set", f"tracking.uri={uri}", "--set", "tracking.experiment=e2e",
+             "--summary", str(root / "s.json")],
+            cwd=root, env=env, stdout=console, stderr=subprocess.STDOUT, timeout=900).returncode
+    assert rc == 0, (root / "console.txt").read_text()[-3000:]
+    summary = json.loads((root / "s.json").read_text())
     return rc, summary, uri, root
 
 
@@ -69,6 +74,46 @@ def test_mlflow_run_params_and_metrics_read_back(distilled):
     assert "config/config.resolved.yaml" in artifacts
     student_files = {a.path for a in client.list_artifacts(student.info.run_id)}
     assert "checkpoint" in student_files
+
+
+def test_console_is_short_and_has_no_ray_report_dumps(distilled):
+    _, _, _, root = distilled
+    text = (root / "console.txt").read_text()
+    assert "TrainingReport(" not in text  # Ray Train's per-report INFO dump
+    assert "Traceback" not in text
+    assert "uv export" not in text and "Creating initial MLflow database" not in text
+    for role, epochs in (("teacher", 2), ("student", 2), ("baseline", 2)):
+        assert f"[{role}] epoch {epochs}/{epochs} loss" in text  # progress, one line per epoch
+    assert len(text.splitlines()) <= 40, text
+
+
+def test_params_apply_and_models_are_named_by_role(distilled):
+    import mlflow
+    from mlflow.tracking import MlflowClient
+
+    _, summary, uri, _ = distilled
+    client = MlflowClient(tracking_uri=uri)
+    params = client.get_run(summary["mlflow"]["run_id"]).data.params
+    assert params["tracking.uri"] == uri  # the resolved URI, not None
+    for absent in ("data.num_samples", "data.image_size", "teacher.views", "tune"):
+        assert absent not in params, absent
+    assert params["train.keep_checkpoint"] == "best"
+    run = client.get_run(summary["student"]["run_id"])
+    mlflow.set_tracking_uri(uri)
+    names = {m.source_run_id: m.name for m in mlflow.search_logged_models(
+        experiment_ids=[run.info.experiment_id], output_format="list")}
+    assert names[summary["student"]["run_id"]] == "student"
+    assert names[summary["baseline"]["run_id"]] == "baseline"
+
+
+def test_each_fit_keeps_its_best_validation_epoch(distilled):
+    _, summary, _, _ = distilled
+    history = summary["student"]["history"]
+    key = [(h["val_accuracy"], -h["val_loss"]) for h in history]
+    assert summary["student"]["best_epoch"] == key.index(max(key))
+    assert summary["student"]["val_accuracy"] == max(key)[0]
+    for part in ("teacher", "student", "baseline"):
+        assert summary[part]["checkpoint_epochs"] == [1]  # default cadence: the last epoch
 
 
 def test_teacher_checkpoint_loads_weights_only(distilled):

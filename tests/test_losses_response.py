@@ -7,9 +7,11 @@ import math
 import numpy as np
 import pytest
 import torch
+import torch.nn.functional as F
 
 from raykd.config import DistillConfig, LossTermConfig
 from raykd.losses import LossInputs, build_term
+from raykd.losses.response import soft_kl
 
 
 def build(name, temperature=4.0, **params):
@@ -122,6 +124,120 @@ def test_kd_survives_top_k_teacher_with_minus_inf():
     value = build("kd")(inputs(s, t))
     value.backward()
     assert torch.isfinite(value) and torch.isfinite(s.grad).all()
+
+
+# ---------------------------------------------------------------- kd: the fused term vs kl_div
+# soft_kl computes the term in one fused pass with a closed-form backward; here it is checked,
+# value AND gradient, against torch's own kl_div written the textbook way, on fixed random
+# logits: both CPU paths (exp of the log-probabilities below 128 classes, a softmax pass from
+# 128 on), token masks, -inf teacher entries and half-precision teachers.
+
+def reference_kd(s, t, temp, mask=None):
+    """F.kl_div(log_softmax(s/T), softmax(t/T), batchmean)·T² over the kept rows."""
+    s, t = s.reshape(-1, s.shape[-1]), t.reshape(-1, t.shape[-1]).to(s.dtype)
+    if mask is not None:
+        keep = mask.reshape(-1).bool()
+        s, t = s[keep], t[keep]
+    return F.kl_div(F.log_softmax(s / temp, dim=-1), F.softmax(t / temp, dim=-1),
+                    reduction="batchmean") * temp**2
+
+
+def random_logits(*shape, seed=0, dtype=torch.float32, scale=3.0):
+    g = torch.Generator().manual_seed(seed)
+    return (torch.randn(*shape, generator=g, dtype=torch.float64) * scale).to(dtype)
+
+
+def value_and_grad(fn, s, *args, upstream=1.0):
+    s = s.detach().clone().requires_grad_(True)
+    value = fn(s, *args)
+    (value * upstream).backward()
+    return value.detach(), s.grad
+
+
+TOL = {torch.float32: dict(rtol=1e-5, atol=1e-7), torch.float64: dict(rtol=1e-10, atol=1e-14)}
+
+
+@pytest.mark.parametrize("dtype", [torch.float32, torch.float64])
+@pytest.mark.parametrize("shape", [(128, 10), (3, 4), (64, 100), (16, 130), (8, 1000)])
+@pytest.mark.parametrize("temp", [1.0, 2.5, 4.0])
+def test_fused_kd_equals_kl_div_in_value_and_gradient(shape, temp, dtype):
+    s, t = random_logits(*shape, seed=1, dtype=dtype), random_logits(*shape, seed=2, dtype=dtype)
+    value, grad = value_and_grad(soft_kl, s, t, temp, upstream=0.9)
+    ref_value, ref_grad = value_and_grad(reference_kd, s, t, temp, upstream=0.9)
+    assert value.dtype == dtype and grad.dtype == dtype
+    torch.testing.assert_close(value, ref_value, **TOL[dtype])
+    torch.testing.assert_close(grad, ref_grad, **TOL[dtype])
+    # and the closed form the backward uses: T·(softmax(s/T) − softmax(t/T)) / N, times upstream
+    closed = 0.9 * temp * (F.softmax(s / temp, -1) - F.softmax(t / temp, -1)) / shape[0]
+    torch.testing.assert_close(grad, closed, **TOL[dtype])
+
+
+@pytest.mark.parametrize("classes", [10, 200])
+def test_fused_kd_on_masked_tokens_equals_kl_div_over_real_tokens(classes):
+    s = random_logits(3, 5, classes, seed=3)
+    t = random_logits(3, 5, classes, seed=4)
+    mask = torch.tensor([[1, 1, 1, 0, 0], [1, 0, 0, 0, 0], [1, 1, 1, 1, 1]])
+    t[0, 4] = float("nan")  # padding may hold anything: it is dropped before any work
+    t[1, 1:] = float("-inf")
+    value, grad = value_and_grad(soft_kl, s, t, 2.0, mask)
+    ref_value, ref_grad = value_and_grad(reference_kd, s, t, 2.0, mask)
+    torch.testing.assert_close(value, ref_value, rtol=1e-5, atol=1e-7)
+    torch.testing.assert_close(grad, ref_grad, rtol=1e-5, atol=1e-7)
+    assert (grad[~mask.bool()] == 0).all() and torch.isfinite(grad).all()
+    # through the term, as DistillLoss calls it (token_kd shares soft_kl)
+    term_value, term_grad = value_and_grad(
+        lambda s_: build("kd", temperature=2.0)(inputs(s_, t, mask=mask)), s)
+    assert torch.equal(term_value, value) and torch.equal(term_grad, grad)
+
+
+def test_fused_kd_with_every_token_masked_is_a_differentiable_zero():
+    s, t = random_logits(2, 3, 7, seed=5), random_logits(2, 3, 7, seed=6)
+    value, grad = value_and_grad(soft_kl, s, t, 4.0, torch.zeros(2, 3))
+    assert value.item() == 0.0 and (grad == 0).all()
+
+
+@pytest.mark.parametrize("classes", [10, 300])
+def test_fused_kd_with_minus_inf_teacher_entries_equals_kl_div(classes):
+    # a top-k teacher: every class outside each row's top 3 dropped to -inf (probability 0)
+    s, t = random_logits(32, classes, seed=7), random_logits(32, classes, seed=8)
+    top = t.topk(3, dim=-1).indices
+    t = torch.full_like(t, float("-inf")).scatter(-1, top, t.gather(-1, top))
+    value, grad = value_and_grad(soft_kl, s, t, 4.0)
+    ref_value, ref_grad = value_and_grad(reference_kd, s, t, 4.0)
+    assert torch.isfinite(value) and torch.isfinite(grad).all()
+    torch.testing.assert_close(value, ref_value, rtol=1e-5, atol=1e-7)
+    torch.testing.assert_close(grad, ref_grad, rtol=1e-5, atol=1e-7)
+
+
+@pytest.mark.parametrize("teacher_dtype", [torch.float16, torch.bfloat16])
+@pytest.mark.parametrize("classes", [10, 200])
+def test_fused_kd_upcasts_half_precision_teacher_logits(teacher_dtype, classes):
+    s = random_logits(64, classes, seed=9)
+    t = random_logits(64, classes, seed=10, dtype=teacher_dtype)
+    t[:, 0] = float("-inf")
+    value, grad = value_and_grad(soft_kl, s, t, 4.0)
+    ref_value, ref_grad = value_and_grad(reference_kd, s, t.float(), 4.0)  # exact upcast first
+    assert value.dtype == torch.float32 and grad.dtype == torch.float32
+    torch.testing.assert_close(value, ref_value, rtol=1e-5, atol=1e-7)
+    torch.testing.assert_close(grad, ref_grad, rtol=1e-5, atol=1e-7)
+
+
+def test_fused_kd_half_precision_student_computes_in_float32():
+    s, t = random_logits(16, 50, seed=11), random_logits(16, 50, seed=12)
+    value, grad = value_and_grad(soft_kl, s.bfloat16(), t.half(), 4.0)
+    ref_value, ref_grad = value_and_grad(reference_kd, s.bfloat16().float(), t.half().float(),
+                                         4.0)
+    assert value.dtype == torch.float32 and grad.dtype == torch.bfloat16
+    torch.testing.assert_close(value, ref_value, rtol=1e-5, atol=1e-7)
+    torch.testing.assert_close(grad, ref_grad.bfloat16())
+
+
+def test_fused_kd_without_autograd_gives_the_same_value():
+    s, t = random_logits(8, 20, seed=13), random_logits(8, 20, seed=14)
+    with torch.no_grad():
+        free = soft_kl(s.requires_grad_(True), t, 3.0)
+    torch.testing.assert_close(free, reference_kd(s.detach(), t, 3.0), rtol=1e-5, atol=1e-7)
+    assert soft_kl(s.detach(), t, 3.0).requires_grad is False
 
 
 # ---------------------------------------------------------------- dkd

@@ -18,11 +18,68 @@ from raykd.losses.base import (TEMPERATURE, BuildContext, LossInputs, LossTerm, 
 
 
 def flatten_rows(logits: Tensor, mask: Tensor | None) -> tuple[Tensor, Tensor | None]:
-    """[B, (L,) C] → [N, C] rows and a boolean [N] keep-vector (None: keep all)."""
+    """[B, (L,) C] → [N, C] rows and a boolean [N] keep-vector (None: keep all).
+
+    [B, C] logits come back as they are: a same-shape ``reshape`` would still be a view with its
+    own autograd node, one more step in every backward.
+    """
+    if logits.dim() == 2:
+        return logits, None
     rows = logits.reshape(-1, logits.shape[-1])
-    if mask is None or logits.dim() == 2:
-        return rows, None
-    return rows, mask.reshape(-1).bool()
+    return rows, None if mask is None else mask.reshape(-1).bool()
+
+
+# From this many classes on, the CPU path takes the probabilities from their own softmax pass:
+# there ATen's softmax kernel is cheaper than ``exp`` over the log-probabilities (about 0.87× at
+# C=1000, 1 thread); below it the row overhead of a second softmax costs more than the exp.
+_SOFTMAX_FROM_CLASSES = 128
+
+
+class _SoftKL(torch.autograd.Function):
+    """T²·mean over rows of KL(softmax(t/T) ‖ softmax(s/T)) for [N, C] rows, one fused pass.
+
+    Forward: one ``log_softmax`` over the student and teacher rows stacked (one kernel call for
+    both sides), the probabilities from that same pass, the value as Σ p_t·(log p_t − log p_s)
+    summed in place. Backward is the closed form ∂/∂s = T·(softmax(s/T) − softmax(t/T)) / N,
+    computed once in the forward: no autograd graph over the B×C intermediates, and only that
+    one [N, C] tensor is kept for the backward. The teacher gets no gradient.
+    """
+
+    @staticmethod
+    def forward(ctx, s: Tensor, t: Tensor, temperature: float) -> Tensor:
+        z = torch.cat((s, t))
+        if temperature != 1.0:
+            z.div_(temperature)
+        log_p = torch.log_softmax(z, dim=-1)
+        if z.device.type == "cpu" and z.shape[-1] >= _SOFTMAX_FROM_CLASSES:
+            p = torch.softmax(z, dim=-1)
+        else:
+            p = log_p.exp()
+        del z
+        log_p_s, log_p_t = log_p.chunk(2)
+        p_s, p_t = p.chunk(2)
+        # A -inf teacher logit (a dropped class) has p_t = 0 and log p_t = -inf; clamped to the
+        # dtype's minimum its term is 0·finite = 0, as 0·log 0 in kl_div, and no NaN. In place:
+        # log_p's teacher half becomes the per-element KL (mul + sum: an accurate cascade sum,
+        # which BLAS dot is not over millions of tokens×vocabulary).
+        kl = log_p_t.clamp_min_(_FLOOR[log_p.dtype]).sub_(log_p_s).mul_(p_t).sum()
+        rows = s.shape[0]
+        if ctx.needs_input_grad[0]:
+            ctx.scale = temperature / rows
+            ctx.save_for_backward(torch.sub(p_s, p_t))  # a new [N, C]: log_p and p are freed
+        return kl.mul_(temperature * temperature / rows)
+
+    @staticmethod
+    @torch.autograd.function.once_differentiable
+    def backward(ctx, grad_out: Tensor) -> tuple[Tensor | None, None, None]:
+        if not ctx.needs_input_grad[0]:
+            return None, None, None
+        (diff,) = ctx.saved_tensors
+        return diff * (grad_out * ctx.scale), None, None
+
+
+_FLOOR = {torch.float32: torch.finfo(torch.float32).min,
+          torch.float64: torch.finfo(torch.float64).min}
 
 
 def soft_kl(student: Tensor, teacher: Tensor, temperature: float,
@@ -31,21 +88,26 @@ def soft_kl(student: Tensor, teacher: Tensor, temperature: float,
 
     The T² keeps the soft-target gradients on the scale of the hard-label ones when T changes
     (arXiv 1503.02531, §2). Teacher logits of -inf (dropped classes) count as probability 0.
+    Computed in float32 (float64 for float64 students): float16/bfloat16 logits, e.g. a cached
+    teacher's, are upcast before dividing by T. Masked-out rows are dropped before any work.
+    Equal in value and gradient (to float rounding) to
+    ``F.kl_div(F.log_softmax(s / T), F.softmax(t / T), reduction="batchmean") * T**2`` over the
+    kept rows; see :class:`_SoftKL` for how it is computed.
     """
     s_rows, keep = flatten_rows(student, mask)
-    t_rows, _ = flatten_rows(teacher.detach(), None)
-    log_p_s = F.log_softmax(s_rows / temperature, dim=-1)
-    # Σ p_t·(log p_t − log p_s) in log space: F.kl_div's xlogy costs ~2× the rest of the term on
-    # CPU. A -inf teacher logit's log p_t is clamped to the dtype's minimum, so its p_t is exactly
-    # 0 and it contributes 0 (and no gradient), as 0·log 0 does in kl_div.
-    log_p_t = F.log_softmax(t_rows / temperature, dim=-1)
-    log_p_t = log_p_t.clamp_min(torch.finfo(log_p_t.dtype).min)
-    per_row = (log_p_t.exp() * (log_p_t - log_p_s)).sum(-1)
+    t_rows = teacher.detach()
+    if t_rows.dim() != 2:
+        t_rows = t_rows.reshape(-1, t_rows.shape[-1])
     if keep is not None:
-        per_row = per_row[keep]
-    if per_row.numel() == 0:
+        s_rows, t_rows = s_rows[keep], t_rows[keep]
+    if s_rows.shape[0] == 0:
         return student.sum() * 0.0
-    return per_row.mean() * temperature**2
+    dtype = torch.promote_types(s_rows.dtype, torch.float32)
+    if s_rows.dtype != dtype:
+        s_rows = s_rows.to(dtype)
+    if t_rows.dtype != dtype:
+        t_rows = t_rows.to(dtype)
+    return _SoftKL.apply(s_rows, t_rows, float(temperature))
 
 
 class CrossEntropy(LossTerm):

@@ -58,7 +58,9 @@ def teacher_key(cfg: RaykdConfig) -> str:
     # train.jitter/train.flip augment the students only (the teacher's is teacher.jitter)
     train = {k: v for k, v in d["train"].items()
              if k not in ("use_gpu", "cpus_per_worker", "max_failures", "checkpoint_every",
-                          "jitter", "flip", "epochs", "lr")}
+                          "checkpoint_seconds", "jitter", "flip", "epochs", "lr")}
+    if train.get("keep_checkpoint") == "last":  # what every teacher before the option kept
+        train.pop("keep_checkpoint")
     payload = {"teacher": teacher, "train": train, "data": dataset_info(cfg.data).identity}
     return hashlib.sha256(json.dumps(payload, sort_keys=True).encode()).hexdigest()[:20]
 
@@ -173,15 +175,17 @@ def run_hinton(plan: HintonPlan) -> dict[str, Any]:
     """Run the planned experiments under one MLflow parent run; return the summary."""
     from raykd.schemes.offline import count_checkpoint_params, log_config, run_student
     from raykd.teacher.service import serve_teacher, stop_teacher, teacher_stats
-    from raykd.train.fit import ensure_ray
+    from raykd.train.fit import ensure_ray, fit_session
 
     cfg, job = plan.distill, plan.job
     uri = tracking.resolve_tracking_uri(cfg.tracking.uri)
     ensure_ray()
     started = time.perf_counter()
     summary: dict[str, Any] = {"experiments": list(job.experiments), "paper": PAPER}
-    with tracking.tracked_run(uri, cfg.tracking.experiment, "hinton-mnist", None,
-                              {"raykd.scheme": "hinton-mnist"}) as parent:
+    # The job's fits share one worker group per scaling (fit_session): one start, not ten.
+    with fit_session(cfg, "hinton"), tracking.tracked_run(
+            uri, cfg.tracking.experiment, "hinton-mnist", None,
+            {"raykd.scheme": "hinton-mnist"}) as parent:
         log_config(uri, parent, cfg, plan.config_path)
         tracking.log_params(uri, parent, {JOB_SECTION: job.model_dump(mode="json")})
         _log_role_configs(uri, parent, plan)

@@ -38,6 +38,7 @@ import json
 import numbers
 import os
 import shutil
+import sys
 import uuid
 from collections.abc import Callable, Mapping, Sequence
 from dataclasses import dataclass
@@ -327,8 +328,9 @@ def build_cache(root: str | Path, spec: CacheSpec,
                                                 shape=shape)
                 for name, (shape, dtype) in layout.items()}
         total = spec.num_samples * spec.views
+        # In an actor stderr is a pipe to the driver's log: a line every 10 s, not every batch.
         with tqdm(total=total, unit="sample", desc=f"teacher cache {key}",
-                  disable=not progress) as bar:
+                  disable=not progress, mininterval=0.1 if sys.stderr.isatty() else 10.0) as bar:
             for view in range(spec.views):
                 for start in range(0, spec.num_samples, batch_size):
                     end = min(start + batch_size, spec.num_samples)

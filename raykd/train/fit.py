@@ -113,8 +113,11 @@ def fit_session(cfg: RaykdConfig, name: str = "job") -> Iterator:
     """Every ``fit()`` inside shares one worker group, started at the first fit and closed on
     exit, instead of one group per fit (the per-fit start is most of a small job's time).
     Fits whose scaling (workers, GPUs, CPUs, max_failures) differs get their own group."""
-    from raykd.train.group import FitGroup
+    from raykd.train.group import FitGroup, scaling_key
 
+    if _SESSION and _SESSION[-1].key == scaling_key(cfg):  # a scheme inside a scheme
+        yield _SESSION[-1]
+        return
     group = FitGroup(cfg, name=f"{name}-{os.getpid()}-{uuid.uuid4().hex[:6]}")
     _SESSION.append(group)
     try:

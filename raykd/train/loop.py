@@ -9,7 +9,6 @@ prints one line per epoch and writes the checkpoint.
 from __future__ import annotations
 
 import json
-import sys
 import tempfile
 import time
 from dataclasses import dataclass
