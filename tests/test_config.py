@@ -107,6 +107,9 @@ CLI_CASES = [
     ["distill", "--config", "/nope/missing.yaml"],
     ["distill", "--frobnicate"],
     ["train-teacher", "--set", "teacher.name=resnet9000"],
+    ["distill", "--set", "train.keep_checkpoint=first"],
+    ["distill", "--set", "train.checkpoint_seconds=0"],
+    ["distill", "--set", "train.checkpoint_every=-1"],
 ]
 
 

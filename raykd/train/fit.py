@@ -120,11 +120,15 @@ def fit_session(cfg: RaykdConfig, name: str = "job") -> Iterator:
         return
     group = FitGroup(cfg, name=f"{name}-{os.getpid()}-{uuid.uuid4().hex[:6]}")
     _SESSION.append(group)
+    failed = True
     try:
         yield group
+        failed = False
     finally:
         _SESSION.remove(group)
-        group.close()
+        # After an error or Ctrl-C do not wait for a running phase: the driver is about to
+        # exit, and Ray ends the job's workers with it.
+        group.close(timeout_s=5.0 if failed else 120.0)
 
 
 def fit(cfg: RaykdConfig, role: str, *, tracking_uri: str | None = None,

@@ -124,7 +124,6 @@ class FitGroup:
         self.coordinator: Any = None
         self.thread: threading.Thread | None = None
         self.error: BaseException | None = None
-        self.started_at = self.first_phase_at = None
         self._next_id = 0
 
     # -- lifecycle ------------------------------------------------------------------------
@@ -137,7 +136,9 @@ class FitGroup:
         from raykd.train.fit import ensure_ray, runs_dir
 
         ensure_ray()
-        self.started_at = time.perf_counter()
+        if self.coordinator is not None:  # restarted after a failed trainer: a fresh queue
+            ray.kill(self.coordinator)
+        self.error = None
         self.coordinator = ray.remote(num_cpus=0, max_concurrency=64)(FitCoordinator).remote()
         t = self.cfg.train
         trainer = TorchTrainer(
@@ -210,8 +211,6 @@ class FitGroup:
                 seen += len(epochs)
                 on_epochs(epochs)
             if result is not None:
-                if self.first_phase_at is None:
-                    self.first_phase_at = time.perf_counter()
                 return result
             if not self.alive:
                 # The trainer ended before this phase finished: a worker error beyond
