@@ -150,6 +150,13 @@ class DistillConfig(Section):
         return [LossTermConfig(name="ce", weight=1.0 - self.alpha),
                 LossTermConfig(name="kd", weight=self.alpha)]
 
+    def layer_paths(self, side: Literal["student", "teacher"]) -> list[str]:
+        """The module paths the terms hook on one side, each once, in order of first use."""
+        paths: list[str] = []
+        for term in self.terms():
+            paths += [p for p in getattr(term, f"{side}_layers") if p not in paths]
+        return paths
+
 
 class TrainConfig(Section):
     epochs: int = Field(20, ge=1)

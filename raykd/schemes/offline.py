@@ -145,8 +145,9 @@ def run_distill(cfg: RaykdConfig, *, baseline: bool = False, config_path: str | 
     uri = tracking.resolve_tracking_uri(cfg.tracking.uri)
     ensure_ray()
     started = time.perf_counter()
-    # One worker group runs the teacher, student and baseline fits in turn (fit_session).
-    with fit_session(cfg, run_name), tracking.tracked_run(
+    # One worker group runs the teacher, student and baseline fits in turn (fit_session); it
+    # starts now, so its workers come up while this process sets up MLflow.
+    with fit_session(cfg, run_name, start=True), tracking.tracked_run(
             uri, cfg.tracking.experiment, run_name, parent_run_id,
             {"raykd.scheme": "offline"}) as parent:
         log_config(uri, parent, cfg, config_path)
@@ -160,8 +161,10 @@ def run_distill(cfg: RaykdConfig, *, baseline: bool = False, config_path: str | 
             teacher["forward_samples"] = teacher_stats(service)["forward_samples"]
         finally:  # one actor per job; the cache on disk and the driver-owned shards outlive it
             stop_teacher(service)  # killed AND its name released: a next run starts afresh
-        teacher.setdefault("accuracy", evaluate_checkpoints(sources, cfg, uri))
-        teacher.setdefault("params", count_checkpoint_params(sources[0], uri))
+        if teacher.get("accuracy") is None:  # a given teacher: measured here, once
+            teacher["accuracy"] = evaluate_checkpoints(sources, cfg, uri)
+        if not teacher.get("params"):
+            teacher["params"] = count_checkpoint_params(sources[0], uri)
         summary: dict[str, Any] = {"teacher": teacher, "student": student}
         if baseline:
             summary["baseline"] = run_student(cfg, "baseline", uri, parent)

@@ -18,13 +18,6 @@ class TeacherService:
     name: str | None = None  # the actor's name (namespace ``raykd``)
 
 
-def teacher_feature_paths(cfg: RaykdConfig) -> list[str]:
-    paths: list[str] = []
-    for term in cfg.distill.terms():
-        paths += [p for p in term.teacher_layers if p not in paths]
-    return paths
-
-
 def ensure_teacher(cfg: RaykdConfig, sources: list[str], tracking_uri: str, attempts: int = 5):
     """The job's actor with its cache ensured. ``get_if_exists`` can hand back an actor that an
     earlier run of this job has just killed (its name is released asynchronously): then wait
@@ -57,7 +50,7 @@ def serve_teacher(cfg: RaykdConfig, sources: list[str], tracking_uri: str,
     actor, cache = ensure_teacher(cfg, sources, tracking_uri)
     name = actor_name(cfg, sources)
     if cfg.teacher.mode == "online":
-        paths = teacher_feature_paths(cfg)
+        paths = cfg.distill.layer_paths("teacher")
         shapes = ray.get(actor.feature_shapes.remote(paths)) if paths else {}
         return TeacherService(actor, TeacherHandoff(mode="online", actor=actor,
                                                     feature_shapes=shapes), cache, name)

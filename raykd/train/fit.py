@@ -109,10 +109,11 @@ _SESSION: list = []  # the innermost fit_session's group
 
 
 @contextmanager
-def fit_session(cfg: RaykdConfig, name: str = "job") -> Iterator:
-    """Every ``fit()`` inside shares one worker group, started at the first fit and closed on
-    exit, instead of one group per fit (the per-fit start is most of a small job's time).
-    Fits whose scaling (workers, GPUs, CPUs, max_failures) differs get their own group."""
+def fit_session(cfg: RaykdConfig, name: str = "job", start: bool = False) -> Iterator:
+    """Every ``fit()`` inside shares one worker group, started at the first fit (or at once
+    with ``start``) and closed on exit, instead of one group per fit (the per-fit start is most
+    of a small job's time). Fits whose scaling (workers, GPUs, CPUs, max_failures) differs get
+    their own group."""
     from raykd.train.group import FitGroup, scaling_key
 
     if _SESSION and _SESSION[-1].key == scaling_key(cfg):  # a scheme inside a scheme
@@ -122,6 +123,8 @@ def fit_session(cfg: RaykdConfig, name: str = "job") -> Iterator:
     _SESSION.append(group)
     failed = True
     try:
+        if start:
+            group.start()
         yield group
         failed = False
     finally:

@@ -107,15 +107,6 @@ def _make_optimizer(params, cfg: RaykdConfig, lr: float) -> torch.optim.Optimize
     return cls(params, lr=lr, weight_decay=t.weight_decay)
 
 
-def _feature_paths(distill: DistillConfig, side: str) -> list[str]:
-    paths: list[str] = []
-    for term in distill.terms():
-        for p in getattr(term, f"{side}_layers"):
-            if p not in paths:
-                paths.append(p)
-    return paths
-
-
 def _restore(model, optimizer, phase_id: int, resume_from=None) -> tuple[int, dict | None]:
     """Resume after a worker failure from Ray Train's latest checkpoint when it belongs to this
     phase (else from ``resume_from``, a checkpoint handed in by a Tune trial); returns the next
@@ -209,7 +200,7 @@ def run_phase(loop: dict[str, Any], phase_id: int, coordinator,
     model.to(device)
 
     handoff = loop.get("teacher") if role == "student" else None
-    s_paths = _feature_paths(plan.distill, "student")
+    s_paths = plan.distill.layer_paths("student")
     _, example, _ = train_ds.get_batch(torch.arange(min(2, len(train_ds))))
     s_shapes = probe_shapes(model, s_paths, example.to(device), "student") if s_paths else {}
     t_shapes = {p: torch.Size(s) for p, s in (handoff.feature_shapes if handoff else {}).items()}
@@ -227,7 +218,7 @@ def run_phase(loop: dict[str, Any], phase_id: int, coordinator,
 
     cached = online = None
     if handoff is not None and handoff.mode == "online":
-        online = OnlineTeacher(handoff, _feature_paths(plan.distill, "teacher"))
+        online = OnlineTeacher(handoff, plan.distill.layer_paths("teacher"))
     elif handoff is not None:
         cached = CachedTeacher(handoff)
     replay = handoff is not None and handoff.mode == "replay"
