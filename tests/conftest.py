@@ -20,10 +20,9 @@ def ray_session():
     if not ray.is_initialized():
         # 4 logical CPUs on 2 cores: a Tune trial driver and the teacher actor can sit beside two
         # training workers. Oversubscription only slows the tests, it never changes results.
-        from raykd.train.fit import init_ray
+        from raykd.train.fit import init_ray, local_ray_options
 
-        init_ray(num_cpus=4, include_dashboard=True, logging_level="WARNING",
-                 log_to_driver=True)
+        init_ray(num_cpus=4, logging_level="WARNING", log_to_driver=True, **local_ray_options())
     yield ray
     ray.shutdown()
 

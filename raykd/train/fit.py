@@ -94,15 +94,31 @@ def ensure_ray() -> None:
         # see its controller, logs "Failed to query Ray Train Controller actor state" every few
         # seconds for the rest of the session and never removes a dead run's placement group.
         # It costs ~2 s of start-up here (7.0-8.2 s against 5.2-6.1 s measured).
-        from raykd import console
-
         import time
 
+        from raykd import console
+
+        address = os.environ.get("RAY_ADDRESS")
         started = time.perf_counter()
-        init_ray(address=os.environ.get("RAY_ADDRESS"), include_dashboard=True,
-                 log_to_driver=True, logging_level=console.ray_logging_level(),
-                 configure_logging=True)
+        init_ray(address=address, log_to_driver=True, logging_level=console.ray_logging_level(),
+                 configure_logging=True, **({} if address else local_ray_options()))
         RAY_START["seconds"] = round(time.perf_counter() - started, 2)
+
+
+def local_ray_options(**runtime_env) -> dict[str, Any]:
+    """``ray.init`` options for a local cluster this process starts: the dashboard on a free
+    port that every worker is told (RAY_API_SERVER_ADDRESS). Ray Train's PlacementGroupCleaner
+    finds the State API by that variable; without it, it scans the machine for Ray clusters and,
+    when it finds more than one (two jobs or test sessions at once), its monitor thread dies
+    with a "Found multiple active Ray instances" traceback on the job's console."""
+    import socket
+
+    with socket.socket() as sock:
+        sock.bind(("127.0.0.1", 0))
+        port = sock.getsockname()[1]
+    env = {**runtime_env.pop("env_vars", {}), "RAY_API_SERVER_ADDRESS": f"http://127.0.0.1:{port}"}
+    return {"include_dashboard": True, "dashboard_host": "127.0.0.1", "dashboard_port": port,
+            "runtime_env": {**runtime_env, "env_vars": env}}
 
 
 _SESSION: list = []  # the innermost fit_session's group
