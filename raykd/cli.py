@@ -178,5 +178,25 @@ def main(argv: list[str] | None = None) -> int:
     return int(summary.get("exit_code", 0)) if isinstance(summary, dict) else 0
 
 
+def run() -> None:
+    """The console script (``raykd``, ``python -m raykd.cli``): ``main()``, then the normal exit
+    handlers (Ray's shutdown of a local cluster, MLflow's and logging's flushes), then no
+    interpreter teardown: tearing down torch, MLflow and Ray's modules took 3.7 s after a job had
+    finished, measured. Registered first, this handler runs last."""
+    import atexit
+    import os
+
+    code = {"rc": 1}
+
+    def exit_now() -> None:
+        sys.stdout.flush()
+        sys.stderr.flush()
+        os._exit(code["rc"])
+
+    atexit.register(exit_now)
+    code["rc"] = main()
+    sys.exit(code["rc"])
+
+
 if __name__ == "__main__":
-    sys.exit(main())
+    run()

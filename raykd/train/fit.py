@@ -105,20 +105,21 @@ def ensure_ray() -> None:
         RAY_START["seconds"] = round(time.perf_counter() - started, 2)
 
 
-def local_ray_options(**runtime_env) -> dict[str, Any]:
+def local_ray_options() -> dict[str, Any]:
     """``ray.init`` options for a local cluster this process starts: the dashboard on a free
-    port that every worker is told (RAY_API_SERVER_ADDRESS). Ray Train's PlacementGroupCleaner
-    finds the State API by that variable; without it, it scans the machine for Ray clusters and,
-    when it finds more than one (two jobs or test sessions at once), its monitor thread dies
-    with a "Found multiple active Ray instances" traceback on the job's console."""
+    port, whose address every Ray process inherits (RAY_API_SERVER_ADDRESS, set here before the
+    raylet starts). Ray Train's PlacementGroupCleaner finds the State API by that variable;
+    without it, it scans the machine for Ray clusters and, when it finds more than one (two jobs
+    or test sessions at once), its monitor thread dies with a "Found multiple active Ray
+    instances" traceback on the job's console. (Not a job ``runtime_env``: that would make every
+    worker process wait for a runtime-env set-up and skip Ray's pre-started workers.)"""
     import socket
 
     with socket.socket() as sock:
         sock.bind(("127.0.0.1", 0))
         port = sock.getsockname()[1]
-    env = {**runtime_env.pop("env_vars", {}), "RAY_API_SERVER_ADDRESS": f"http://127.0.0.1:{port}"}
-    return {"include_dashboard": True, "dashboard_host": "127.0.0.1", "dashboard_port": port,
-            "runtime_env": {**runtime_env, "env_vars": env}}
+    os.environ["RAY_API_SERVER_ADDRESS"] = f"http://127.0.0.1:{port}"
+    return {"include_dashboard": True, "dashboard_host": "127.0.0.1", "dashboard_port": port}
 
 
 _SESSION: list = []  # the innermost fit_session's group
