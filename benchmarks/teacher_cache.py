@@ -401,10 +401,11 @@ def digits_accuracy(work: Path, args) -> dict[str, Any]:
 LIMITS = {
     "cached_over_plain": "Per step, cached KD adds a gather of B cached rows from the object-store "
     "shard + an fp16→fp32 cast (~B·C·2 bytes) and the KD term's softmax/KL forward and backward "
-    "over B×C logits. Both are O(B·C), independent of the student's size, so the ratio falls "
-    "as the student shrinks and approaches 1 as it grows (student_sweep). kd_in_memory (KD "
-    "whose teacher logits already sit in a tensor) separates the two: cached_over_kd_in_memory "
-    "is the cache's own cost, kd_in_memory_over_plain the loss's.",
+    "over B×C logits (one fused pass, closed-form backward: soft_kl), plus DistillLoss's "
+    "per-term bookkeeping. All are O(B·C) or O(1), independent of the student's size, so the "
+    "ratio falls as the student shrinks and approaches 1 as it grows (student_sweep). "
+    "kd_in_memory (KD whose teacher logits already sit in a tensor) separates the two: "
+    "cached_over_kd_in_memory is the cache's own cost, kd_in_memory_over_plain the loss's.",
     "cached_topk_over_plain": "As cached, plus scattering k values into a dense row per sample.",
     "online_over_plain": "Dominated by the teacher forward (~10× the student's forward, i.e. "
     "about 3× a student training step) plus the Ray round trip: the input batch is serialised "
