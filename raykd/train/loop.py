@@ -291,10 +291,10 @@ def run_phase(loop: dict[str, Any], phase_id: int, coordinator,
         metrics.update(val_accuracy=val_acc, val_loss=val_loss, epoch=epoch,
                        epoch_seconds=seconds, eval_seconds=time.perf_counter() - t1,
                        samples_per_s=reduced["n"] / max(seconds, 1e-9), pretrain=float(pretrain))
-        if _better(metrics, best) or not keep_best:
+        if keep_best and _better(metrics, best):  # "last" needs no copy: it is the model
             best = {"epoch": epoch, "val_accuracy": val_acc, "val_loss": val_loss,
                     "state": {k: v.detach().clone() for k, v in model.state_dict().items()}}
-        metrics.update(best_epoch=best["epoch"], _ended_at=time.time())
+        metrics.update(best_epoch=best["epoch"] if best else epoch, _ended_at=time.time())
         history.append(metrics)
         if rank == 0:  # fire and forget: the driver draws progress and logs to MLflow
             coordinator.epoch.remote(phase_id, metrics)
@@ -310,13 +310,14 @@ def run_phase(loop: dict[str, Any], phase_id: int, coordinator,
                              checkpoint=checkpoint)
     if cached is not None:
         cached.close()
-    if best is None:  # resumed after the last epoch had been checkpointed
-        best = {"epoch": plan.epochs - 1, "state": model.state_dict()}
-    model.load_state_dict(best["state"])
+    kept_epoch = plan.epochs - 1  # the last epoch, or the best one below
+    if best is not None:
+        model.load_state_dict(best["state"])
+        kept_epoch = best["epoch"]
     test_acc = evaluate(model, build_dataset(cfg.data, "test"), device, rank, world)
     result = {"history": history, "params": count_params(model), "role": role,
-              "transfer_size": len(transfer), "init_copied": copied, "best_epoch": best["epoch"],
+              "transfer_size": len(transfer), "init_copied": copied, "best_epoch": kept_epoch,
               "test_accuracy": test_acc, "checkpoints": checkpoints, "started_at": started_at}
     if rank == 0:
-        result["weights"] = checkpoint_bytes(best["state"], spec, info)
+        result["weights"] = checkpoint_bytes(model.state_dict(), spec, info)
     return result
