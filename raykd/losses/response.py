@@ -40,9 +40,10 @@ class _SoftKL(torch.autograd.Function):
 
     Forward: one ``log_softmax`` over the student and teacher rows stacked (one kernel call for
     both sides), the probabilities as its ``exp`` (on CPU from 128 classes: one ``softmax`` of the
-    same stacked rows), the value as Σ p_t·(log p_t − log p_s) summed in place. Backward is the closed form ∂/∂s = T·(softmax(s/T) − softmax(t/T)) / N,
-    computed once in the forward: no autograd graph over the B×C intermediates, and only that
-    one [N, C] tensor is kept for the backward. The teacher gets no gradient.
+    same stacked rows), the value as Σ p_t·(log p_t − log p_s) summed in place. Backward is the
+    closed form ∂/∂s = T·(softmax(s/T) − softmax(t/T)) / N, computed once in the forward: no
+    autograd graph over the B×C intermediates, and only that one [N, C] tensor is kept for the
+    backward. The teacher gets no gradient.
     """
 
     @staticmethod
