@@ -38,15 +38,16 @@ def distilled(ray_session, tmp_path_factory):
 def test_distill_summary_has_every_part(distilled):
     rc, summary, uri, _ = distilled
     assert rc == 0
-    for part in ("teacher", "student", "baseline"):
-        assert 0.0 <= summary[part]["accuracy"] <= 1.0
+    # Floors under what this 2-epoch run measures, the same on every run (2026-12-01: teacher
+    # 94.71%, student 55.15% (T=4, alpha 0.9 learns slowly in 2 epochs), baseline 86.63%).
+    floors = {"teacher": 0.85, "student": 0.45, "baseline": 0.75}
+    for part, floor in floors.items():
+        assert summary[part]["accuracy"] > floor, (part, summary[part]["accuracy"])
         assert summary[part]["params"] > 0
     # The default teacher (512-512 MLP) is far bigger than the 32-unit student.
     assert summary["teacher"]["params"] > 10 * summary["student"]["params"]
     assert summary["student"]["params"] == summary["baseline"]["params"]
     assert summary["mlflow"]["tracking_uri"] == uri
-    # Two epochs on digits already learn far above chance (10%).
-    assert summary["teacher"]["accuracy"] > 0.5
     assert summary["teacher"]["cache"]["status"] == "built"
 
 
