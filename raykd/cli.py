@@ -43,6 +43,23 @@ def build_parser() -> ArgumentParser:
     p.add_argument("action", choices=["build", "inspect", "verify"])
     p.add_argument("path", nargs="?", help="cache folder (inspect/verify)")
     _config_args(p)
+    p = verbs.add_parser("born-again", help="born-again networks: K generations, each taught "
+                                            "by the last, and their ensemble (BAN-E)")
+    _config_args(p)
+    p.add_argument("--generations", type=int, metavar="K",
+                   help="generations after generation 0 (born_again.generations)")
+    p.add_argument("--ensemble-includes-teacher", action="store_true",
+                   help="BAN-E averages generations 0..K instead of 1..K")
+    p.add_argument("--resume", action="store_true",
+                   help="continue the last run of this config after its last finished generation")
+    p = verbs.add_parser("noisy-student", help="Noisy Student self-training over rounds, on "
+                                               "labelled + pseudo-labelled data")
+    _config_args(p)
+    p.add_argument("--rounds", type=int, metavar="R", help="rounds (noisy_student.rounds)")
+    p.add_argument("--baseline", action="store_true",
+                   help="also train round 1's student on the labelled part alone")
+    p.add_argument("--resume", action="store_true",
+                   help="continue the last run of this config after its last finished round")
     verbs.add_parser("losses", help="list the distillation loss terms")
     p = verbs.add_parser("tune", help="Ray Tune search over temperature and loss weights")
     _config_args(p)
@@ -137,6 +154,18 @@ def cmd_tune(args) -> dict[str, Any]:
     return run_tune_command(args)
 
 
+def cmd_born_again(args) -> dict[str, Any]:
+    from raykd.schemes.born_again import run_born_again_command
+
+    return run_born_again_command(args)
+
+
+def cmd_noisy_student(args) -> dict[str, Any]:
+    from raykd.schemes.noisy_student import run_noisy_student_command
+
+    return run_noisy_student_command(args)
+
+
 def cmd_report(args) -> dict[str, Any]:
     from raykd.report import run_report
 
@@ -151,7 +180,8 @@ def cmd_hinton(args) -> dict[str, Any]:
 
 COMMANDS = {"distill": cmd_distill, "train-teacher": cmd_train_teacher, "losses": cmd_losses,
             "cache": cmd_cache, "tune": cmd_tune, "report": cmd_report,
-            "hinton-mnist": cmd_hinton}
+            "hinton-mnist": cmd_hinton, "born-again": cmd_born_again,
+            "noisy-student": cmd_noisy_student}
 
 
 def main(argv: list[str] | None = None) -> int:
@@ -172,7 +202,7 @@ def main(argv: list[str] | None = None) -> int:
     except KeyboardInterrupt:
         print("raykd: interrupted", file=sys.stderr)
         return 130
-    if args.verb not in ("losses", "cache"):
+    if args.verb not in ("losses", "cache", "born-again", "noisy-student"):  # own tables
         print_table(summary)
     _write_summary(summary, getattr(args, "summary", None))
     return int(summary.get("exit_code", 0)) if isinstance(summary, dict) else 0

@@ -39,6 +39,23 @@ class DataConfig(Section):
     image_size: int = Field(8, ge=4)  # synthetic size; imagefolder resize target (set it!)
     channels: int = Field(1, ge=1)  # synthetic only
     num_classes: int = Field(10, ge=2)  # synthetic only
+    # Semi-supervised data: how much of the train split keeps its labels — a count (int) or a
+    # fraction in (0, 1), stratified and seeded by split_seed; the rest is an unlabelled pool
+    # whose labels training never sees (teacher/baseline fits learn the labelled part alone).
+    labelled: int | float | None = None
+
+    @field_validator("labelled")
+    @classmethod
+    def _labelled_amount(cls, value: int | float | None) -> int | float | None:
+        if value is None:
+            return None
+        if isinstance(value, bool) or (isinstance(value, float) and not 0.0 < value < 1.0):
+            raise ValueError(f"{value!r} is not a count or a fraction in (0, 1); give e.g. "
+                             f"1000 (samples) or 0.1 (of the train split)")
+        if isinstance(value, int) and value < 1:
+            raise ValueError(f"{value} labelled samples; give a count >= 1 or a fraction "
+                             f"in (0, 1)")
+        return value
 
     @field_validator("name")
     @classmethod
@@ -85,6 +102,20 @@ def _check_source(value: str) -> str:
         raise ValueError(f"file {value!r} does not exist; give a checkpoint path or an MLflow "
                          f"URI (runs:/RUN_ID/PATH, models:/NAME/VERSION)")
     return str(Path(value).expanduser().resolve())
+
+
+class TransformConfig(Section):
+    """One torchvision ``transforms.v2`` class by name with its keyword arguments."""
+
+    name: str
+    args: dict[str, Any] = Field(default_factory=dict)
+
+    @model_validator(mode="after")
+    def _buildable(self) -> TransformConfig:
+        from raykd.data.augment import build_transform
+
+        build_transform([self])  # raises ValueError naming what is wrong
+        return self
 
 
 class TeacherConfig(ModelConfig):
@@ -143,6 +174,10 @@ class DistillConfig(Section):
     losses: list[LossTermConfig] | None = None
     exclude_classes: list[int] = Field(default_factory=list)  # removed from the transfer set
     include_classes: list[int] | None = None  # transfer set keeps only these classes
+    # With data.labelled: how the teacher labels the unlabelled pool — its distribution (soft)
+    # or its argmax (hard) — and the confidence (max probability) a pool sample needs to be used.
+    pseudo_labels: Literal["soft", "hard"] = "soft"
+    confidence_threshold: float = Field(0.0, ge=0.0, lt=1.0)
 
     def terms(self) -> list[LossTermConfig]:
         if self.losses is not None:
@@ -172,6 +207,8 @@ class TrainConfig(Section):
     schedule: Literal["constant", "cosine"] = "constant"
     jitter: int = Field(0, ge=0)  # ±pixels random translation of student inputs
     flip: bool = False  # random horizontal flips of student inputs (replay mode caches them)
+    # torchvision transforms v2 applied to each student/baseline input (per sample, seeded)
+    augment: list[TransformConfig] = Field(default_factory=list)
     max_failures: int = Field(0, ge=0)  # Ray Train restarts a failed run from its last checkpoint
     # Checkpoints to Ray Train (for restarts): the last epoch always, plus every N epochs
     # (0: none) and whenever this many seconds have passed since the last one (null: never).
@@ -202,6 +239,34 @@ class TuneConfig(Section):
     trial_cpus: float = Field(0.05, gt=0.0)  # the trial driver's share; workers bring their own
 
 
+class BornAgainConfig(Section):
+    """Born-again networks (Furlanello et al. 2018): generation i learns from generation i−1."""
+
+    generations: int = Field(2, ge=1)  # K: generations trained after generation 0
+    # the model of generation 1, 2, ... (the last repeats); empty: the teacher's, as in the paper
+    students: list[ModelConfig] = Field(default_factory=list)
+    ensemble_includes_teacher: bool = False  # BAN-E over generations 0..K instead of 1..K
+
+
+class NoiseConfig(Section):
+    """The student's noise in Noisy Student; the teacher is never noised when it labels."""
+
+    dropout: float | None = Field(None, ge=0.0, lt=1.0)  # sets the student model's `dropout`
+    stochastic_depth: float | None = Field(None, ge=0.0, lt=1.0)  # models that have it
+    augment: list[TransformConfig] = Field(default_factory=list)  # torchvision transforms v2
+
+
+class NoisyStudentConfig(Section):
+    """Noisy Student (Xie et al. 2020): round r's noised student learns labelled + pseudo-labelled
+    data from round r−1's model and becomes the next teacher. Needs data.labelled."""
+
+    rounds: int = Field(2, ge=1)
+    # the student of round 1, 2, ... (the last repeats), each equal to or larger than its
+    # teacher; empty: the student section
+    students: list[ModelConfig] = Field(default_factory=list)
+    noise: NoiseConfig = Field(default_factory=NoiseConfig)
+
+
 class RaykdConfig(Section):
     data: DataConfig = Field(default_factory=DataConfig)
     teacher: TeacherConfig = Field(default_factory=TeacherConfig)
@@ -210,6 +275,8 @@ class RaykdConfig(Section):
     train: TrainConfig = Field(default_factory=TrainConfig)
     tracking: TrackingConfig = Field(default_factory=TrackingConfig)
     tune: TuneConfig | None = None
+    born_again: BornAgainConfig | None = None
+    noisy_student: NoisyStudentConfig | None = None
 
     def to_dict(self) -> dict[str, Any]:
         return self.model_dump(mode="json")
@@ -232,8 +299,13 @@ class RaykdConfig(Section):
                 teacher.pop(key)
         if self.train.checkpoint_seconds is None:
             raw["train"].pop("checkpoint_seconds")
-        if raw.get("tune") is None:
-            raw.pop("tune", None)
+        for section in ("tune", "born_again", "noisy_student"):
+            if raw.get(section) is None:
+                raw.pop(section, None)
+        if self.data.labelled is None:
+            raw["data"].pop("labelled")
+            raw["distill"].pop("pseudo_labels")
+            raw["distill"].pop("confidence_threshold")
         if tracking_uri is not None:
             raw["tracking"]["uri"] = tracking_uri
         return raw

@@ -36,6 +36,12 @@ def preflight(cfg: RaykdConfig, roles: tuple[str, ...] = ("teacher", "student"))
     from raykd.models.hooks import probe_shapes
 
     info = dataset_info(cfg.data)
+    if cfg.data.labelled is not None:
+        _check_labelled(cfg)
+    if info.sizes.get("val", 0) == 0 and cfg.train.keep_checkpoint == "best":
+        raise ConfigError("train.keep_checkpoint: 'best' chooses the epoch on the validation "
+                          "split, which is empty (data.val_fraction=0); set "
+                          "train.keep_checkpoint=last")
     x = torch.zeros(2, *info.input_shape)
     teacher = _teacher_model(cfg, info)
     student = build_model(cfg.student, info, field="student")
@@ -61,3 +67,15 @@ def preflight(cfg: RaykdConfig, roles: tuple[str, ...] = ("teacher", "student"))
         from raykd.models.init import init_student_from_teacher
 
         init_student_from_teacher(student, teacher)
+
+
+def _check_labelled(cfg: RaykdConfig) -> None:
+    from raykd.data.labelled import labelled_split
+
+    labelled_split(cfg.data)  # a count larger than the train split: one line
+    if cfg.distill.exclude_classes or cfg.distill.include_classes is not None:
+        raise ConfigError("distill.exclude_classes: class filters need every label, but "
+                          "data.labelled hides the pool's; unset one of them")
+    if cfg.teacher.mode != "cached":
+        raise ConfigError(f"teacher.mode: data.labelled pseudo-labels the pool from the "
+                          f"teacher's cache; set teacher.mode=cached (not {cfg.teacher.mode})")

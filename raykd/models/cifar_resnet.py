@@ -12,6 +12,8 @@ from __future__ import annotations
 import torch
 from torch import nn
 
+from raykd.models.args import Probability
+
 
 class BasicBlock(nn.Module):
     """Post-activation residual block: ``relu2(bn2(conv2(relu1(bn1(conv1(x))))) + shortcut(x))``.
@@ -20,8 +22,15 @@ class BasicBlock(nn.Module):
     pre-activation output — RepDistiller's ``preact`` feature used by Activation Boundaries.
     """
 
-    def __init__(self, in_planes: int, planes: int, stride: int):
+    def __init__(self, in_planes: int, planes: int, stride: int, drop: float = 0.0):
         super().__init__()
+        # Stochastic depth (Huang et al. 2016): the residual branch is dropped per sample while
+        # training; absent at 0, so the state dict and the hook paths are those of a plain block.
+        self.drop = None
+        if drop > 0:
+            from torchvision.ops import StochasticDepth  # torchvision only when asked for
+
+            self.drop = StochasticDepth(drop, "row")
         self.conv1 = nn.Conv2d(in_planes, planes, 3, stride=stride, padding=1, bias=False)
         self.bn1 = nn.BatchNorm2d(planes)
         self.relu1 = nn.ReLU()
@@ -35,6 +44,8 @@ class BasicBlock(nn.Module):
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:
         out = self.bn2(self.conv2(self.relu1(self.bn1(self.conv1(x)))))
+        if self.drop is not None:
+            out = self.drop(out)
         shortcut = x if self.downsample is None else self.downsample(x)
         return self.relu2(out + shortcut)
 
@@ -52,7 +63,7 @@ class CifarResNet(nn.Module):
     """
 
     def __init__(self, depth: int, filters: tuple[int, int, int, int], in_channels: int,
-                 num_classes: int):
+                 num_classes: int, stochastic_depth: float = 0.0):
         super().__init__()
         if (depth - 2) % 6:
             raise ValueError(f"CIFAR ResNet depth must be 6n+2, got {depth}")
@@ -61,9 +72,11 @@ class CifarResNet(nn.Module):
         self.conv1 = nn.Conv2d(in_channels, filters[0], 3, padding=1, bias=False)
         self.bn1 = nn.BatchNorm2d(filters[0])
         self.relu = nn.ReLU()
-        self.layer1 = _stage(filters[0], filters[1], blocks, stride=1)
-        self.layer2 = _stage(filters[1], filters[2], blocks, stride=2)
-        self.layer3 = _stage(filters[2], filters[3], blocks, stride=2)
+        # The linear decay rule: block b of n drops its branch with p·b/n (the last one p).
+        drops = [stochastic_depth * (b + 1) / (3 * blocks) for b in range(3 * blocks)]
+        self.layer1 = _stage(filters[0], filters[1], blocks, 1, drops[:blocks])
+        self.layer2 = _stage(filters[1], filters[2], blocks, 2, drops[blocks:2 * blocks])
+        self.layer3 = _stage(filters[2], filters[3], blocks, 2, drops[2 * blocks:])
         self.avgpool = nn.AdaptiveAvgPool2d(1)
         self.flatten = nn.Flatten()
         self.fc = nn.Linear(filters[3], num_classes)
@@ -80,10 +93,11 @@ class CifarResNet(nn.Module):
         return self.fc(self.flatten(self.avgpool(x)))
 
 
-def _stage(in_planes: int, planes: int, blocks: int, stride: int) -> nn.Sequential:
+def _stage(in_planes: int, planes: int, blocks: int, stride: int, drops: list[float]
+           ) -> nn.Sequential:
     # Only the first block changes resolution / width; the rest keep it.
-    return nn.Sequential(BasicBlock(in_planes, planes, stride),
-                         *(BasicBlock(planes, planes, 1) for _ in range(blocks - 1)))
+    return nn.Sequential(BasicBlock(in_planes, planes, stride, drops[0]),
+                         *(BasicBlock(planes, planes, 1, drops[j]) for j in range(1, blocks)))
 
 
 # name → (depth, filters), exactly the RepDistiller / mdistiller table.
@@ -100,6 +114,8 @@ CIFAR_RESNETS: dict[str, tuple[int, tuple[int, int, int, int]]] = {
 }
 
 
-def build_cifar_resnet(info, *, depth: int, filters: tuple[int, int, int, int]) -> CifarResNet:
-    """``depth`` and ``filters`` are fixed per registry name (not user arguments)."""
-    return CifarResNet(depth, filters, info.input_shape[0], info.num_classes)
+def build_cifar_resnet(info, *, depth: int, filters: tuple[int, int, int, int],
+                       stochastic_depth: Probability = 0.0) -> CifarResNet:
+    """``depth`` and ``filters`` are fixed per registry name (not user arguments);
+    ``stochastic_depth`` is the last block's drop probability (Noisy Student's noise)."""
+    return CifarResNet(depth, filters, info.input_shape[0], info.num_classes, stochastic_depth)

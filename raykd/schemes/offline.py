@@ -16,9 +16,9 @@ from raykd import tracking
 from raykd.config import RaykdConfig, dump_yaml
 
 
-def evaluate_checkpoints(sources: list[str], cfg: RaykdConfig, tracking_uri: str,
-                         split: str = "test", fallback=None) -> float:
-    """Accuracy of one model or an ensemble (averaged logits) on a split, in the driver."""
+def predict_checkpoints(sources: list[str], cfg: RaykdConfig, tracking_uri: str,
+                        split: str = "test", fallback=None) -> tuple[torch.Tensor, torch.Tensor]:
+    """Every model's logits on a split, in the driver: ([models, N, C] float32, labels [N])."""
     from raykd.data import build_dataset
     from raykd.teacher.loading import local_checkpoint
     from raykd.train.checkpoint import load_model
@@ -26,13 +26,21 @@ def evaluate_checkpoints(sources: list[str], cfg: RaykdConfig, tracking_uri: str
     ds = build_dataset(cfg.data, split)
     models = [load_model(local_checkpoint(s, tracking_uri), fallback or cfg.teacher, ds.info)
               for s in sources]
-    correct = 0
+    out = []
     with torch.inference_mode():
         for chunk in torch.arange(len(ds)).split(1024):
-            _, x, y = ds.get_batch(chunk)
-            logits = torch.stack([m(x) for m in models]).mean(0)
-            correct += int((logits.argmax(-1) == y).sum())
-    return correct / max(len(ds), 1)
+            _, x, _ = ds.get_batch(chunk)
+            out.append(torch.stack([m.eval()(x).float() for m in models]))
+    if not out:
+        return torch.empty(len(models), 0, ds.info.num_classes), ds.labels
+    return torch.cat(out, dim=1), ds.labels
+
+
+def evaluate_checkpoints(sources: list[str], cfg: RaykdConfig, tracking_uri: str,
+                         split: str = "test", fallback=None) -> float:
+    """Accuracy of one model or an ensemble (averaged logits) on a split, in the driver."""
+    logits, labels = predict_checkpoints(sources, cfg, tracking_uri, split, fallback)
+    return float((logits.mean(0).argmax(-1) == labels).float().mean()) if len(labels) else 0.0
 
 
 def count_checkpoint_params(source: str, tracking_uri: str) -> int:
@@ -56,15 +64,16 @@ def log_config(uri: str, run_id: str, cfg: RaykdConfig, config_path: str | None)
             tracking.log_artifact(uri, run_id, config_path, "config")
 
 
-def train_teacher(cfg: RaykdConfig, uri: str, parent_run_id: str | None) -> dict[str, Any]:
+def train_teacher(cfg: RaykdConfig, uri: str, parent_run_id: str | None,
+                  name: str = "teacher", tags: dict[str, Any] | None = None) -> dict[str, Any]:
     """Train the teacher with Ray Train; checkpoint logged to MLflow. Returns its summary part."""
     from raykd.train.fit import fit
 
-    with tracking.tracked_run(uri, cfg.tracking.experiment, "teacher", parent_run_id,
-                              {"raykd.role": "teacher"}) as run_id:
+    with tracking.tracked_run(uri, cfg.tracking.experiment, name, parent_run_id,
+                              {"raykd.role": "teacher", **(tags or {})}) as run_id:
         if parent_run_id is None:
             log_config(uri, run_id, cfg, None)
-        result = fit(cfg, "teacher", tracking_uri=uri, run_id=run_id, name="teacher")
+        result = fit(cfg, "teacher", tracking_uri=uri, run_id=run_id, name=name)
         weights = str(result.checkpoint / "model.safetensors")
         tracking.log_artifact(uri, run_id, weights, "teacher")
         acc = result.test_accuracy
@@ -104,14 +113,15 @@ def obtain_teacher(cfg: RaykdConfig, uri: str, parent: str) -> tuple[list[str], 
 
 
 def run_student(cfg: RaykdConfig, role: str, uri: str, parent: str, teacher=None,
-                name: str | None = None, init_from: str | None = None) -> dict[str, Any]:
+                name: str | None = None, init_from: str | None = None,
+                tags: dict[str, Any] | None = None) -> dict[str, Any]:
     """Fit a student (or the baseline), evaluate it on test, log it; return its summary part."""
     from raykd.data import dataset_info
     from raykd.train.fit import fit
 
     name = name or role
     with tracking.tracked_run(uri, cfg.tracking.experiment, name, parent,
-                              {"raykd.role": role}) as run_id:
+                              {"raykd.role": role, **(tags or {})}) as run_id:
         start = time.perf_counter()
         result = fit(cfg, role, tracking_uri=uri, run_id=run_id, teacher=teacher, name=name,
                      init_from=init_from)
@@ -125,6 +135,7 @@ def run_student(cfg: RaykdConfig, role: str, uri: str, parent: str, teacher=None
     return {"accuracy": acc, "params": result.params, "run_id": run_id, "checkpoint": weights,
             **_fit_part(result),
             "history": result.history, "transfer_size": result.transfer_size,
+            "transfer": result.transfer,
             "init_copied": result.init_copied,
             "train_seconds": round(final["train_seconds"], 2)}
 

@@ -36,6 +36,7 @@ class FitResult:
     checkpoints: list[int] = field(default_factory=list)  # epochs checkpointed to Ray Train
     wall_seconds: float = 0.0
     worker_start_seconds: float = 0.0  # submitted → the phase began on the workers
+    transfer: dict[str, int] = field(default_factory=dict)  # labelled / pool / pseudo_labelled
 
     @property
     def epoch_overhead_seconds(self) -> float | None:
@@ -201,6 +202,7 @@ def fit(cfg: RaykdConfig, role: str, *, tracking_uri: str | None = None,
     return FitResult(role=role, checkpoint=weights.parent, history=ret.get("history", []),
                      params=int(ret.get("params", 0)), run_id=run_id,
                      transfer_size=int(ret.get("transfer_size", 0)),
+                     transfer=ret.get("transfer", {}),
                      init_copied=ret.get("init_copied", []),
                      test_accuracy=ret.get("test_accuracy"), best_epoch=ret.get("best_epoch"),
                      checkpoints=ret.get("checkpoints", []),

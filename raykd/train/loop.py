@@ -80,7 +80,7 @@ def evaluate_split(model: nn.Module, dataset, device, rank: int = 0, world: int 
     was_training = model.training
     model.eval()
     correct = total = loss = 0.0
-    idx_all = torch.arange(rank, len(dataset), world)
+    idx_all = torch.arange(len(dataset))[rank::world]  # empty for a rank past the end
     for chunk in idx_all.split(batch_size):
         _, x, y = dataset.get_batch(chunk)
         logits = model(x.to(device))
@@ -224,8 +224,15 @@ def run_phase(loop: dict[str, Any], phase_id: int, coordinator,
     replay = handoff is not None and handoff.mode == "replay"
     views = handoff.spec.views if replay else 1
 
-    transfer = (train_ds.subset_indices(cfg.distill.include_classes, cfg.distill.exclude_classes)
-                if role == "student" else torch.arange(len(train_ds)))
+    from raykd.train.transfer import transfer_set
+
+    tset = transfer_set(cfg, role, cached)
+    train_ds, transfer = tset.dataset, tset.indices  # with data.labelled: pool labels hidden
+    augment_v2 = None
+    if role != "teacher" and cfg.train.augment:
+        from raykd.data.augment import build_transform
+
+        augment_v2 = build_transform(cfg.train.augment)
     sampler = torch.utils.data.DistributedSampler(range(len(transfer)), num_replicas=world,
                                                   rank=rank, shuffle=True, seed=cfg.train.seed)
     history: list[dict[str, float]] = []
@@ -254,11 +261,17 @@ def run_phase(loop: dict[str, Any], phase_id: int, coordinator,
             elif plan.jitter or (role != "teacher" and cfg.train.flip):
                 seeds = torch.randint(0, 2**62, (len(idx),), generator=gen)
                 x = augment(x, seeds, plan.jitter, cfg.train.flip and role != "teacher")
+            if augment_v2 is not None:
+                from raykd.data.augment import apply_transform
+
+                x = apply_transform(x, torch.randint(0, 2**62, (len(idx),), generator=gen),
+                                    augment_v2)
             t_logits, t_feats = None, {}
             if cached is not None:
                 t_logits = cached.logits(idx, view)
                 if b + 1 < len(batches):
                     cached.prefetch(batches[b + 1])
+                y, t_logits = tset.targets(idx, y, t_logits)
             elif online is not None:
                 t_logits, t_feats = online.forward(x)
             x, y = x.to(device), y.to(device)
@@ -316,7 +329,8 @@ def run_phase(loop: dict[str, Any], phase_id: int, coordinator,
         kept_epoch = best["epoch"]
     test_acc = evaluate(model, build_dataset(cfg.data, "test"), device, rank, world)
     result = {"history": history, "params": count_params(model), "role": role,
-              "transfer_size": len(transfer), "init_copied": copied, "best_epoch": kept_epoch,
+              "transfer_size": len(transfer), "transfer": tset.counts, "init_copied": copied,
+              "best_epoch": kept_epoch,
               "test_accuracy": test_acc, "checkpoints": checkpoints, "started_at": started_at}
     if rank == 0:
         result["weights"] = checkpoint_bytes(model.state_dict(), spec, info)

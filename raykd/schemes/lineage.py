@@ -1,0 +1,193 @@
+"""The lineage of a generational scheme (born-again, Noisy Student) in MLflow.
+
+One parent run per scheme, tagged ``raykd.scheme`` and ``raykd.lineage_key`` (a hash of the
+config, generation count left out). One child run per generation (``raykd.generation``) or round
+(``raykd.round``), tagged with ``raykd.teacher_run_id`` (the run of the model that taught it),
+``raykd.cache_key`` (the teacher cache it read) and, once finished, ``raykd.checkpoint`` (where its
+weights are). ``--resume`` finds the newest parent with the same key and continues after its
+last finished member: finished members are read back from these tags, never retrained.
+"""
+
+from __future__ import annotations
+
+import hashlib
+import json
+import tempfile
+from contextlib import contextmanager
+from dataclasses import asdict, dataclass, field
+from pathlib import Path
+from typing import Any
+
+from raykd import tracking
+from raykd.config import RaykdConfig
+
+MEMBER_TAG = {"born-again": "raykd.generation", "noisy-student": "raykd.round"}
+MEMBER_WORD = {"born-again": "generation", "noisy-student": "round"}
+# What does not change the models a lineage trains: how long it runs, where it logs, restarts.
+_KEY_IGNORES = {("born_again", "generations"), ("noisy_student", "rounds"),
+                ("train", "max_failures"), ("train", "checkpoint_every"),
+                ("train", "checkpoint_seconds"), ("tracking", "uri")}
+
+
+@dataclass
+class Member:
+    """One generation / round: its run, its teacher's run, its weights and its accuracy."""
+
+    index: int
+    run_id: str
+    teacher_run_id: str | None
+    source: str  # weights as the next teacher reads them: runs:/ URI or the given checkpoint
+    accuracy: float | None = None
+    params: int | None = None
+    cache_key: str | None = None
+    resumed: bool = False  # finished in an earlier, interrupted run of the same lineage
+    fit: dict[str, Any] = field(default_factory=dict)  # timings, transfer set, best epoch...
+
+
+def lineage_key(cfg: RaykdConfig, scheme: str) -> str:
+    raw = cfg.to_dict()
+    for section, key in _KEY_IGNORES:
+        if isinstance(raw.get(section), dict):
+            raw[section].pop(key, None)
+    blob = json.dumps({"scheme": scheme, "config": raw}, sort_keys=True, default=str)
+    return hashlib.sha256(blob.encode()).hexdigest()[:20]
+
+
+def member_tags(scheme: str, index: int, teacher_run_id: str | None,
+                cache_key: str | None) -> dict[str, str]:
+    return {MEMBER_TAG[scheme]: str(index), "raykd.teacher_run_id": teacher_run_id or "",
+            "raykd.cache_key": cache_key or ""}
+
+
+@dataclass
+class Lineage:
+    uri: str
+    scheme: str
+    parent: str  # the parent run id
+    finished: dict[int, Member]  # members read back from an interrupted run (--resume)
+
+    @property
+    def word(self) -> str:
+        return MEMBER_WORD[self.scheme]
+
+    def record(self, member: Member) -> None:
+        """Mark ``member`` finished: where its weights are, so a resume can pick it up."""
+        tracking.set_tags(self.uri, member.run_id, {"raykd.checkpoint": member.source})
+
+
+def _finished_members(uri: str, experiment: str, scheme: str, parent: str) -> dict[int, Member]:
+    """The longest run of finished members 0, 1, 2... under ``parent``; the children of the
+    interrupted run that never finished are marked KILLED."""
+    tag = MEMBER_TAG[scheme]
+    children = tracking.search_runs(uri, experiment,
+                                    f"tags.`mlflow.parentRunId` = '{parent}'", max_results=1000)
+    found: dict[int, Member] = {}
+    for run in children:
+        tags, status = run.data.tags, run.info.status
+        if tag not in tags or not tags[tag].isdigit():
+            continue
+        if status == "RUNNING":  # its driver died mid-fit
+            tracking.end_run(uri, run.info.run_id, "KILLED")
+            continue
+        if status != "FINISHED" or not tags.get("raykd.checkpoint"):
+            continue
+        index = int(tags[tag])
+        metrics = run.data.metrics
+        found.setdefault(index, Member(
+            index=index, run_id=run.info.run_id,
+            teacher_run_id=tags.get("raykd.teacher_run_id") or None,
+            source=tags["raykd.checkpoint"], accuracy=metrics.get("test_accuracy"),
+            params=int(metrics["params"]) if "params" in metrics else None,
+            cache_key=tags.get("raykd.cache_key") or None, resumed=True))
+    out: dict[int, Member] = {}
+    while len(out) in found:  # a gap means the chain broke there: continue from it
+        out[len(out)] = found[len(out)]
+    return out
+
+
+@contextmanager
+def lineage_run(uri: str, cfg: RaykdConfig, scheme: str, resume: bool, name: str):
+    """The scheme's parent run (new, or with ``resume`` the newest one with this config's key,
+    re-opened) as a :class:`Lineage`; FINISHED at the end, FAILED / KILLED on an exception."""
+    key = lineage_key(cfg, scheme)
+    experiment = cfg.tracking.experiment
+    parent, finished = None, {}
+    if resume:
+        runs = tracking.search_runs(
+            uri, experiment, f"tags.`raykd.scheme` = '{scheme}' and "
+                             f"tags.`raykd.lineage_key` = '{key}'",
+            order_by=["attributes.start_time DESC"], max_results=1)
+        if runs:
+            parent = runs[0].info.run_id
+            tracking.client(uri).update_run(parent, status="RUNNING")
+            finished = _finished_members(uri, experiment, scheme, parent)
+            print(f"raykd: resuming {scheme} run {parent}: {len(finished)} finished "
+                  f"{MEMBER_WORD[scheme]}(s) kept", flush=True)
+        else:
+            print(f"raykd: --resume: no earlier {scheme} run with this config in experiment "
+                  f"{experiment!r}; starting from {MEMBER_WORD[scheme]} 0", flush=True)
+    if parent is None:
+        parent = tracking.start_run(uri, experiment, name, None,
+                                    {"raykd.scheme": scheme, "raykd.lineage_key": key})
+    try:
+        yield Lineage(uri, scheme, parent, finished)
+    except KeyboardInterrupt:
+        tracking.end_run(uri, parent, "KILLED")
+        raise
+    except BaseException:
+        tracking.end_run(uri, parent, "FAILED")
+        raise
+    tracking.end_run(uri, parent)
+
+
+def member_row(scheme: str, m: Member) -> dict[str, Any]:
+    """A member as the summary lists it."""
+    word = MEMBER_WORD[scheme]
+    row = {word: m.index, "accuracy": m.accuracy, "params": m.params, "run_id": m.run_id,
+           "teacher_run_id": m.teacher_run_id, "checkpoint": m.source, "cache_key": m.cache_key,
+           "resumed": m.resumed}
+    return {**row, **{k: v for k, v in m.fit.items() if k not in row}}
+
+
+def markdown(scheme: str, members: list[Member], extra_rows: list[tuple[str, float, str]] = ()
+             ) -> str:
+    word = MEMBER_WORD[scheme]
+    lines = [f"| {word} | run | taught by | test accuracy | params | cache key |",
+             "|---|---|---|---|---|---|"]
+    for m in members:
+        acc = "" if m.accuracy is None else f"{m.accuracy * 100:.2f}%"
+        lines.append(f"| {m.index}{' (resumed)' if m.resumed else ''} | {m.run_id[:8]} | "
+                     f"{(m.teacher_run_id or '—')[:8]} | {acc} | {m.params or 0:,} | "
+                     f"{(m.cache_key or '—')[:12]} |")
+    for label, acc, note in extra_rows:
+        lines.append(f"| {label} | | {note} | {acc * 100:.2f}% | | |")
+    return "\n".join(lines) + "\n"
+
+
+def log_lineage(lineage: Lineage, members: list[Member], lines: dict[str, float],
+                table: str) -> None:
+    """The parent's plot (test accuracy by generation, ``lines`` as horizontal references, e.g.
+    BAN-E) and markdown table, plus the members as JSON."""
+    import matplotlib
+
+    matplotlib.use("Agg")
+    import matplotlib.pyplot as plt
+
+    word = MEMBER_WORD[lineage.scheme]
+    with tempfile.TemporaryDirectory() as tmp:
+        fig, ax = plt.subplots(figsize=(5, 3.2))
+        xs = [m.index for m in members if m.accuracy is not None]
+        ys = [m.accuracy * 100 for m in members if m.accuracy is not None]
+        ax.plot(xs, ys, "o-", label=f"each {word}")
+        for (label, value), style in zip(lines.items(), ("--", ":", "-."), strict=False):
+            ax.axhline(value * 100, linestyle=style, color="gray", label=label)
+        ax.set_xlabel(word)
+        ax.set_ylabel("test accuracy (%)")
+        ax.set_xticks(xs)
+        ax.legend(fontsize=7)
+        fig.tight_layout()
+        fig.savefig(Path(tmp) / "lineage.png", dpi=120)
+        plt.close(fig)
+        tracking.log_artifact(lineage.uri, lineage.parent, Path(tmp) / "lineage.png")
+    tracking.log_text(lineage.uri, lineage.parent, table, "lineage.md")
+    tracking.log_dict(lineage.uri, lineage.parent, [asdict(m) for m in members], "lineage.json")
