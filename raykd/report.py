@@ -103,7 +103,11 @@ def _params_of(run) -> dict[str, str]:
     return dict(run.data.params)
 
 
-def _label(role: str, params: dict[str, str]) -> str:
+def _label(role: str, params: dict[str, str], tags: dict[str, str] | None = None) -> str:
+    for tag, word in (("raykd.generation", "born-again generation"),
+                      ("raykd.round", "noisy-student round")):
+        if (tags or {}).get(tag, "").isdigit():  # a member of a lineage: its place in it
+            return f"{word} {tags[tag]}"
     if role == "teacher":
         return "teacher"
     if role == "baseline":
@@ -134,7 +138,8 @@ def collect_rows(uri: str, experiment: str, work: Path) -> list[dict[str, Any]]:
                 return
             seen_teachers.add(digest)
         desc = describe_weights(weights)
-        rows.append({"role": role, "label": _label(role, params), "run_id": run.info.run_id,
+        rows.append({"role": role, "label": _label(role, params, run.data.tags),
+                     "run_id": run.info.run_id,
                      "run_name": run.info.run_name, "accuracy": accuracy,
                      "seed": params.get("train.seed"), "temperature":
                      params.get("distill.temperature") if role in ("student", "trial") else None,
@@ -293,7 +298,10 @@ def run_report(experiment: str, tracking_uri: str | None, out_dir: str | Path) -
         raise ConfigError(f"--experiment: {experiment!r} has no finished run with a test "
                           f"accuracy and weights (run `raykd distill` or `raykd tune` first)")
     groups = group_rows(rows)
-    text = markdown(experiment, uri, rows, groups)
+    from raykd.schemes.lineage import chain_markdown, read_chains
+
+    chains = read_chains(uri, experiment)
+    text = markdown(experiment, uri, rows, groups) + "\n".join(chain_markdown(chains))
     (out / "report.md").write_text(text)
     (out / "report.json").write_text(json.dumps({"rows": rows, "groups": groups}, indent=2,
                                                 default=str))
@@ -307,5 +315,5 @@ def run_report(experiment: str, tracking_uri: str | None, out_dir: str | Path) -
                        "rows": len(rows)},
             "rows": [{k: v for k, v in r.items() if not (isinstance(v, float) and math.isnan(v))}
                      for r in rows],
-            "groups": groups,
+            "groups": groups, "lineage": chains,
             "mlflow": {"tracking_uri": uri, "run_id": rid, "experiment": experiment}}

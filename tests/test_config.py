@@ -110,6 +110,21 @@ CLI_CASES = [
     ["distill", "--set", "train.keep_checkpoint=first"],
     ["distill", "--set", "train.checkpoint_seconds=0"],
     ["distill", "--set", "train.checkpoint_every=-1"],
+    # generational schemes (issue #16): each line names its field
+    ["born-again", "--generations", "0"],
+    ["born-again", "--set", "born_again.students=[{name: resnet9000}]"],
+    ["born-again", "--set", "teacher.ensemble=[/nope.safetensors]"],
+    ["noisy-student", "--rounds", "-1"],
+    ["noisy-student"],  # no data.labelled
+    ["noisy-student", "--set", "data.labelled=1.5"],
+    ["noisy-student", "--set", "data.labelled=0"],
+    ["noisy-student", "--set", "data.labelled=100000"],
+    ["noisy-student", "--set", "data.labelled=0.1", "--set", "student.args.hidden_sizes=[4]"],
+    ["noisy-student", "--set", "data.labelled=0.1",
+     "--set", "noisy_student.noise.stochastic_depth=0.2"],
+    ["noisy-student", "--set", "data.labelled=0.1", "--set", "teacher.mode=replay"],
+    ["distill", "--set", "train.augment=[{name: RandomWobble}]"],
+    ["distill", "--set", "data.val_fraction=0"],  # keep_checkpoint=best needs a val split
 ]
 
 

@@ -191,3 +191,49 @@ def log_lineage(lineage: Lineage, members: list[Member], lines: dict[str, float]
         tracking.log_artifact(lineage.uri, lineage.parent, Path(tmp) / "lineage.png")
     tracking.log_text(lineage.uri, lineage.parent, table, "lineage.md")
     tracking.log_dict(lineage.uri, lineage.parent, [asdict(m) for m in members], "lineage.json")
+
+
+def read_chains(uri: str, experiment: str) -> list[dict[str, Any]]:
+    """Every born-again / Noisy Student parent run of ``experiment``, newest first, with its
+    members in order (what ``raykd report`` shows): ``{scheme, run_id, status, members: [...]}``.
+    """
+    chains = []
+    parents = tracking.search_runs(uri, experiment, "tags.`raykd.lineage_key` != ''",
+                                   order_by=["attributes.start_time DESC"], max_results=100)
+    for parent in parents:
+        scheme = parent.data.tags.get("raykd.scheme")
+        if scheme not in MEMBER_TAG:
+            continue
+        tag = MEMBER_TAG[scheme]
+        children = tracking.search_runs(
+            uri, experiment, f"tags.`mlflow.parentRunId` = '{parent.info.run_id}'",
+            max_results=1000)
+        members = sorted(({"index": int(c.data.tags[tag]), "run_id": c.info.run_id,
+                           "status": c.info.status,
+                           "teacher_run_id": c.data.tags.get("raykd.teacher_run_id") or None,
+                           "accuracy": c.data.metrics.get("test_accuracy"),
+                           "cache_key": c.data.tags.get("raykd.cache_key") or None}
+                          for c in children if c.data.tags.get(tag, "").isdigit()),
+                         key=lambda m: (m["index"], m["status"] != "FINISHED"))
+        chains.append({"scheme": scheme, "run_id": parent.info.run_id,
+                       "status": parent.info.status, "members": members,
+                       "ensemble": parent.data.metrics.get("ban_e_test_accuracy")})
+    return chains
+
+
+def chain_markdown(chains: list[dict[str, Any]]) -> list[str]:
+    """Lines of the report's lineage section: one chain per parent run, teacher → student."""
+    lines: list[str] = []
+    for chain in chains:
+        word = MEMBER_WORD[chain["scheme"]]
+        lines += ["", f"### {chain['scheme']} `{chain['run_id'][:8]}` ({chain['status']})", "",
+                  f"| {word} | run | taught by | status | test accuracy | cache key |",
+                  "|---:|---|---|---|---:|---|"]
+        for m in chain["members"]:
+            acc = "" if m["accuracy"] is None else f"{m['accuracy'] * 100:.2f}%"
+            lines.append(f"| {m['index']} | `{m['run_id'][:8]}` | "
+                         f"`{(m['teacher_run_id'] or '—')[:8]}` | {m['status']} | {acc} | "
+                         f"{(m['cache_key'] or '—')[:12]} |")
+        if chain["ensemble"] is not None:
+            lines.append(f"| BAN-E | | | | {chain['ensemble'] * 100:.2f}% | |")
+    return ["", "## Lineage (generations and rounds)", *lines] if lines else []

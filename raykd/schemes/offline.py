@@ -81,6 +81,7 @@ def train_teacher(cfg: RaykdConfig, uri: str, parent_run_id: str | None,
                                            "best_epoch": result.best_epoch})
     return {"checkpoint": weights, "accuracy": acc, "params": result.params, "run_id": run_id,
             "mlflow_uri": f"runs:/{run_id}/teacher/model.safetensors",
+            "transfer_size": result.transfer_size, "transfer": result.transfer,
             **_fit_part(result)}
 
 
