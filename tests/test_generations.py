@@ -4,10 +4,14 @@ the lineage key and the per-generation configs."""
 
 from __future__ import annotations
 
+from pathlib import Path
+
 import pytest
 import torch
 
 from raykd.config import ConfigError, load_config
+
+CONFIGS = Path(__file__).resolve().parents[1] / "configs"
 
 
 def test_labelled_split_is_stratified_seeded_and_hides_the_pool():
@@ -147,16 +151,41 @@ def test_generation_and_round_configs():
     from raykd.schemes.born_again import generation_config
     from raykd.schemes.noisy_student import round_config
 
-    cfg = load_config("configs/digits_born_again.yaml",
+    cfg = load_config(CONFIGS / "digits_born_again.yaml",
                       {"born_again.students": [{"name": "mlp", "args": {"hidden_sizes": [64]}}]})
     g1, g2 = generation_config(cfg, 1), generation_config(cfg, 2)
     assert g1.teacher.args == cfg.teacher.args and g1.student.args == {"hidden_sizes": [64]}
     assert g2.teacher.args == {"hidden_sizes": [64]} == g2.student.args  # the last repeats
-    plain = generation_config(load_config("configs/digits_born_again.yaml"), 1)
+    plain = generation_config(load_config(CONFIGS / "digits_born_again.yaml"), 1)
     assert plain.student.name == plain.teacher.name and plain.student.args == plain.teacher.args
 
-    ns = load_config("configs/digits_noisy_student.yaml")
+    ns = load_config(CONFIGS / "digits_noisy_student.yaml")
     r1 = round_config(ns, 1)
     assert r1.student.args["dropout"] == ns.noisy_student.noise.dropout
     assert [t.name for t in r1.train.augment] == ["RandomAffine"]
     assert r1.teacher.args == ns.teacher.args and r1.teacher.checkpoint is None
+
+
+def test_a_given_teacher_is_generation_zero(digits_teacher, mlflow_uri):
+    """``teacher.checkpoint`` as generation 0: its own model (from the file, not the config's
+    teacher section) is the default for generation 1; it is evaluated in the driver and logged
+    as the lineage's first child run."""
+    from mlflow.tracking import MlflowClient
+
+    from raykd.schemes.born_again import generation_config
+    from raykd.schemes.chain import first_member
+    from raykd.schemes.lineage import lineage_run
+
+    cfg = load_config(CONFIGS / "digits_born_again.yaml", {
+        "teacher.checkpoint": str(digits_teacher), "tracking.uri": mlflow_uri})
+    assert cfg.teacher.args["hidden_sizes"] == [256, 256]
+    assert generation_config(cfg, 1).student.args["hidden_sizes"] == [512, 512]
+    with lineage_run(mlflow_uri, cfg, "born-again", False, "ban") as lineage:
+        member = first_member(cfg, mlflow_uri, lineage)
+    assert member.source == str(digits_teacher) and member.teacher_run_id is None
+    assert member.accuracy > 0.85  # the session's 3-epoch digits teacher (about 0.94)
+    run = MlflowClient(tracking_uri=mlflow_uri).get_run(member.run_id)
+    assert run.data.tags["raykd.generation"] == "0"
+    assert run.data.tags["raykd.checkpoint"] == str(digits_teacher)
+    assert run.data.tags["mlflow.parentRunId"] == lineage.parent
+    assert run.data.metrics["test_accuracy"] == pytest.approx(member.accuracy)

@@ -9,6 +9,7 @@ the offline scheme already has: ``train_teacher``, ``serve_teacher``, ``run_stud
 
 from __future__ import annotations
 
+import functools
 from typing import Any
 
 from raykd import tracking
@@ -21,18 +22,25 @@ FIT_KEYS = ("val_accuracy", "best_epoch", "epochs", "wall_seconds", "worker_star
 
 
 def given_model(cfg: RaykdConfig) -> ModelConfig:
-    """The model of a given teacher checkpoint (its file says which), else the teacher section."""
+    """The model of a given teacher checkpoint (its file says which; an MLflow URI is fetched
+    once), else the teacher section."""
     source = cfg.teacher.checkpoint
-    if source and not source.startswith(("runs:/", "models:/", "mlflow-artifacts:/")):
-        from raykd.train.checkpoint import read_checkpoint
+    spec = _checkpoint_spec(source, tracking.resolve_tracking_uri(cfg.tracking.uri)) \
+        if source else None
+    return ModelConfig(**spec) if spec else ModelConfig(name=cfg.teacher.name,
+                                                        args=cfg.teacher.args)
 
-        try:
-            _, spec, _ = read_checkpoint(source)
-        except (OSError, ValueError, RuntimeError):
-            spec = None  # preflight reports an unreadable checkpoint
-        if spec:
-            return ModelConfig(**spec)
-    return ModelConfig(name=cfg.teacher.name, args=cfg.teacher.args)
+
+@functools.lru_cache(maxsize=16)
+def _checkpoint_spec(source: str, uri: str) -> dict | None:
+    from raykd.teacher.loading import local_checkpoint
+    from raykd.train.checkpoint import read_checkpoint
+
+    try:
+        _, spec, _ = read_checkpoint(local_checkpoint(source, uri))
+    except Exception:  # noqa: BLE001 - unreadable: preflight / the actor say why, in one line
+        return None
+    return spec
 
 
 def taught_config(cfg: RaykdConfig, teacher: ModelConfig, student: ModelConfig,
