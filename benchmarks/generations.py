@@ -53,7 +53,7 @@ def run_cli(verb: str, args: list[str], log: Path) -> dict:
 
 
 def members(s: dict, word: str) -> list[dict]:
-    keys = (word, "accuracy", "params", "wall_seconds", "worker_start_seconds",
+    keys = (word[:-1], "accuracy", "params", "wall_seconds", "worker_start_seconds",
             "compute_seconds", "transfer", "epochs")
     return [{k: m.get(k) for k in keys} for m in s[word]]
 
