@@ -1,4 +1,4 @@
-"""What the teacher cache buys: student throughput plain vs cached vs online, cache build vs raw
+"""What the teacher cache buys: student throughput plain vs cached vs live, cache build vs raw
 teacher inference, bytes per sample dense vs top-k, and digits accuracy with top-k vs dense labels.
 
     .venv/bin/python benchmarks/teacher_cache.py --json benchmarks/results/teacher_cache.json
@@ -13,8 +13,8 @@ the thread count Ray gives the teacher actor):
   comparison. Reported as samples/s of the median step (under ``wall_clock``: of the whole run,
   which on a shared machine also holds other jobs' bursts).
   The teacher side is the real pipeline: ``serve_teacher`` starts the Ray teacher actor, cached
-  mode reads driver-owned shard refs through ``CachedTeacher``, online mode calls the actor through
-  ``OnlineTeacher`` (one call per batch). ``online_inprocess`` runs the same teacher in the
+  mode reads driver-owned shard refs through ``CachedTeacher``, live mode calls the actor through
+  ``LiveTeacher`` (one call per batch). ``live_inprocess`` runs the same teacher in the
   training process (no Ray hop) for reference;
 - cache build: ``TeacherActor.ensure_cache()`` (teacher forward, fp16 encoding, memmap writes,
   sha256, atomic publish, reopen) against a bare batched ``inference_mode`` loop over the same
@@ -136,9 +136,9 @@ def cached_fn(cached):
     return teacher
 
 
-def online_fn(online):
+def live_fn(live):
     def teacher(idx, x, nxt):
-        return online.forward(x)
+        return live.forward(x)
     return teacher
 
 
@@ -280,18 +280,18 @@ def measure_throughput(cfg: RaykdConfig, teacher_path: Path, args) -> dict[str, 
     import ray
 
     from raykd.data import dataset_info
-    from raykd.teacher.client import OnlineTeacher
+    from raykd.teacher.client import LiveTeacher
     from raykd.teacher.service import serve_teacher, stop_teacher
     from raykd.train.checkpoint import load_model
 
     src, uri = [str(teacher_path)], cfg.tracking.uri
     cfg_topk = cfg.with_overrides({"teacher.topk": args.topk})
-    cfg_online = cfg.with_overrides({"teacher.mode": "online"})
+    cfg_live = cfg.with_overrides({"teacher.mode": "live"})
     dense = serve_teacher(cfg, src, uri)  # the cache measure_build left behind: reused
     topk = serve_teacher(cfg_topk, src, uri)  # built by the Ray actor (1 torch thread)
-    online = serve_teacher(cfg_online, src, uri)
+    live = serve_teacher(cfg_live, src, uri)
     cached_dense, cached_topk = CachedTeacher(dense.handoff), CachedTeacher(topk.handoff)
-    live = OnlineTeacher(online.handoff, [])
+    live_teacher = LiveTeacher(live.handoff, [])
     local = [load_model(teacher_path, cfg.teacher, dataset_info(cfg.data))]
 
     ce_only = DistillConfig(losses=[LossTermConfig(name="ce")])
@@ -302,8 +302,8 @@ def measure_throughput(cfg: RaykdConfig, teacher_path: Path, args) -> dict[str, 
         "kd_in_memory": (Trainer(cfg, cfg.distill, 0), lambda idx, x, nxt: (in_memory[idx], {})),
         "cached": (Trainer(cfg, cfg.distill, 0), cached_fn(cached_dense)),
         "cached_topk": (Trainer(cfg, cfg.distill, 0), cached_fn(cached_topk)),
-        "online": (Trainer(cfg, cfg.distill, 0), online_fn(live)),
-        "online_inprocess": (Trainer(cfg, cfg.distill, 0), inprocess_fn(local)),
+        "live": (Trainer(cfg, cfg.distill, 0), live_fn(live_teacher)),
+        "live_inprocess": (Trainer(cfg, cfg.distill, 0), inprocess_fn(local)),
     }
     warm = epoch_batches(n, cfg.train.batch_size, 99)[:3]
     for trainer, teacher in modes.values():
@@ -338,7 +338,7 @@ def measure_throughput(cfg: RaykdConfig, teacher_path: Path, args) -> dict[str, 
     out["wall_clock_rounds"] = {m: [round(x, 1) for x in v] for m, v in walls.items()}
     out["per_step_us"] = step_breakdown(cfg, cached_dense, cached_topk)
     stats = {name: ray.get(s.actor.stats.remote()) for name, s in
-             (("dense", dense), ("topk", topk), ("online", online))}
+             (("dense", dense), ("topk", topk), ("live", live))}
     out["dense_bytes_per_sample"] = int(stats["dense"]["bytes_per_sample"])
     out["topk_bytes_per_sample"] = int(stats["topk"]["bytes_per_sample"])
     out["dense_over_topk"] = round(out["dense_bytes_per_sample"] / out["topk_bytes_per_sample"], 2)
@@ -346,8 +346,8 @@ def measure_throughput(cfg: RaykdConfig, teacher_path: Path, args) -> dict[str, 
     out["topk_file_bytes_per_sample"] = file_bytes_per_sample(stats["topk"]["path"], n)
     out["actor_build_samples_per_s_topk"] = stats["topk"].get("samples_per_s")
     out["dense_cache_status_in_throughput_run"] = stats["dense"]["status"]
-    out["online_actor_forward_samples"] = stats["online"]["forward_samples"]
-    for s in (dense, topk, online):
+    out["live_actor_forward_samples"] = stats["live"]["forward_samples"]
+    for s in (dense, topk, live):
         stop_teacher(s)
     cached_dense.close()
     cached_topk.close()
@@ -407,7 +407,7 @@ LIMITS = {
     "kd_in_memory (KD whose teacher logits already sit in a tensor) separates the two: "
     "cached_over_kd_in_memory is the cache's own cost, kd_in_memory_over_plain the loss's.",
     "cached_topk_over_plain": "As cached, plus scattering k values into a dense row per sample.",
-    "online_over_plain": "Dominated by the teacher forward (~10× the student's forward, i.e. "
+    "live_over_plain": "Dominated by the teacher forward (~10× the student's forward, i.e. "
     "about 3× a student training step) plus the Ray round trip: the input batch is serialised "
     "to the actor and the logits back, once per step; the worker waits for it.",
     "build_over_raw": "The teacher forward dominates both; the build adds the fp16 encode, "
@@ -520,7 +520,7 @@ def main(argv: list[str] | None = None) -> int:
         teacher = save_teacher(cfg, work / "teacher.safetensors")
         result: dict[str, Any] = {
             "harness": "single process, the Ray Train loop's step (DistillStep + DistillLoss + "
-                       "CachedTeacher/OnlineTeacher) without Ray Train/DDP; teacher served by the "
+                       "CachedTeacher/LiveTeacher) without Ray Train/DDP; teacher served by the "
                        "real Ray teacher actor (serve_teacher); modes interleaved per round "
                        "(order flipped every round)",
             "estimator": "*_samples_per_s: batch size / median step time within a round, "
@@ -541,7 +541,7 @@ def main(argv: list[str] | None = None) -> int:
         print("cache build vs raw inference ...", flush=True)
         result.update(measure_build(cfg, teacher, args.rounds))
         print(f"  build/raw {result['build_over_raw']}", flush=True)
-        print("student throughput: plain / cached / cached top-k / online ...", flush=True)
+        print("student throughput: plain / cached / cached top-k / live ...", flush=True)
         result.update(measure_throughput(cfg, teacher, args))
         print("student size sweep ...", flush=True)
         result["student_sweep"] = student_sweep(work, cfg, teacher, args)
@@ -558,8 +558,8 @@ def main(argv: list[str] | None = None) -> int:
         shutil.rmtree(work, ignore_errors=True)
     out_path.parent.mkdir(parents=True, exist_ok=True)
     out_path.write_text(json.dumps(result, indent=2) + "\n")
-    keys = ["plain_samples_per_s", "cached_samples_per_s", "online_samples_per_s",
-            "cached_over_plain", "online_over_plain", "build_over_raw", "dense_bytes_per_sample",
+    keys = ["plain_samples_per_s", "cached_samples_per_s", "live_samples_per_s",
+            "cached_over_plain", "live_over_plain", "build_over_raw", "dense_bytes_per_sample",
             "topk_bytes_per_sample", "topk_k", "num_classes"]
     print(json.dumps({k: result[k] for k in keys}, indent=2))
     return 0

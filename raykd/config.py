@@ -125,7 +125,9 @@ class TeacherConfig(ModelConfig):
     epochs: int | None = Field(None, ge=1)  # teacher training; default train.epochs
     lr: float | None = Field(None, gt=0)
     jitter: int = Field(0, ge=0)  # ±pixels random translation while training the teacher
-    mode: Literal["cached", "replay", "online"] = "cached"
+    # cached: soft labels built once; replay: cached augmented views; live: the frozen teacher
+    # runs on each batch (called `online` before issue #17; that name now errors, see below).
+    mode: Literal["cached", "replay", "live"] = "cached"
     views: int = Field(4, ge=1)  # replay mode: cached augmented views per sample
     cache_dir: str | None = None  # default: .raykd_cache/ in the working directory
     cache_dtype: Literal["float16", "bfloat16", "float32"] = "float16"
@@ -143,6 +145,15 @@ class TeacherConfig(ModelConfig):
     @classmethod
     def _ensemble_sources(cls, values: list[str]) -> list[str]:
         return [_check_source(v) for v in values]
+
+    @field_validator("mode", mode="before")
+    @classmethod
+    def _mode_renamed(cls, value: Any) -> Any:
+        if value == "online":
+            raise ValueError("'online' was renamed 'live' (a frozen teacher run on each batch); "
+                             "set teacher.mode=live. Online distillation (peers trained "
+                             "together) is the `raykd online` command")
+        return value
 
 
 class StudentConfig(ModelConfig):

@@ -50,9 +50,9 @@ def preflight(cfg: RaykdConfig, roles: tuple[str, ...] = ("teacher", "student"))
     terms = cfg.distill.terms()
     s_paths = [p for t in terms for p in t.student_layers]
     t_paths = [p for t in terms for p in t.teacher_layers]
-    if t_paths and cfg.teacher.mode != "online":
+    if t_paths and cfg.teacher.mode != "live":
         raise ConfigError(f"teacher.mode: feature losses need teacher features ({t_paths[0]}); "
-                          f"set teacher.mode=online")
+                          f"set teacher.mode=live")
     for c in [*cfg.distill.exclude_classes, *(cfg.distill.include_classes or [])]:
         if not 0 <= c < info.num_classes:
             raise ConfigError(f"distill.exclude_classes: class {c} is outside "

@@ -27,6 +27,10 @@ BAD_OVERRIDES = [
     (["distill.losses=[{name: fitnetz}]"], "distill.losses.0.name: unknown loss 'fitnetz'"),
     (["train.epochs"], "--set train.epochs: expected section.key=value"),
     (["distill.losses.3.weight=1"], "distill.losses"),
+    # issue #17: the frozen teacher run on each batch is `live`; `online` names peers trained
+    # together, so the old value is one error pointing at the new one.
+    (["teacher.mode=online"], "teacher.mode: 'online' was renamed 'live'"),
+    (["teacher.mode=online"], "set teacher.mode=live"),
 ]
 
 
@@ -125,6 +129,7 @@ CLI_CASES = [
     ["noisy-student", "--set", "data.labelled=0.1", "--set", "teacher.mode=replay"],
     ["distill", "--set", "train.augment=[{name: RandomWobble}]"],
     ["distill", "--set", "data.val_fraction=0"],  # keep_checkpoint=best needs a val split
+    ["distill", "--set", "teacher.mode=online"],  # renamed `live` (issue #17)
 ]
 
 

@@ -1,5 +1,5 @@
 """The loss zoo through the real pipeline: a feature term and a relation term together, 2 Ray
-Train workers, the online teacher actor serving features, each term logged to MLflow."""
+Train workers, the live teacher actor serving features, each term logged to MLflow."""
 
 from __future__ import annotations
 
@@ -19,14 +19,14 @@ def test_feature_and_relation_terms_train_together(digits_teacher, workdir, mlfl
     from mlflow.tracking import MlflowClient
 
     rc = main(["distill", "--set", f"teacher.checkpoint={digits_teacher}",
-               "--set", "teacher.mode=online", "--set", "train.epochs=2",
+               "--set", "teacher.mode=live", "--set", "train.epochs=2",
                "--set", "student.args.hidden_sizes=[512]",
                "--set", "student.init_from_teacher=true",
                "--set", f"distill.losses={LOSSES}", "--set", f"tracking.uri={mlflow_uri}",
                "--summary", str(workdir / "s.json")])
     assert rc == 0
     summary = json.loads((workdir / "s.json").read_text())
-    assert summary["teacher"]["cache"]["status"] == "online"
+    assert summary["teacher"]["cache"]["status"] == "live"
     assert "layers.0.linear.weight" in summary["student"]["init_copied"]
     assert summary["student"]["accuracy"] > 0.1  # learned something in two epochs
     client = MlflowClient(tracking_uri=mlflow_uri)
@@ -38,7 +38,7 @@ def test_feature_and_relation_terms_train_together(digits_teacher, workdir, mlfl
         assert all(m.value >= 0 for m in curve), key
     # The (freshly initialised) hint regressor learns: the FitNets term falls over training.
     assert curves["fitnets"][1].value < curves["fitnets"][0].value
-    # The actor ran the teacher on the live batches (online), not from a cache.
+    # Live mode: the actor ran the teacher on each batch, not from a cache.
     assert summary["teacher"]["forward_samples"] > 0
 
 

@@ -1,5 +1,5 @@
 """The teacher actor, driven directly on a real Ray instance: cache reuse, invalidation and repair
-as the actor reports them, shard serving, replay views, online == cached, restarts.
+as the actor reports them, shard serving, replay views, live == cached, restarts.
 
 Teachers are small digits MLPs saved with ``save_checkpoint`` from freshly built models (untrained
 weights teach nothing, but every check here is about which logits are served, not their quality).
@@ -21,7 +21,7 @@ from raykd.data import build_dataset
 from raykd.data.augment import augment, view_seeds
 from raykd.models import build_model
 from raykd.teacher.cache import TeacherCache
-from raykd.teacher.client import (CachedTeacher, OnlineTeacher, TeacherHandoff, replay_inputs,
+from raykd.teacher.client import (CachedTeacher, LiveTeacher, TeacherHandoff, replay_inputs,
                                   replay_view, shard_local_order)
 from raykd.train.checkpoint import load_model, save_checkpoint
 
@@ -176,15 +176,15 @@ def test_reuse_then_corrupt_then_changed_teacher(ray_session, teachers, tmp_path
     stop(changed)
 
 
-# -- serving: online == cached, sharding/prefetch, restarts ----------------------------------
-def test_online_equals_cached_sharded_and_both_survive_restart(ray_session, teachers, tmp_path):
+# -- serving: live == cached, sharding/prefetch, restarts ------------------------------------
+def test_live_equals_cached_sharded_and_both_survive_restart(ray_session, teachers, tmp_path):
     import ray
 
     a, _ = teachers
     cfg = make_cfg(tmp_path, a, **{"teacher.shard_size": 300})
     cached = serve(cfg)
-    online = serve(make_cfg(tmp_path, a, **{"teacher.mode": "online"}))
-    assert online.cache["status"] == "online" and online.handoff.refs == []
+    live = serve(make_cfg(tmp_path, a, **{"teacher.mode": "live"}))
+    assert live.cache["status"] == "live" and live.handoff.refs == []
     assert cached.handoff.bounds == [(0, 300), (300, 600), (600, 900), (900, 1200),
                                      (1200, 1294)]
     ds = build_dataset(cfg.data, "train")
@@ -196,12 +196,12 @@ def test_online_equals_cached_sharded_and_both_survive_restart(ray_session, teac
     from_cache = teacher.logits(idx)
     disk = TeacherCache.open(Path(cached.cache["path"]).parent, cached.handoff.spec)
     assert torch.equal(from_cache, disk.read(idx))  # idx spans all five shards
-    live = OnlineTeacher(online.handoff, [])
-    from_online, feats = live.forward(x)
+    live_teacher = LiveTeacher(live.handoff, [])
+    from_live, feats = live_teacher.forward(x)
     assert feats == {}
     # Same weights, same inputs: equal up to float32 matmul blocking (other batch shapes).
-    assert torch.allclose(from_online, from_cache, atol=1e-5, rtol=1e-5)
-    assert torch.equal(from_online.argmax(-1), from_cache.argmax(-1))
+    assert torch.allclose(from_live, from_cache, atol=1e-5, rtol=1e-5)
+    assert torch.equal(from_live.argmax(-1), from_cache.argmax(-1))
 
     # A cache "larger than the worker's memory": a two-shard budget, shard-local order, and
     # the next batch's shards fetched ahead in a thread — same logits as all-resident.
@@ -224,21 +224,21 @@ def test_online_equals_cached_sharded_and_both_survive_restart(ray_session, teac
     assert torch.equal(torch.cat(got), teacher.logits(order))
 
     # Kill both actors for real; Ray restarts them (max_restarts), nothing is recomputed.
-    in_flight = online.actor.forward.remote(x, [])
+    in_flight = live.actor.forward.remote(x, [])
     ray.kill(cached.actor, no_restart=False)
-    ray.kill(online.actor, no_restart=False)
-    assert torch.equal(ray.get(in_flight)[0], from_online)  # retried if it was cut off
+    ray.kill(live.actor, no_restart=False)
+    assert torch.equal(ray.get(in_flight)[0], from_live)  # retried if it was cut off
     after = CachedTeacher(cached.handoff)  # driver-owned shard refs outlive the actor
     assert torch.equal(after.logits(idx), from_cache)
     stats = restarted(cached.actor, cached.cache["pid"])
     assert stats["reconstructed"] and stats["status"] == "reused"
     assert stats["forward_samples"] == 0  # reloaded from disk, not recomputed
-    online_stats = restarted(online.actor, online.cache["pid"])
-    assert online_stats["reconstructed"]
-    again, _ = live.forward(x)  # the handle the workers hold still works
-    assert torch.equal(again, from_online)
+    live_stats = restarted(live.actor, live.cache["pid"])
+    assert live_stats["reconstructed"]
+    again, _ = live_teacher.forward(x)  # the handle the workers hold still works
+    assert torch.equal(again, from_live)
     stop(cached)
-    stop(online)
+    stop(live)
 
 
 # -- replay ----------------------------------------------------------------------------------
@@ -302,11 +302,11 @@ def test_ensemble_of_checkpoint_run_and_registered_model(ray_session, teachers, 
     artifacts = client.get_run(run_id).info.artifact_uri
     version = client.create_model_version("digits-teacher", f"{artifacts}/teacher", run_id)
     members = [a, f"runs:/{run_id}/teacher/{b.name}", f"models:/digits-teacher/{version.version}"]
-    cfg = make_cfg(workdir, members, **{"teacher.mode": "online"})
+    cfg = make_cfg(workdir, members, **{"teacher.mode": "live"})
     service = serve(cfg)
     assert service.cache["num_models"] == 3
     _, x, _ = build_dataset(cfg.data, "train").get_batch(torch.arange(64))
-    logits, _ = OnlineTeacher(service.handoff, []).forward(x)
+    logits, _ = LiveTeacher(service.handoff, []).forward(x)
     each = [teacher_logits([c], cfg, x) for c in (a, b)]
     assert torch.allclose(logits, (each[0] + 2 * each[1]) / 3, atol=1e-5)  # averaged raw logits
     stop(service)

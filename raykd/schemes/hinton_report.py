@@ -144,6 +144,7 @@ def _augmented(summary: dict[str, Any], role: str) -> str:
     parts += ["flips"] if s.get("flip") else []
     if s.get("teacher_mode") == "replay":
         parts.append(f"teacher replayed on {s.get('views')} views")
-    elif s.get("teacher_mode") == "online" and parts:
-        parts.append("teacher online on the same views")
+    # "online" is how summaries written before the rename to "live" name the same mode.
+    elif s.get("teacher_mode") in ("live", "online") and parts:
+        parts.append("teacher live on the same views")
     return f", {', '.join(parts)}" if parts else ""

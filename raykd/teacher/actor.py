@@ -75,7 +75,7 @@ def previous_cache(root: Path, spec) -> tuple[str, list[str]] | None:
 
 
 class TeacherActor:
-    """Load the (ensemble) teacher, build or reuse its soft-label cache, serve shards and online
+    """Load the (ensemble) teacher, build or reuse its soft-label cache, serve shards and live
     forwards. Created through :func:`start_teacher_actor` as a named, restartable Ray actor; it is
     a plain class, so benchmarks and tests can also instantiate it in-process."""
 
@@ -95,8 +95,8 @@ class TeacherActor:
         self.forward_samples = 0  # every sample the teacher saw since this process started
         self.cache = None
         self.spec = None
-        self.cache_event: dict[str, Any] = {"status": "online"}
-        if self.cfg.teacher.mode != "online":
+        self.cache_event: dict[str, Any] = {"status": "live"}
+        if self.cfg.teacher.mode != "live":
             self.root = default_cache_dir(self.cfg)
             info = self.dataset.info
             self.spec = CacheSpec(
@@ -121,7 +121,7 @@ class TeacherActor:
         """Open a fresh cache or (re)build it; never serve a stale, truncated or corrupt one."""
         from raykd.teacher.cache import TeacherCache, build_cache, check_cache
 
-        if self.cfg.teacher.mode == "online":
+        if self.cfg.teacher.mode == "live":
             return self.stats()
         if self.cache is None:
             before = check_cache(self.root, self.spec, verify=True)
@@ -200,7 +200,7 @@ class TeacherActor:
             x = replay_inputs(x, idx, view, t.seed, t.jitter, t.flip)
         return self._logits(x)
 
-    # -- online ------------------------------------------------------------------------------
+    # -- live --------------------------------------------------------------------------------
     @torch.inference_mode()
     def _logits(self, x: torch.Tensor) -> torch.Tensor:
         x = x.to(self.device, non_blocking=True)
@@ -283,7 +283,7 @@ def actor_gpus(cfg: RaykdConfig, cluster_gpus: float) -> float:
 
 def start_teacher_actor(cfg: RaykdConfig, sources: list[str], tracking_uri: str):
     """The job's named, restartable teacher actor (found again if it already runs). Its methods
-    are retried across restarts (``max_task_retries=-1``), so an online forward in flight when
+    are retried across restarts (``max_task_retries=-1``), so a live forward in flight when
     the actor dies completes on the restarted one."""
     import ray
 

@@ -1,7 +1,7 @@
 """Worker-side access to the teacher: no actor call on a cached step's critical path.
 
 The driver hands every worker a :class:`TeacherHandoff`: object references to the cache shards
-(cached/replay) or the actor handle (online). Cached shards are fetched with ``ray.get`` — zero-copy
+(cached/replay) or the actor handle (live). Cached shards are fetched with ``ray.get`` — zero-copy
 from the node's object store, so the workers of one node share one copy — and indexed locally;
 the actor is not contacted at all while a cached fit runs (it may die and restart meanwhile).
 When the cache is larger than the worker's budget (``TeacherHandoff.max_resident_bytes``), shards
@@ -32,12 +32,12 @@ def _resident_budget() -> int:
 
 @dataclass
 class TeacherHandoff:
-    mode: str  # cached | replay | online
+    mode: str  # cached | replay | live
     bounds: list[tuple[int, int]] = field(default_factory=list)  # shard index ranges
     refs: list[Any] = field(default_factory=list)  # ObjectRef per shard → dict of arrays
     spec: Any = None  # CacheSpec
     bytes_per_row: int = 0  # bytes per sample, all views
-    actor: Any = None  # online mode
+    actor: Any = None  # live mode
     feature_shapes: dict[str, list[int]] = field(default_factory=dict)
     max_resident_bytes: int = field(default_factory=_resident_budget)
 
@@ -208,8 +208,8 @@ class CachedTeacher:
             self.pool.shutdown(wait=False, cancel_futures=True)
 
 
-# -- online ----------------------------------------------------------------------------------
-class OnlineTeacher:
+# -- live ------------------------------------------------------------------------------------
+class LiveTeacher:
     """Runs the teacher (in the actor) on the live batch, returning logits and hooked features.
     One actor call per step for the whole batch; retried on the restarted actor if it dies."""
 

@@ -68,8 +68,8 @@ def build(args) -> dict[str, Any]:
     if not sources:
         raise ConfigError("teacher.checkpoint: raykd cache build needs a trained teacher; set "
                           "teacher.checkpoint (or teacher.ensemble), e.g. from raykd train-teacher")
-    if cfg.teacher.mode == "online":
-        raise ConfigError("teacher.mode: online mode keeps no cache; use cached or replay")
+    if cfg.teacher.mode == "live":
+        raise ConfigError("teacher.mode: live mode keeps no cache; use cached or replay")
     preflight(cfg, roles=("teacher",))
     uri = tracking.resolve_tracking_uri(cfg.tracking.uri)
     ensure_ray()

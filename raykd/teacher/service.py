@@ -49,11 +49,11 @@ def serve_teacher(cfg: RaykdConfig, sources: list[str], tracking_uri: str,
 
     actor, cache = ensure_teacher(cfg, sources, tracking_uri)
     name = actor_name(cfg, sources)
-    if cfg.teacher.mode == "online":
+    if cfg.teacher.mode == "live":
         paths = cfg.distill.layer_paths("teacher")
         shapes = ray.get(actor.feature_shapes.remote(paths)) if paths else {}
-        return TeacherService(actor, TeacherHandoff(mode="online", actor=actor,
-                                                    feature_shapes=shapes), cache, name)
+        return TeacherService(actor, TeacherHandoff(mode="live", actor=actor,
+                                                  feature_shapes=shapes), cache, name)
     bounds, spec = ray.get([actor.shard_bounds.remote(), actor.cache_spec.remote()])
     refs = [actor.shard.remote(i) for i in range(len(bounds))]
     handoff = TeacherHandoff(mode=cfg.teacher.mode, bounds=bounds, refs=refs, spec=spec,

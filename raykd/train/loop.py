@@ -173,7 +173,7 @@ def run_phase(loop: dict[str, Any], phase_id: int, coordinator,
     from raykd.losses import DistillLoss
     from raykd.models import build_model, count_params
     from raykd.models.hooks import probe_shapes
-    from raykd.teacher.client import (CachedTeacher, OnlineTeacher, replay_inputs, replay_view,
+    from raykd.teacher.client import (CachedTeacher, LiveTeacher, replay_inputs, replay_view,
                                       shard_local_order)
     from raykd.train.checkpoint import checkpoint_bytes
 
@@ -216,9 +216,9 @@ def run_phase(loop: dict[str, Any], phase_id: int, coordinator,
         for _ in range(start_epoch):
             scheduler.step()
 
-    cached = online = None
-    if handoff is not None and handoff.mode == "online":
-        online = OnlineTeacher(handoff, plan.distill.layer_paths("teacher"))
+    cached = live = None
+    if handoff is not None and handoff.mode == "live":
+        live = LiveTeacher(handoff, plan.distill.layer_paths("teacher"))
     elif handoff is not None:
         cached = CachedTeacher(handoff)
     replay = handoff is not None and handoff.mode == "replay"
@@ -272,8 +272,8 @@ def run_phase(loop: dict[str, Any], phase_id: int, coordinator,
                 if b + 1 < len(batches):
                     cached.prefetch(batches[b + 1])
                 y, t_logits = tset.targets(idx, y, t_logits)
-            elif online is not None:
-                t_logits, t_feats = online.forward(x)
+            elif live is not None:
+                t_logits, t_feats = live.forward(x)
             x, y = x.to(device), y.to(device)
             t_logits = t_logits.to(device) if t_logits is not None else None
             t_feats = {k: v.to(device) for k, v in t_feats.items()}
