@@ -107,7 +107,8 @@ def test_tiny_transformer_classifier_and_lm_head():
     ("mlp", {"dropout": 1.5}, "allowed: dropout: float >= 0.0 and < 1.0"),
     ("mlp", {"hidden_sizes": [0]}, "allowed: hidden_sizes: list of int >= 1"),
     ("cnn", {"channels": []}, "student.args: channels=[]"),
-    ("resnet8", {"depth": 20}, "unknown argument 'depth' for model resnet8; allowed: stochastic_depth"),
+    ("resnet8", {"depth": 20},
+     "unknown argument 'depth' for model resnet8; allowed: stochastic_depth"),
     ("wrn_16_2", {"widen": 4}, "allowed: dropout"),
     ("tiny_transformer", {"hidden": 10, "heads": 3}, "not divisible by heads=3"),
 ])
