@@ -60,6 +60,13 @@ def build_parser() -> ArgumentParser:
                    help="also train round 1's student on the labelled part alone")
     p.add_argument("--resume", action="store_true",
                    help="continue the last run of this config after its last finished round")
+    p = verbs.add_parser("online", help="online distillation: members trained together teach "
+                                        "each other (DML, ONE, BYOT)")
+    _config_args(p)
+    p.add_argument("--scheme", help="dml | one | byot (online.scheme)")
+    p.add_argument("--peers", type=int, metavar="K", help="DML peers / ONE branches (online.peers)")
+    p.add_argument("--baseline", action="store_true",
+                   help="also train each member's model alone, same budget")
     verbs.add_parser("losses", help="list the distillation loss terms")
     p = verbs.add_parser("tune", help="Ray Tune search over temperature and loss weights")
     _config_args(p)
@@ -166,6 +173,12 @@ def cmd_noisy_student(args) -> dict[str, Any]:
     return run_noisy_student_command(args)
 
 
+def cmd_online(args) -> dict[str, Any]:
+    from raykd.schemes.online.run import run_online_command
+
+    return run_online_command(args)
+
+
 def cmd_report(args) -> dict[str, Any]:
     from raykd.report import run_report
 
@@ -181,7 +194,7 @@ def cmd_hinton(args) -> dict[str, Any]:
 COMMANDS = {"distill": cmd_distill, "train-teacher": cmd_train_teacher, "losses": cmd_losses,
             "cache": cmd_cache, "tune": cmd_tune, "report": cmd_report,
             "hinton-mnist": cmd_hinton, "born-again": cmd_born_again,
-            "noisy-student": cmd_noisy_student}
+            "noisy-student": cmd_noisy_student, "online": cmd_online}
 
 
 def main(argv: list[str] | None = None) -> int:
@@ -202,7 +215,7 @@ def main(argv: list[str] | None = None) -> int:
     except KeyboardInterrupt:
         print("raykd: interrupted", file=sys.stderr)
         return 130
-    if args.verb not in ("losses", "cache", "born-again", "noisy-student"):  # own tables
+    if args.verb not in ("losses", "cache", "born-again", "noisy-student", "online"):
         print_table(summary)
     _write_summary(summary, getattr(args, "summary", None))
     return int(summary.get("exit_code", 0)) if isinstance(summary, dict) else 0

@@ -278,6 +278,19 @@ class NoisyStudentConfig(Section):
     noise: NoiseConfig = Field(default_factory=NoiseConfig)
 
 
+class OnlineConfig(Section):
+    """Online distillation (``raykd online``): members trained together teach each other."""
+
+    scheme: Literal["dml", "one", "byot", "codistill"] = "dml"
+    peers: int = Field(2, ge=2)  # DML peers, ONE branches
+    # DML: the model of peer 1, 2, ... (the last repeats); empty: K copies of the student
+    models: list[ModelConfig] = Field(default_factory=list)
+    split_at: str | None = None  # ONE: the last module of the shared trunk (a module path)
+    exits: list[str] = Field(default_factory=list)  # BYOT: module paths that get an exit
+    hint_weight: float = Field(0.03, ge=0.0)  # BYOT: the feature-hint term's weight
+    alpha: float = Field(0.5, ge=0.0, le=1.0)  # BYOT: the shallow exits' KD weight (1−α: CE)
+
+
 class RaykdConfig(Section):
     data: DataConfig = Field(default_factory=DataConfig)
     teacher: TeacherConfig = Field(default_factory=TeacherConfig)
@@ -288,6 +301,7 @@ class RaykdConfig(Section):
     tune: TuneConfig | None = None
     born_again: BornAgainConfig | None = None
     noisy_student: NoisyStudentConfig | None = None
+    online: OnlineConfig | None = None
 
     def to_dict(self) -> dict[str, Any]:
         return self.model_dump(mode="json")
@@ -310,7 +324,7 @@ class RaykdConfig(Section):
                 teacher.pop(key)
         if self.train.checkpoint_seconds is None:
             raw["train"].pop("checkpoint_seconds")
-        for section in ("tune", "born_again", "noisy_student"):
+        for section in ("tune", "born_again", "noisy_student", "online"):
             if raw.get(section) is None:
                 raw.pop(section, None)
         if self.data.labelled is None:

@@ -65,8 +65,9 @@ class DistillLoss(nn.Module):
             where = term_field(cfg, distill)
             s_paths = list(cfg.student_layers)
             t_paths = list(cfg.teacher_layers)
+            own = getattr(LOSSES[cfg.name].cls, "student_only", False)
             s_shapes = _shapes(student_shapes, s_paths, "student", where, cfg.name) \
-                if "features" in LOSSES[cfg.name].needs and s_paths and t_paths else []
+                if "features" in LOSSES[cfg.name].needs and s_paths and (t_paths or own) else []
             t_shapes = _shapes(teacher_shapes, t_paths, "teacher", where, cfg.name) \
                 if s_shapes else []
             terms.append(build_term(cfg, distill, s_shapes, t_shapes, field=where))

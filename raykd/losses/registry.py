@@ -12,7 +12,7 @@ from typing import TYPE_CHECKING, Any
 import torch
 
 from raykd.config import ConfigError
-from raykd.losses import feature, language, relation, response
+from raykd.losses import feature, language, online, relation, response
 from raykd.losses.base import NEEDS, BuildContext, LossTerm
 
 if TYPE_CHECKING:  # config imports this package lazily; keep runtime imports one-way
@@ -22,7 +22,7 @@ if TYPE_CHECKING:  # config imports this package lazily; keep runtime imports on
 @dataclass(frozen=True)
 class LossSpec:
     key: str
-    family: str  # response | feature | relation | language
+    family: str  # response | feature | relation | language | online
     paper: str
     needs: tuple[str, ...]  # ⊆ {"labels", "logits", "features", "pairs"}
     params: dict[str, str]  # param → description with its default
@@ -37,7 +37,8 @@ def _spec(cls: type[LossTerm]) -> LossSpec:
 
 LOSSES: dict[str, LossSpec] = {
     cls.key: _spec(cls)
-    for module in (response, feature, relation, language) for cls in module.TERMS
+    for module in (response, feature, relation, language, online)
+    for cls in module.TERMS
 }
 
 
@@ -81,6 +82,11 @@ def _check_layers(spec: LossSpec, cfg: LossTermConfig, where: str,
         if s_layers or t_layers:
             raise ConfigError(f"{where}: {spec.key} uses logits, not layers; remove "
                               f"student_layers/teacher_layers")
+        return
+    if getattr(spec.cls, "student_only", False):  # the student's own features, no pairs
+        if not s_layers or t_layers:
+            raise ConfigError(f"{where}: {spec.key} reads the student's own features; set "
+                              f"student_layers only")
         return
     if not s_layers or not t_layers:
         example = "[layer1, layer2, layer3, layer4]" if "pairs" in spec.needs else "[layer3]"

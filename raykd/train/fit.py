@@ -37,6 +37,8 @@ class FitResult:
     wall_seconds: float = 0.0
     worker_start_seconds: float = 0.0  # submitted → the phase began on the workers
     transfer: dict[str, int] = field(default_factory=dict)  # labelled / pool / pseudo_labelled
+    members: dict[str, float] = field(default_factory=dict)  # cohorts: test accuracy per member
+    exports: dict[str, Path] = field(default_factory=dict)  # cohorts: member → its checkpoint
 
     @property
     def epoch_overhead_seconds(self) -> float | None:
@@ -199,10 +201,13 @@ def fit(cfg: RaykdConfig, role: str, *, tracking_uri: str | None = None,
             group.close()
     folder = runs_dir() / f"{name}-{run_id or os.getpid()}"
     weights = write_bytes(ret["weights"], folder)
+    exports = {name: write_bytes(data, folder / name)
+               for name, data in ret.get("exports", {}).items()}
     return FitResult(role=role, checkpoint=weights.parent, history=ret.get("history", []),
                      params=int(ret.get("params", 0)), run_id=run_id,
                      transfer_size=int(ret.get("transfer_size", 0)),
-                     transfer=ret.get("transfer", {}),
+                     transfer=ret.get("transfer", {}), members=ret.get("members", {}),
+                     exports=exports,
                      init_copied=ret.get("init_copied", []),
                      test_accuracy=ret.get("test_accuracy"), best_epoch=ret.get("best_epoch"),
                      checkpoints=ret.get("checkpoints", []),

@@ -93,6 +93,33 @@ def evaluate_split(model: nn.Module, dataset, device, rank: int = 0, world: int 
     return correct / max(total, 1), loss / max(total, 1)
 
 
+@torch.no_grad()
+def evaluate_members(cohort: nn.Module, dataset, device, rank: int = 0, world: int = 1,
+                     batch_size: int = 1024) -> dict[str, tuple[float, float]]:
+    """(accuracy, mean cross-entropy) of every member of a cohort and of its ensemble
+    (``cohort.members(x)``, see raykd.models.cohort), each rank scoring its strided share."""
+    was_training = cohort.training
+    cohort.eval()
+    names = list(cohort.members(dataset.get_batch(torch.arange(min(2, len(dataset))))[1]
+                                .to(device)))
+    sums: dict[str, list[float]] = {}
+    total = 0.0
+    for chunk in torch.arange(len(dataset))[rank::world].split(batch_size):
+        _, x, y = dataset.get_batch(chunk)
+        y = y.to(device)
+        for name, logits in cohort.members(x.to(device)).items():
+            acc_loss = sums.setdefault(name, [0.0, 0.0])
+            acc_loss[0] += float((logits.argmax(-1) == y).sum())
+            acc_loss[1] += float(torch.nn.functional.cross_entropy(logits.float(), y,
+                                                                   reduction="sum"))
+        total += len(y)
+    cohort.train(was_training)
+    flat = [total] + [v for n in names for v in sums.get(n, [0.0, 0.0])]
+    flat = _all_reduce_sum(flat, world, device)
+    total = max(flat[0], 1)
+    return {n: (flat[1 + 2 * i] / total, flat[2 + 2 * i] / total) for i, n in enumerate(names)}
+
+
 def evaluate(model: nn.Module, dataset, device, rank: int = 0, world: int = 1,
              batch_size: int = 1024) -> float:
     """Accuracy over ``dataset``, each rank scoring its strided share."""
@@ -188,7 +215,13 @@ def run_phase(loop: dict[str, Any], phase_id: int, coordinator,
     train_ds, val_ds = build_dataset(cfg.data, "train"), build_dataset(cfg.data, "val")
     info = train_ds.info
     field = "teacher" if role == "teacher" else "student"
-    model = build_model(plan.model, info, field=field)
+    cohort = role == "student" and cfg.online is not None and cfg.online.scheme != "codistill"
+    if cohort:  # online distillation: every member in one module (raykd.models.cohort)
+        from raykd.models.cohort import build_cohort
+
+        model = build_cohort(cfg, info)
+    else:
+        model = build_model(plan.model, info, field=field)
     copied: list[str] = []
     if loop.get("init_from") and role == "student":
         from raykd.models.init import init_student_from_teacher
@@ -301,6 +334,9 @@ def run_phase(loop: dict[str, Any], phase_id: int, coordinator,
                    for k, v in reduced.items() if k not in ("n", "_due")}
         t1 = time.perf_counter()
         val_acc, val_loss = evaluate_split(model, val_ds, device, rank, world)
+        if cohort:  # each member's curve, for its own MLflow run
+            for name, (acc, ce) in evaluate_members(model, val_ds, device, rank, world).items():
+                metrics.update({f"{name}_val_accuracy": acc, f"{name}_val_loss": ce})
         metrics.update(val_accuracy=val_acc, val_loss=val_loss, epoch=epoch,
                        epoch_seconds=seconds, eval_seconds=time.perf_counter() - t1,
                        samples_per_s=reduced["n"] / max(seconds, 1e-9), pretrain=float(pretrain))
@@ -332,6 +368,16 @@ def run_phase(loop: dict[str, Any], phase_id: int, coordinator,
               "transfer_size": len(transfer), "transfer": tset.counts, "init_copied": copied,
               "best_epoch": kept_epoch,
               "test_accuracy": test_acc, "checkpoints": checkpoints, "started_at": started_at}
+    if cohort:
+        test_ds = build_dataset(cfg.data, "test")
+        result["members"] = {n: acc for n, (acc, _) in
+                             evaluate_members(model, test_ds, device, rank, world).items()}
+        if rank == 0:  # each member that stands alone, as its own checkpoint
+            result["exports"] = {n: checkpoint_bytes(state, {"name": mc.name, "args": mc.args},
+                                                     info)
+                                 for n, (mc, state) in model.exports().items()}
+            result["weights"] = next(iter(result["exports"].values()))
+        return result
     if rank == 0:
         result["weights"] = checkpoint_bytes(model.state_dict(), spec, info)
     return result

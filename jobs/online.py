@@ -1,0 +1,15 @@
+"""Ray Jobs entrypoint for `raykd online`.
+
+    ray job submit --address http://HEAD:8265 --working-dir . -- python jobs/online.py [ARGS]
+
+ARGS are those of `raykd online` (--scheme, --peers, --baseline, --config, --set KEY=VALUE,
+--summary PATH). Inside a job RAY_ADDRESS is set, so raykd joins the cluster instead of starting
+a local one. On a multi-node cluster give an MLflow server: --set tracking.uri=http://MLFLOW:5000.
+"""
+
+import sys
+
+from raykd.cli import main
+
+if __name__ == "__main__":
+    sys.exit(main(["online", *sys.argv[1:]]))
