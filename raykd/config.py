@@ -289,6 +289,9 @@ class OnlineConfig(Section):
     exits: list[str] = Field(default_factory=list)  # BYOT: module paths that get an exit
     hint_weight: float = Field(0.03, ge=0.0)  # BYOT: the feature-hint term's weight
     alpha: float = Field(0.5, ge=0.0, le=1.0)  # BYOT: the shallow exits' KD weight (1−α: CE)
+    # codistillation: steps between weight exchanges (S) and before distilling (burn-in)
+    staleness_steps: int = Field(10, ge=1)
+    burn_in_steps: int = Field(0, ge=0)
 
 
 class RaykdConfig(Section):

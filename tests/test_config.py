@@ -129,6 +129,13 @@ CLI_CASES = [
     ["noisy-student", "--set", "data.labelled=0.1", "--set", "teacher.mode=replay"],
     ["distill", "--set", "train.augment=[{name: RandomWobble}]"],
     ["distill", "--set", "data.val_fraction=0"],  # keep_checkpoint=best needs a val split
+    # online distillation (issue #17)
+    ["online", "--peers", "1"],
+    ["online", "--scheme", "nope"],
+    ["online", "--scheme", "one", "--set", "online.split_at=layers.7"],
+    ["online", "--scheme", "byot", "--set", "online.exits=[nope]"],
+    ["online", "--scheme", "byot"],
+    ["online", "--scheme", "codistill", "--set", "online.staleness_steps=0"],
     ["distill", "--set", "teacher.mode=online"],  # renamed `live` (issue #17)
 ]
 

@@ -112,4 +112,32 @@ class BeYourOwnTeacher(LossTerm):
         return total
 
 
-TERMS = (MutualLearning, OnTheFlyEnsemble, BeYourOwnTeacher)
+class Codistillation(LossTerm):
+    """Codistillation: CE(z, y) + w·T²·KL(p_peers ‖ p), p_peers the other groups' stale copies'
+    averaged prediction on the same batch (passed as the teacher logits); CE alone during
+    burn-in, when there is none yet (Anil et al. 2018, arXiv 1804.03235)."""
+
+    key = "codistill"
+    family = "online"
+    paper = "Anil et al. 2018, Large scale distributed neural network training through online " \
+            "distillation, arXiv 1804.03235"
+    needs = ("labels",)
+    params = {"temperature": TEMPERATURE,
+              "distill_weight": Param(1.0, "weight w of the distillation term", minimum=0.0)}
+
+    def __init__(self, ctx: BuildContext, params: dict[str, Any]):
+        super().__init__(ctx, params)
+        self.temperature = params["temperature"] or ctx.temperature
+        self.weight = params["distill_weight"]
+
+    def forward(self, inp: LossInputs) -> Tensor:
+        if inp.student_logits is None or inp.labels is None:
+            raise ValueError("codistill: needs student logits and labels")
+        loss = F.cross_entropy(inp.student_logits, inp.labels)
+        if inp.teacher_logits is not None and self.weight > 0:
+            loss = loss + self.weight * soft_kl(inp.student_logits, inp.teacher_logits,
+                                                self.temperature)
+        return loss
+
+
+TERMS = (MutualLearning, OnTheFlyEnsemble, BeYourOwnTeacher, Codistillation)

@@ -157,11 +157,13 @@ def fit_session(cfg: RaykdConfig, name: str = "job", start: bool = False) -> Ite
 def fit(cfg: RaykdConfig, role: str, *, tracking_uri: str | None = None,
         run_id: str | None = None, teacher=None, name: str | None = None,
         init_from: str | None = None, callbacks: list | None = None,
-        storage_path: str | None = None, resume_from=None) -> FitResult:
+        storage_path: str | None = None, resume_from=None,
+        extra: dict[str, Any] | None = None) -> FitResult:
     """``callbacks``: Ray Train ``UserCallback``s (Tune trials relay reports through one; such a
     fit reports every epoch to Train); ``storage_path``: where the run keeps its checkpoints
     (default ``runs_dir()``); ``resume_from``: a ``Checkpoint`` to continue from (a Tune trial
-    restored or exploited)."""
+    restored or exploited); ``extra``: more keys for the worker loop (codistillation's
+    exchange)."""
     import time
 
     from raykd import tracking
@@ -179,7 +181,7 @@ def fit(cfg: RaykdConfig, role: str, *, tracking_uri: str | None = None,
              if own else shared)
     loop: dict[str, Any] = {"config": cfg.to_dict(), "role": role, "tracking_uri": tracking_uri,
                             "teacher": teacher, "name": name, "init_from": init_from,
-                            "resume_from": resume_from}
+                            "resume_from": resume_from, **(extra or {})}
     from raykd.train.loop import RolePlan
 
     progress = FitProgress(name, RolePlan.of(cfg, role).epochs)

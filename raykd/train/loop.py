@@ -268,6 +268,12 @@ def run_phase(loop: dict[str, Any], phase_id: int, coordinator,
         augment_v2 = build_transform(cfg.train.augment)
     sampler = torch.utils.data.DistributedSampler(range(len(transfer)), num_replicas=world,
                                                   rank=rank, shuffle=True, seed=cfg.train.seed)
+    codistill = None  # codistillation: stale copies of the other groups (raykd.train.stale_peers)
+    if loop.get("codistill"):
+        from raykd.train.stale_peers import StalePeers
+
+        codistill = StalePeers(loop["codistill"], cfg, info, device, rank, world)
+    global_step = start_epoch * -(-len(transfer) // (world * cfg.train.batch_size))
     history: list[dict[str, float]] = []
     checkpoints: list[int] = []
     spec = {"name": plan.model.name, "args": plan.model.args}
@@ -310,10 +316,15 @@ def run_phase(loop: dict[str, Any], phase_id: int, coordinator,
             x, y = x.to(device), y.to(device)
             t_logits = t_logits.to(device) if t_logits is not None else None
             t_feats = {k: v.to(device) for k, v in t_feats.items()}
+            if codistill is not None:
+                t_logits = codistill.targets(x, global_step)
             total, parts = step(x, t_logits, y, t_feats, epoch, pretrain)
             optimizer.zero_grad(set_to_none=True)
             total.backward()
             optimizer.step()
+            global_step += 1
+            if codistill is not None:
+                codistill.after_step(model, global_step)
             n = float(len(idx))
             sums["loss"] += float(total.detach()) * n
             sums["n"] += n

@@ -9,13 +9,16 @@ summary.
 from __future__ import annotations
 
 import importlib
+import threading
 import time
 from typing import Any
+
+import torch
 
 from raykd import tracking
 from raykd.config import ConfigError, RaykdConfig
 
-SCHEMES = ("dml", "one", "byot")
+SCHEMES = ("dml", "one", "byot", "codistill")
 
 
 def scheme_module(cfg: RaykdConfig):
@@ -44,6 +47,11 @@ def preflight_online(cfg: RaykdConfig) -> RaykdConfig:
         raise ConfigError("online.exits: BYOT needs module paths of the student to attach exits "
                           "to, e.g. [layers.0] or [layer1, layer2]")
     train_cfg = training_config(cfg)
+    if cfg.online.scheme == "codistill":
+        from raykd.preflight import preflight
+
+        preflight(train_cfg, roles=("teacher",))  # the groups train plain students
+        return train_cfg
     cohort = build_cohort(train_cfg, info)
     paths = train_cfg.distill.layer_paths("student")
     shapes = probe_shapes(cohort, paths, torch.zeros(2, *info.input_shape), "online") \
@@ -75,12 +83,88 @@ def _member_run(uri: str, cfg: RaykdConfig, parent: str, name: str, result) -> d
     return part
 
 
+def baselines(cfg: RaykdConfig, uri: str, parent: str) -> list[dict[str, Any]]:
+    """Each member's model trained alone (hard labels), the same budget and initial weights."""
+    from raykd.schemes.offline import run_student
+
+    out = []
+    for name, spec, seed in scheme_module(cfg).alone(cfg):
+        alone_cfg = cfg.with_overrides({"online": None, "student.name": spec.name,
+                                        "student.args": spec.args, "train.seed": seed})
+        part = run_student(alone_cfg, "baseline", uri, parent, name=f"{name}-alone")
+        out.append({"name": name, "accuracy": part["accuracy"], "params": part["params"],
+                    "run_id": part["run_id"]})
+    return out
+
+
+def run_codistill(cfg: RaykdConfig, uri: str, parent: str) -> tuple[list, dict, list]:
+    """G groups, each its own Ray Train run, at the same time (one driver thread each), joined
+    by the exchange actor. Returns (members, ensemble, the groups' fit results)."""
+    import ray
+
+    from raykd.schemes.offline import predict_checkpoints
+    from raykd.schemes.online.codistill import Exchange
+    from raykd.train.fit import fit
+
+    o = cfg.online
+    exchange = ray.remote(num_cpus=0, max_concurrency=4 * o.peers)(Exchange).remote()
+    groups = [training_config(cfg).with_overrides({"train.seed": cfg.train.seed + g})
+              for g in range(o.peers)]
+    runs = [tracking.start_run(uri, cfg.tracking.experiment, f"group{g}", parent,
+                               {"raykd.role": "member", "raykd.member": f"group{g}"})
+            for g in range(o.peers)]
+    results: list = [None] * o.peers
+    errors: list = []
+
+    def train(g: int) -> None:
+        spec = {"group": g, "exchange": exchange, "every": o.staleness_steps,
+                "burn_in": o.burn_in_steps}
+        try:
+            results[g] = fit(groups[g], "student", tracking_uri=uri, run_id=runs[g],
+                             name=f"group{g}", extra={"codistill": spec})
+        except BaseException as err:  # noqa: BLE001 - re-raised in the driver below
+            errors.append(err)
+
+    threads = [threading.Thread(target=train, args=(g,), name=f"codistill-{g}")
+               for g in range(o.peers)]
+    for t in threads:
+        t.start()
+    for t in threads:
+        t.join()
+    for g, run_id in enumerate(runs):
+        tracking.end_run(uri, run_id, "FAILED" if results[g] is None else "FINISHED")
+    if errors:
+        raise errors[0]
+    stats = ray.get(exchange.stats.remote(o.staleness_steps))
+    ray.kill(exchange)
+    members = []
+    for g, result in enumerate(results):
+        weights = result.checkpoint / "model.safetensors"
+        tracking.log_artifact(uri, runs[g], weights, "checkpoint")
+        tracking.log_metrics(uri, runs[g], {"test_accuracy": result.test_accuracy,
+                                            "params": result.params})
+        members.append({"name": f"group{g}", "accuracy": result.test_accuracy,
+                        "params": result.params, "run_id": runs[g], "checkpoint": str(weights),
+                        "wall_seconds": round(result.wall_seconds, 2),
+                        "ran": [result.history[0]["_ended_at"]
+                                - result.history[0]["epoch_seconds"],
+                                result.history[-1]["_ended_at"]]})
+    logits, labels = predict_checkpoints([m["checkpoint"] for m in members], cfg, uri)
+    probs = torch.softmax(logits, -1).mean(0)
+    ensemble = {"accuracy": float((probs.argmax(-1) == labels).float().mean())}
+    exchange_part = {k: stats[k] for k in ("published", "loaded", "max_staleness_steps")}
+    tracking.log_dict(uri, parent, stats["log"], "exchange.json")
+    return members, {**ensemble, "exchange": exchange_part}, results
+
+
 def run_online(cfg: RaykdConfig, *, baseline: bool = False,
                config_path: str | None = None) -> dict[str, Any]:
-    from raykd.schemes.offline import _json_safe, log_config, run_student
+    from raykd.schemes.offline import _json_safe, log_config
     from raykd.train.fit import RAY_START, ensure_ray, fit, fit_session
 
     scheme = cfg.online.scheme
+    if scheme == "codistill":
+        return _run_codistill_job(cfg, baseline, config_path)
     train_cfg = training_config(cfg)
     uri = tracking.resolve_tracking_uri(cfg.tracking.uri)
     ensure_ray()
@@ -96,13 +180,7 @@ def run_online(cfg: RaykdConfig, *, baseline: bool = False,
                                    "ensemble": {"accuracy": result.members.get("ensemble")},
                                    "deployable": {"accuracy": result.test_accuracy}}
         if baseline:
-            summary["baseline"] = []
-            for name, spec, seed in scheme_module(cfg).alone(cfg):
-                alone_cfg = cfg.with_overrides({"online": None, "student.name": spec.name,
-                                                "student.args": spec.args, "train.seed": seed})
-                part = run_student(alone_cfg, "baseline", uri, parent, name=f"{name}-alone")
-                summary["baseline"].append({"name": name, "accuracy": part["accuracy"],
-                                            "params": part["params"], "run_id": part["run_id"]})
+            summary["baseline"] = baselines(cfg, uri, parent)
         tracking.log_metrics(uri, parent, {
             "ensemble_test_accuracy": summary["ensemble"]["accuracy"] or 0.0,
             **{f"{m['name']}_test_accuracy": m["accuracy"] for m in members}})
@@ -114,6 +192,33 @@ def run_online(cfg: RaykdConfig, *, baseline: bool = False,
                     "experiment": cfg.tracking.experiment},
             seconds=round(time.perf_counter() - started, 1),
             ray_start_seconds=RAY_START.get("seconds"))
+        tracking.log_dict(uri, parent, _json_safe(summary), "summary.json")
+    return summary
+
+
+def _run_codistill_job(cfg: RaykdConfig, baseline: bool, config_path: str | None
+                       ) -> dict[str, Any]:
+    from raykd.schemes.offline import _json_safe, log_config
+    from raykd.train.fit import RAY_START, ensure_ray
+
+    uri = tracking.resolve_tracking_uri(cfg.tracking.uri)
+    ensure_ray()
+    started = time.perf_counter()
+    with tracking.tracked_run(uri, cfg.tracking.experiment, "online-codistill", None,
+                              {"raykd.scheme": "online-codistill"}) as parent:
+        log_config(uri, parent, training_config(cfg), config_path)
+        members, ensemble, _ = run_codistill(cfg, uri, parent)
+        exchange = ensemble.pop("exchange")
+        summary: dict[str, Any] = {"scheme": "codistill", "members": members,
+                                   "ensemble": ensemble, "exchange": exchange}
+        if baseline:
+            summary["baseline"] = baselines(cfg, uri, parent)
+        tracking.log_metrics(uri, parent, {"ensemble_test_accuracy": ensemble["accuracy"],
+                                           **{f"exchange_{k}": v for k, v in exchange.items()}})
+        summary.update(mlflow={"tracking_uri": uri, "run_id": parent,
+                               "experiment": cfg.tracking.experiment},
+                       seconds=round(time.perf_counter() - started, 1),
+                       ray_start_seconds=RAY_START.get("seconds"))
         tracking.log_dict(uri, parent, _json_safe(summary), "summary.json")
     return summary
 
