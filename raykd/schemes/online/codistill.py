@@ -12,6 +12,12 @@ from typing import Any
 
 from raykd.config import ModelConfig, RaykdConfig
 
+PAPER_TEMPERATURE = 1.0
+
+
+def temperature(cfg: RaykdConfig) -> float:
+    return cfg.online.temperature or PAPER_TEMPERATURE
+
 
 class Exchange:
     """Holds each group's latest weights (as an object it owns, so a version outlives the
@@ -46,7 +52,7 @@ class Exchange:
 
 
 def loss_terms(cfg: RaykdConfig) -> list[dict]:
-    return [{"name": "codistill"}]
+    return [{"name": "codistill", "params": {"temperature": temperature(cfg)}}]
 
 
 def alone(cfg: RaykdConfig) -> list[tuple[str, ModelConfig, int]]:

@@ -7,9 +7,15 @@ from __future__ import annotations
 
 from raykd.config import ModelConfig, RaykdConfig
 
+PAPER_TEMPERATURE = 3.0
+
+
+def temperature(cfg: RaykdConfig) -> float:
+    return cfg.online.temperature or PAPER_TEMPERATURE
+
 
 def loss_terms(cfg: RaykdConfig) -> list[dict]:
-    return [{"name": "one"}]
+    return [{"name": "one", "params": {"temperature": temperature(cfg)}}]
 
 
 def alone(cfg: RaykdConfig) -> list[tuple[str, ModelConfig, int]]:
