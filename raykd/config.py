@@ -282,8 +282,9 @@ class OnlineConfig(Section):
     """Online distillation (``raykd online``): members trained together teach each other."""
 
     scheme: Literal["dml", "one", "byot", "codistill"] = "dml"
-    # T of the members' soft targets; None: the paper's (DML and codistillation 1, ONE and BYOT 3)
-    temperature: float | None = Field(None, gt=0.0)
+    # T of the members' soft targets. 1 for every scheme: DML and codistillation use none; ONE's
+    # and BYOT's T = 3 (CIFAR) cost 2-4 points on digits' MLPs, measured (docs/online.md).
+    temperature: float = Field(1.0, gt=0.0)
     peers: int = Field(2, ge=2)  # DML peers, ONE branches
     # DML: the model of peer 1, 2, ... (the last repeats); empty: K copies of the student
     models: list[ModelConfig] = Field(default_factory=list)

@@ -6,12 +6,6 @@ from __future__ import annotations
 
 from raykd.config import ModelConfig, RaykdConfig
 
-PAPER_TEMPERATURE = 3.0
-
-
-def temperature(cfg: RaykdConfig) -> float:
-    return cfg.online.temperature or PAPER_TEMPERATURE
-
 
 def loss_terms(cfg: RaykdConfig) -> list[dict]:
     from raykd.data import dataset_info
@@ -21,7 +15,7 @@ def loss_terms(cfg: RaykdConfig) -> list[dict]:
     o = cfg.online
     return [{"name": "byot", "student_layers": paths,
              "params": {"alpha": o.alpha, "hint_weight": o.hint_weight,
-                        "temperature": temperature(cfg)}}]
+                        "temperature": cfg.online.temperature}}]
 
 
 def alone(cfg: RaykdConfig) -> list[tuple[str, ModelConfig, int]]:

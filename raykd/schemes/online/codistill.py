@@ -12,12 +12,6 @@ from typing import Any
 
 from raykd.config import ModelConfig, RaykdConfig
 
-PAPER_TEMPERATURE = 1.0
-
-
-def temperature(cfg: RaykdConfig) -> float:
-    return cfg.online.temperature or PAPER_TEMPERATURE
-
 
 class Exchange:
     """Holds each group's latest weights (as an object it owns, so a version outlives the
@@ -52,7 +46,7 @@ class Exchange:
 
 
 def loss_terms(cfg: RaykdConfig) -> list[dict]:
-    return [{"name": "codistill", "params": {"temperature": temperature(cfg)}}]
+    return [{"name": "codistill", "params": {"temperature": cfg.online.temperature}}]
 
 
 def alone(cfg: RaykdConfig) -> list[tuple[str, ModelConfig, int]]:

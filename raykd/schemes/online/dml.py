@@ -5,15 +5,9 @@ from __future__ import annotations
 
 from raykd.config import ModelConfig, RaykdConfig
 
-PAPER_TEMPERATURE = 1.0
-
-
-def temperature(cfg: RaykdConfig) -> float:
-    return cfg.online.temperature or PAPER_TEMPERATURE
-
 
 def loss_terms(cfg: RaykdConfig) -> list[dict]:
-    return [{"name": "dml", "params": {"temperature": temperature(cfg)}}]
+    return [{"name": "dml", "params": {"temperature": cfg.online.temperature}}]
 
 
 def alone(cfg: RaykdConfig) -> list[tuple[str, ModelConfig, int]]:

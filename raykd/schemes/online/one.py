@@ -7,15 +7,9 @@ from __future__ import annotations
 
 from raykd.config import ModelConfig, RaykdConfig
 
-PAPER_TEMPERATURE = 3.0
-
-
-def temperature(cfg: RaykdConfig) -> float:
-    return cfg.online.temperature or PAPER_TEMPERATURE
-
 
 def loss_terms(cfg: RaykdConfig) -> list[dict]:
-    return [{"name": "one", "params": {"temperature": temperature(cfg)}}]
+    return [{"name": "one", "params": {"temperature": cfg.online.temperature}}]
 
 
 def alone(cfg: RaykdConfig) -> list[tuple[str, ModelConfig, int]]:
