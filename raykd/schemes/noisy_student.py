@@ -19,8 +19,8 @@ from typing import Any
 
 from raykd import tracking
 from raykd.config import ConfigError, ModelConfig, NoisyStudentConfig, RaykdConfig
-from raykd.schemes.chain import first_member, given_model, taught_config, taught_member
-from raykd.schemes.lineage import Member, lineage_run, log_lineage, markdown, member_row
+from raykd.schemes.chain import given_model, taught_config, train_chain
+from raykd.schemes.lineage import lineage_run, log_lineage, markdown, member_row
 
 SCHEME = "noisy-student"
 
@@ -103,15 +103,7 @@ def run_noisy_student(cfg: RaykdConfig, *, resume: bool = False, baseline: bool 
             uri, cfg, SCHEME, resume, SCHEME) as lineage:
         if not lineage.finished:
             log_config(uri, lineage.parent, cfg, config_path)
-        members: list[Member] = []
-        for r in range(ns.rounds + 1):
-            if r in lineage.finished:
-                members.append(lineage.finished[r])
-            elif r == 0:
-                members.append(first_member(cfg, uri, lineage))
-            else:
-                members.append(taught_member(round_config(cfg, r), r, members[-1], uri,
-                                             lineage))
+        members = train_chain(cfg, ns.rounds, lambda r: round_config(cfg, r), uri, lineage)
         extra_rows, lines = [], {}
         summary: dict[str, Any] = {}
         if baseline:
