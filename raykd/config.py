@@ -125,6 +125,7 @@ class TeacherConfig(ModelConfig):
     epochs: int | None = Field(None, ge=1)  # teacher training; default train.epochs
     lr: float | None = Field(None, gt=0)
     jitter: int = Field(0, ge=0)  # ±pixels random translation while training the teacher
+    augment: list[TransformConfig] = Field(default_factory=list)  # ditto, torchvision v2
     mode: Literal["cached", "replay", "online"] = "cached"
     views: int = Field(4, ge=1)  # replay mode: cached augmented views per sample
     cache_dir: str | None = None  # default: .raykd_cache/ in the working directory
@@ -265,6 +266,9 @@ class NoisyStudentConfig(Section):
     # teacher; empty: the student section
     students: list[ModelConfig] = Field(default_factory=list)
     noise: NoiseConfig = Field(default_factory=NoiseConfig)
+    # Round 0 trained under the same noise too (its model's dropout / stochastic depth and the
+    # input augmentation); off: round 0 is the teacher section as it is. Labelling is clean.
+    noise_teacher: bool = False
 
 
 class RaykdConfig(Section):
