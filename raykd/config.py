@@ -125,6 +125,7 @@ class TeacherConfig(ModelConfig):
     epochs: int | None = Field(None, ge=1)  # teacher training; default train.epochs
     lr: float | None = Field(None, gt=0)
     jitter: int = Field(0, ge=0)  # ±pixels random translation while training the teacher
+    augment: list[TransformConfig] = Field(default_factory=list)  # ditto, torchvision v2
     # cached: soft labels built once; replay: cached augmented views; live: the frozen teacher
     # runs on each batch (called `online` before issue #17; that name now errors, see below).
     mode: Literal["cached", "replay", "live"] = "cached"
@@ -276,6 +277,9 @@ class NoisyStudentConfig(Section):
     # teacher; empty: the student section
     students: list[ModelConfig] = Field(default_factory=list)
     noise: NoiseConfig = Field(default_factory=NoiseConfig)
+    # Round 0 trained under the same noise too (its model's dropout / stochastic depth and the
+    # input augmentation); off: round 0 is the teacher section as it is. Labelling is clean.
+    noise_teacher: bool = False
 
 
 class OnlineConfig(Section):

@@ -22,8 +22,8 @@ import torch
 
 from raykd import tracking
 from raykd.config import BornAgainConfig, ConfigError, ModelConfig, RaykdConfig
-from raykd.schemes.chain import first_member, given_model, taught_config, taught_member
-from raykd.schemes.lineage import Member, lineage_run, log_lineage, markdown, member_row
+from raykd.schemes.chain import given_model, taught_config, train_chain
+from raykd.schemes.lineage import lineage_run, log_lineage, markdown, member_row
 
 SCHEME = "born-again"
 
@@ -85,15 +85,8 @@ def run_born_again(cfg: RaykdConfig, *, resume: bool = False,
             uri, cfg, SCHEME, resume, SCHEME) as lineage:
         if not lineage.finished:  # a resumed parent has its config already
             log_config(uri, lineage.parent, cfg, config_path)
-        members: list[Member] = []
-        for i in range(ban.generations + 1):
-            if i in lineage.finished:
-                members.append(lineage.finished[i])
-            elif i == 0:
-                members.append(first_member(cfg, uri, lineage))
-            else:
-                members.append(taught_member(generation_config(cfg, i), i, members[-1], uri,
-                                             lineage))
+        members = train_chain(cfg, ban.generations, lambda i: generation_config(cfg, i), uri,
+                              lineage)
         # Every generation evaluated here, in the driver, with the same code; BAN-E likewise.
         logits, _, labels = ban_probabilities([m.source for m in members], cfg, uri)
         for m, member_logits in zip(members, logits, strict=True):

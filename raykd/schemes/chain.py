@@ -101,3 +101,18 @@ def taught_member(cfg: RaykdConfig, index: int, teacher: Member, uri: str, linea
                     part["params"], key, fit=fit)
     lineage.record(member)
     return member
+
+
+def train_chain(cfg: RaykdConfig, length: int, member_config, uri: str, lineage: Lineage
+                ) -> list[Member]:
+    """Members 0…``length``: the finished ones of a resumed lineage as they are, member 0 by
+    :func:`first_member`, member i with ``member_config(i)`` taught by member i−1."""
+    members: list[Member] = []
+    for i in range(length + 1):
+        if i in lineage.finished:
+            members.append(lineage.finished[i])
+        elif i == 0:
+            members.append(first_member(cfg, uri, lineage))
+        else:
+            members.append(taught_member(member_config(i), i, members[-1], uri, lineage))
+    return members

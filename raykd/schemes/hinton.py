@@ -54,6 +54,8 @@ def teacher_key(cfg: RaykdConfig) -> str:
     # so a student-budget variant (--set train.epochs=100) reuses the teacher
     fit = RolePlan.of(cfg, "teacher")
     teacher = {k: d["teacher"][k] for k in ("name", "args", "jitter")}
+    if d["teacher"].get("augment"):  # absent when empty: earlier teachers keep their key
+        teacher["augment"] = d["teacher"]["augment"]
     teacher.update(epochs=fit.epochs, lr=fit.lr)
     # train.jitter/train.flip augment the students only (the teacher's is teacher.jitter)
     train = {k: v for k, v in d["train"].items()

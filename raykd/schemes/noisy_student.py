@@ -19,8 +19,8 @@ from typing import Any
 
 from raykd import tracking
 from raykd.config import ConfigError, ModelConfig, NoisyStudentConfig, RaykdConfig
-from raykd.schemes.chain import first_member, given_model, taught_config, taught_member
-from raykd.schemes.lineage import Member, lineage_run, log_lineage, markdown, member_row
+from raykd.schemes.chain import given_model, taught_config, train_chain
+from raykd.schemes.lineage import lineage_run, log_lineage, markdown, member_row
 
 SCHEME = "noisy-student"
 
@@ -30,11 +30,15 @@ def settings(cfg: RaykdConfig) -> NoisyStudentConfig:
 
 
 def round_model(cfg: RaykdConfig, r: int) -> ModelConfig:
-    """Round 0: the teacher. Round r ≥ 1: its student with the noise's model arguments."""
-    if r == 0:
-        return given_model(cfg)
+    """Round 0: the teacher (noised with ``noise_teacher``). Round r ≥ 1: its student with the
+    noise's model arguments."""
     ns = settings(cfg)
-    base = ns.students[min(r, len(ns.students)) - 1] if ns.students else cfg.student
+    if r == 0:
+        base = given_model(cfg)
+        if not ns.noise_teacher or cfg.teacher.checkpoint:
+            return base
+    else:
+        base = ns.students[min(r, len(ns.students)) - 1] if ns.students else cfg.student
     args = dict(base.args)
     if ns.noise.dropout is not None:
         args["dropout"] = ns.noise.dropout
@@ -48,6 +52,16 @@ def round_config(cfg: RaykdConfig, r: int) -> RaykdConfig:
     noise = settings(cfg).noise
     extra = {"train.augment": [t.model_dump() for t in noise.augment]} if noise.augment else {}
     return taught_config(cfg, round_model(cfg, r - 1), round_model(cfg, r), extra)
+
+
+def first_config(cfg: RaykdConfig) -> RaykdConfig:
+    """Round 0's config: with ``noise_teacher``, its model and training carry the noise."""
+    ns = settings(cfg)
+    if not ns.noise_teacher or cfg.teacher.checkpoint:
+        return cfg
+    model = round_model(cfg, 0)
+    return cfg.with_overrides({"teacher.args": model.args, "teacher.augment": [
+        t.model_dump() for t in ns.noise.augment]})
 
 
 def preflight_noisy_student(cfg: RaykdConfig) -> None:
@@ -64,7 +78,7 @@ def preflight_noisy_student(cfg: RaykdConfig) -> None:
     if cfg.teacher.ensemble:
         raise ConfigError("teacher.ensemble: Noisy Student's round 0 is one model; give "
                           "teacher.checkpoint (or neither, to train it)")
-    preflight(cfg, roles=("teacher",))
+    preflight(first_config(cfg), roles=("teacher",))
     info = dataset_info(cfg.data)
     ns = settings(cfg)
     sizes = [count_params(build_model(round_model(cfg, 0), info, field="teacher"))]
@@ -103,15 +117,8 @@ def run_noisy_student(cfg: RaykdConfig, *, resume: bool = False, baseline: bool 
             uri, cfg, SCHEME, resume, SCHEME) as lineage:
         if not lineage.finished:
             log_config(uri, lineage.parent, cfg, config_path)
-        members: list[Member] = []
-        for r in range(ns.rounds + 1):
-            if r in lineage.finished:
-                members.append(lineage.finished[r])
-            elif r == 0:
-                members.append(first_member(cfg, uri, lineage))
-            else:
-                members.append(taught_member(round_config(cfg, r), r, members[-1], uri,
-                                             lineage))
+        members = train_chain(first_config(cfg), ns.rounds, lambda r: round_config(cfg, r),
+                              uri, lineage)
         extra_rows, lines = [], {}
         summary: dict[str, Any] = {}
         if baseline:

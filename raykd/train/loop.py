@@ -262,10 +262,11 @@ def run_phase(loop: dict[str, Any], phase_id: int, coordinator,
     tset = transfer_set(cfg, role, cached)
     train_ds, transfer = tset.dataset, tset.indices  # with data.labelled: pool labels hidden
     augment_v2 = None
-    if role != "teacher" and cfg.train.augment:
+    transforms = cfg.teacher.augment if role == "teacher" else cfg.train.augment
+    if transforms:
         from raykd.data.augment import build_transform
 
-        augment_v2 = build_transform(cfg.train.augment)
+        augment_v2 = build_transform(transforms)
     sampler = torch.utils.data.DistributedSampler(range(len(transfer)), num_replicas=world,
                                                   rank=rank, shuffle=True, seed=cfg.train.seed)
     codistill = None  # codistillation: stale copies of the other groups (raykd.train.stale_peers)
