@@ -15,7 +15,8 @@ from raykd.losses import (LOSSES, DistillLoss, LossSpec, build_term, describe_lo
                           feature_paths)
 
 KEYS = {"ce", "kd", "dkd", "token_kd", "fitnets", "at", "nst", "ft", "ab", "distilbert_cos",
-        "tinybert_hidden", "tinybert_emb", "tinybert_attn", "rkd", "sp", "fsp", "pkt"}
+        "tinybert_hidden", "tinybert_emb", "tinybert_attn", "rkd", "sp", "fsp", "pkt",
+        "dml", "one", "byot", "codistill"}  # the online family (raykd online)
 S_SHAPES = {"layer2": torch.Size([4, 8, 4, 4]), "layer3": torch.Size([4, 16, 2, 2]),
             "fc": torch.Size([4, 32])}
 T_SHAPES = {"layer2": torch.Size([4, 16, 4, 4]), "layer3": torch.Size([4, 32, 2, 2]),
@@ -46,7 +47,7 @@ def test_every_key_is_registered_with_a_complete_spec():
     assert set(LOSSES) == KEYS
     for key, spec in LOSSES.items():
         assert isinstance(spec, LossSpec) and spec.key == key and spec.cls.key == key
-        assert spec.family in {"response", "feature", "relation", "language"}
+        assert spec.family in {"response", "feature", "relation", "language", "online"}
         assert set(spec.needs) <= {"labels", "logits", "features", "pairs"} and spec.needs
         assert spec.paper and all("default" in d for d in spec.params.values())
 
