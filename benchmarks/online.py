@@ -6,7 +6,8 @@ Each run is one `raykd online --baseline` process in a fresh folder with its own
 - ``digits``: every scheme, seeds 0..N-1, on the embedded digits data (a 64-64 MLP student;
   ONE splits after ``layers.0``, BYOT has one exit there);
 - ``mnist``: every scheme once on the MNIST copy with 800-800 MLPs (ONE splits after
-  ``layers.0``, BYOT exits at ``layers.0``), and codistillation at S ∈ {1, 10, 100} steps.
+  ``layers.0``, BYOT exits at ``layers.0``), and codistillation at S ∈ {1, 10, 100} steps;
+  saved after each run, and a rerun skips the runs already in the JSON.
 
     python benchmarks/online.py --mnist ../shared/data/mnist --json benchmarks/results/online.json
 
@@ -74,12 +75,19 @@ def digits(scheme: str, seeds: int, log: Path) -> dict:
            for n in rows[0]["baseline"]}}}
 
 
-def mnist(root: str, epochs: int, log: Path) -> dict:
+def mnist(root: str, epochs: int, log: Path, out: dict, save) -> dict:
+    """Every scheme once, then codistillation's S sweep; ``save()`` after each run."""
     common = [*MNIST, "--set", f"data.root={root}", "--set", f"train.epochs={epochs}"]
-    out = {scheme: run(scheme, common, log) for scheme in ("dml", "one", "byot")}
-    # the groups alone do not depend on S: trained once, with S = 10
-    out["codistill"] = {str(s): run("codistill", [*common, "--set", f"online.staleness_steps={s}"],
-                                    log, baseline=s == 10) for s in (10, 1, 100)}
+    for scheme in ("dml", "one", "byot"):
+        if scheme not in out:
+            out[scheme] = run(scheme, common, log)
+            save()
+    sweep = out.setdefault("codistill", {})
+    for s in (10, 1, 100):  # the groups alone do not depend on S: trained once, with S = 10
+        if str(s) not in sweep:
+            sweep[str(s)] = run("codistill", [*common, "--set", f"online.staleness_steps={s}"],
+                                log, baseline=s == 10)
+            save()
     return out
 
 
@@ -106,7 +114,12 @@ def main() -> int:
         elif name == "mnist":
             if not args.mnist:
                 raise SystemExit("mnist needs --mnist DIR")
-            result[name] = mnist(str(Path(args.mnist).resolve()), args.mnist_epochs, log)
+            def save() -> None:
+                out.parent.mkdir(parents=True, exist_ok=True)
+                out.write_text(json.dumps(result, indent=2))
+
+            result[name] = mnist(str(Path(args.mnist).resolve()), args.mnist_epochs, log,
+                                 result.setdefault(name, {}), save)
         else:
             raise SystemExit(f"--only: unknown part {name!r}")
         result[name]["benchmark_seconds"] = round(time.perf_counter() - t0, 1)

@@ -13,6 +13,8 @@ from __future__ import annotations
 import torch
 from torch import nn
 
+START_TIMEOUT_S = 600.0  # how long a group waits for the others' workers before training alone
+
 
 class StalePeers:
     def __init__(self, spec: dict, cfg, info, device, rank: int, world: int):
@@ -27,6 +29,12 @@ class StalePeers:
         self._build = build_model
         self.peers: dict[int, nn.Module] = {}  # group → its stale copy
         self.versions: dict[int, int] = {}  # group → the step its copy was published at
+        # Start together: rank 0 waits for every group at the exchange, its ranks for rank 0.
+        import ray
+
+        arrived = ray.get(self.exchange.arrive.remote(self.group, START_TIMEOUT_S)) \
+            if rank == 0 else None
+        self._broadcast(arrived)
 
     def targets(self, x: torch.Tensor, step: int) -> torch.Tensor | None:
         """The peers' averaged prediction on ``x`` as log-probabilities (a constant), or None

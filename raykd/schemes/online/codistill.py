@@ -17,10 +17,22 @@ class Exchange:
     """Holds each group's latest weights (as an object it owns, so a version outlives the
     group that published it) and the log of what was published and loaded."""
 
-    def __init__(self):
+    def __init__(self, groups: int):
+        self.groups = groups
+        self.arrived: set[int] = set()
         self.latest: dict[int, dict[str, Any]] = {}
         self.published: list[dict[str, Any]] = []
         self.loads: list[dict[str, Any]] = []
+
+    def arrive(self, group: int, timeout_s: float) -> int:
+        """Block until every group's workers are up (or ``timeout_s``): codistillation assumes
+        the groups train at the same time, and a group that started alone would train its first
+        steps with no peer at all. Returns how many groups had arrived."""
+        self.arrived.add(group)
+        deadline = time.monotonic() + timeout_s
+        while len(self.arrived) < self.groups and time.monotonic() < deadline:
+            time.sleep(0.05)
+        return len(self.arrived)
 
     def publish(self, group: int, step: int, refs: list) -> dict[int, dict[str, Any]]:
         import ray

@@ -107,7 +107,7 @@ def run_codistill(cfg: RaykdConfig, uri: str, parent: str) -> tuple[list, dict, 
     from raykd.train.fit import fit
 
     o = cfg.online
-    exchange = ray.remote(num_cpus=0, max_concurrency=4 * o.peers)(Exchange).remote()
+    exchange = ray.remote(num_cpus=0, max_concurrency=4 * o.peers)(Exchange).remote(o.peers)
     groups = [training_config(cfg).with_overrides({"train.seed": cfg.train.seed + g})
               for g in range(o.peers)]
     runs = [tracking.start_run(uri, cfg.tracking.experiment, f"group{g}", parent,
