@@ -25,19 +25,24 @@ def _stacked(inp: LossInputs, key: str, members: int = 2) -> Tensor:
     return s
 
 
-class MutualLearning(LossTerm):
-    """DML: each peer k learns CE(z_k, y) + T²·mean_{j≠k} KL(p_j ‖ p_k), the other peers'
-    predictions detached (Zhang et al. 2018, arXiv 1706.00384); the sum over peers."""
+class _OnlineTerm(LossTerm):
+    """What every online term shares: the members' temperature (``online.temperature``)."""
 
-    key = "dml"
     family = "online"
-    paper = "Zhang et al. 2018, Deep Mutual Learning, arXiv 1706.00384"
-    needs = ("labels",)
-    params = {"temperature": TEMPERATURE}
 
     def __init__(self, ctx: BuildContext, params: dict[str, Any]):
         super().__init__(ctx, params)
         self.temperature = params["temperature"] or ctx.temperature
+
+
+class MutualLearning(_OnlineTerm):
+    """DML: each peer k learns CE(z_k, y) + T²·mean_{j≠k} KL(p_j ‖ p_k), the other peers'
+    predictions detached (Zhang et al. 2018, arXiv 1706.00384); the sum over peers."""
+
+    key = "dml"
+    paper = "Zhang et al. 2018, Deep Mutual Learning, arXiv 1706.00384"
+    needs = ("labels",)
+    params = {"temperature": TEMPERATURE}
 
     def forward(self, inp: LossInputs) -> Tensor:
         s = _stacked(inp, self.key)
@@ -49,21 +54,16 @@ class MutualLearning(LossTerm):
         return total
 
 
-class OnTheFlyEnsemble(LossTerm):
+class OnTheFlyEnsemble(_OnlineTerm):
     """ONE: Σ_i CE(z_i) + CE(z_e) + T²·Σ_i KL(p_e ‖ p_i), where the last member is the gated
     ensemble z_e = Σ_i g_i z_i and its soft targets are detached (Lan et al. 2018,
     arXiv 1806.04606)."""
 
     key = "one"
-    family = "online"
     paper = "Lan, Zhu, Gong 2018, Knowledge Distillation by On-the-Fly Native Ensemble, " \
             "arXiv 1806.04606"
     needs = ("labels",)
     params = {"temperature": TEMPERATURE}
-
-    def __init__(self, ctx: BuildContext, params: dict[str, Any]):
-        super().__init__(ctx, params)
-        self.temperature = params["temperature"] or ctx.temperature
 
     def forward(self, inp: LossInputs) -> Tensor:
         s = _stacked(inp, self.key, members=3)
@@ -75,14 +75,13 @@ class OnTheFlyEnsemble(LossTerm):
         return total
 
 
-class BeYourOwnTeacher(LossTerm):
+class BeYourOwnTeacher(_OnlineTerm):
     """BYOT: the deepest exit learns CE; each shallower exit (1−α)·CE + α·T²·KL(p_deep ‖ p_i)
     + λ·‖f_i − f_deep‖², f_i its bottleneck's features and f_deep the deepest features, both
     hooked (``student_layers``: the exits' bottlenecks, then the deepest features), the deepest
     side detached (Zhang et al. 2019, arXiv 1905.08094)."""
 
     key = "byot"
-    family = "online"
     paper = "Zhang et al. 2019, Be Your Own Teacher: self distillation, arXiv 1905.08094"
     needs = ("labels", "features")
     student_only = True  # its features are the student's own: no teacher_layers
@@ -92,7 +91,6 @@ class BeYourOwnTeacher(LossTerm):
 
     def __init__(self, ctx: BuildContext, params: dict[str, Any]):
         super().__init__(ctx, params)
-        self.temperature = params["temperature"] or ctx.temperature
         self.alpha, self.hint_weight = params["alpha"], params["hint_weight"]
 
     def forward(self, inp: LossInputs) -> Tensor:
@@ -112,13 +110,12 @@ class BeYourOwnTeacher(LossTerm):
         return total
 
 
-class Codistillation(LossTerm):
+class Codistillation(_OnlineTerm):
     """Codistillation: CE(z, y) + w·T²·KL(p_peers ‖ p), p_peers the other groups' stale copies'
     averaged prediction on the same batch (passed as the teacher logits); CE alone during
     burn-in, when there is none yet (Anil et al. 2018, arXiv 1804.03235)."""
 
     key = "codistill"
-    family = "online"
     paper = "Anil et al. 2018, Large scale distributed neural network training through online " \
             "distillation, arXiv 1804.03235"
     needs = ("labels",)
@@ -127,7 +124,6 @@ class Codistillation(LossTerm):
 
     def __init__(self, ctx: BuildContext, params: dict[str, Any]):
         super().__init__(ctx, params)
-        self.temperature = params["temperature"] or ctx.temperature
         self.weight = params["distill_weight"]
 
     def forward(self, inp: LossInputs) -> Tensor:

@@ -111,8 +111,8 @@ class Branches(Cohort):
                               else feats.shape[-1], k)
 
     def _trunk(self, x: Tensor) -> Tensor:
-        # The base model's forward up to split_at; what runs after it is wasted but cheap next
-        # to K branches, and keeps model code untouched.
+        # The base model's forward: the modules after split_at are identities in the trunk, so
+        # this computes the trunk once and leaves model code untouched.
         self.trunk(x)
         return self._hooks.features[self.split_at]
 
