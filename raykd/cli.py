@@ -12,7 +12,7 @@ import sys
 from pathlib import Path
 from typing import Any
 
-from raykd.config import ConfigError, RaykdConfig, load_config
+from raykd.config import ConfigError, RaykdConfig, load_config, parse_overrides
 
 
 class ArgumentParser(argparse.ArgumentParser):
@@ -36,6 +36,9 @@ def build_parser() -> ArgumentParser:
     _config_args(p)
     p.add_argument("--baseline", action="store_true",
                    help="also train the same student on hard labels only, same budget")
+    p.add_argument("--register", metavar="NAME",
+                   help="register the student as a version of MLflow model NAME "
+                        "(tracking.register_as)")
     p = verbs.add_parser("train-teacher", help="train the teacher with Ray Train")
     _config_args(p)
     p.add_argument("--out", metavar="PATH", help="also copy the checkpoint here")
@@ -103,7 +106,10 @@ def print_table(summary: dict[str, Any]) -> None:
 
 
 def _load(args) -> RaykdConfig:
-    return load_config(args.config, args.overrides)
+    overrides = parse_overrides(args.overrides)
+    if getattr(args, "register", None) is not None:  # a name as typed, not parsed as YAML
+        overrides["tracking.register_as"] = args.register
+    return load_config(args.config, overrides)
 
 
 def cmd_distill(args) -> dict[str, Any]:

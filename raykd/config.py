@@ -234,6 +234,17 @@ class TrainConfig(Section):
 class TrackingConfig(Section):
     uri: str | None = None  # default sqlite:///<cwd>/mlflow.db, made absolute before workers
     experiment: str = "raykd"
+    # register the distilled student as a version of this MLflow registered model (--register)
+    register_as: str | None = None
+
+    @field_validator("register_as")
+    @classmethod
+    def _model_name(cls, name: str | None) -> str | None:
+        # models:/NAME/VERSION is how a registered model is addressed: no "/" or ":" in NAME
+        if name is not None and (not name.strip() or any(c in name for c in "/:%")):
+            raise ValueError(f"registered model name {name!r}: give a non-empty name without "
+                             f"'/', ':' or '%', e.g. digits-student")
+        return name
 
 
 class TuneConfig(Section):

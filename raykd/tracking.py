@@ -161,9 +161,10 @@ def set_tags(uri: str, run_id: str, tags: Mapping[str, Any]) -> None:
         c.set_tag(run_id, key, str(value))
 
 
-def log_torch_model(uri: str, run_id: str, model, example, name: str) -> None:
+def log_torch_model(uri: str, run_id: str, model, example, name: str) -> str | None:
     """Log ``model`` as an MLflow PyTorch model in torch.export (pt2) form — loadable without
-    unpickling arbitrary code — with an input example so MLflow can infer the signature."""
+    unpickling arbitrary code — with an input example so MLflow can infer the signature.
+    Returns the logged model's URI, or None when the export failed (the reason is logged)."""
     import mlflow
 
     model = model.eval().cpu()
@@ -173,14 +174,16 @@ def log_torch_model(uri: str, run_id: str, model, example, name: str) -> None:
         with mlflow.start_run(run_id=run_id, nested=True):
             # Pinned requirements instead of MLflow's inference, which reloads the model in a
             # subprocess (and runs `uv export` in a uv project): seconds per model, every fit.
-            mlflow.pytorch.log_model(model, name=name, serialization_format="pt2",
-                                     input_example=example.cpu().numpy(),
-                                     pip_requirements=_model_requirements())
+            info = mlflow.pytorch.log_model(model, name=name, serialization_format="pt2",
+                                            input_example=example.cpu().numpy(),
+                                            pip_requirements=_model_requirements())
+        return info.model_uri
     except Exception as err:  # export can fail for exotic models: keep the weights regardless
         with tempfile.TemporaryDirectory() as tmp:
             note = Path(tmp) / f"{name}_export_error.txt"
             note.write_text(f"{type(err).__name__}: {err}\n")
             log_artifact(uri, run_id, note)
+        return None
     finally:
         mlflow.set_tracking_uri(prev)
 
@@ -210,3 +213,22 @@ def download(uri: str, artifact_uri: str) -> Path:
     finally:
         mlflow.set_tracking_uri(prev_tracking)
         mlflow.set_registry_uri(prev_registry)
+
+
+def register_model(uri: str, model_uri: str, name: str, tags: Mapping[str, Any]) -> dict:
+    """A new version of registered model ``name`` (created if absent) from a logged model,
+    tagged; returns {name, version, model_uri} where model_uri is models:/NAME/VERSION."""
+    import mlflow
+
+    # register_model reads the GLOBAL registry URI (see download): point it at ``uri``.
+    prev_tracking, prev_registry = mlflow.get_tracking_uri(), mlflow.get_registry_uri()
+    mlflow.set_tracking_uri(uri)
+    mlflow.set_registry_uri(uri)
+    try:
+        version = mlflow.register_model(model_uri, name,
+                                        tags={k: str(v) for k, v in tags.items()})
+    finally:
+        mlflow.set_tracking_uri(prev_tracking)
+        mlflow.set_registry_uri(prev_registry)
+    return {"name": name, "version": int(version.version),
+            "model_uri": f"models:/{name}/{version.version}"}

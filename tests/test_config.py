@@ -137,6 +137,8 @@ CLI_CASES = [
     ["online", "--scheme", "byot"],
     ["online", "--scheme", "codistill", "--set", "online.staleness_steps=0"],
     ["distill", "--set", "teacher.mode=online"],  # renamed `live` (issue #17)
+    ["distill", "--register", "a/b"],  # issue #18: not addressable as models:/NAME/VERSION
+    ["distill", "--register", " "],
 ]
 
 

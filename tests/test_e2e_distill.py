@@ -28,7 +28,7 @@ def distilled(ray_session, tmp_path_factory):
         rc = subprocess.run(
             [sys.executable, "-m", "raykd.cli", "distill", "--baseline", *FAST,
              "--set", f"tracking.uri={uri}", "--set", "tracking.experiment=e2e",
-             "--summary", str(root / "s.json")],
+             "--register", "digits-student", "--summary", str(root / "s.json")],
             cwd=root, env=env, stdout=console, stderr=subprocess.STDOUT, timeout=900).returncode
     assert rc == 0, (root / "console.txt").read_text()[-3000:]
     summary = json.loads((root / "s.json").read_text())
@@ -160,3 +160,25 @@ def test_student_logged_as_mlflow_model_that_predicts(distilled):
     model = mlflow.pytorch.load_model(f"models:/{models[0].model_id}")
     logits = model(torch.zeros(3, 1, 8, 8))
     assert tuple(logits.shape) == (3, 10)
+
+
+def test_register_makes_a_tagged_model_version_that_loads(distilled):
+    """--register NAME (issue #18): the student is version 1 of NAME, tagged with its teacher
+    run, the cache key and the scheme, and models:/NAME/1 loads and predicts."""
+    import mlflow
+    import torch
+    from mlflow.tracking import MlflowClient
+
+    _, summary, uri, _ = distilled
+    reg = summary["registered"]
+    assert (reg["name"], reg["version"]) == ("digits-student", 1)
+    client = MlflowClient(tracking_uri=uri, registry_uri=uri)
+    version = client.get_model_version("digits-student", "1")
+    assert version.run_id == summary["student"]["run_id"]
+    assert version.tags["raykd.teacher_run_id"] == summary["teacher"]["run_id"]
+    assert version.tags["raykd.cache_key"] == summary["teacher"]["cache"]["key"]
+    assert version.tags["raykd.scheme"] == "offline"
+    mlflow.set_registry_uri(uri)
+    mlflow.set_tracking_uri(uri)
+    model = mlflow.pytorch.load_model(reg["model_uri"])
+    assert tuple(model(torch.zeros(3, 1, 8, 8)).shape) == (3, 10)

@@ -132,8 +132,9 @@ def run_student(cfg: RaykdConfig, role: str, uri: str, parent: str, teacher=None
                  "train_seconds": time.perf_counter() - start}
         tracking.log_metrics(uri, run_id, final)
         tracking.log_artifact(uri, run_id, weights, "checkpoint")
-        _log_model(cfg, uri, run_id, weights, dataset_info(cfg.data), role)
-    return {"accuracy": acc, "params": result.params, "run_id": run_id, "checkpoint": weights,
+        model_uri = _log_model(cfg, uri, run_id, weights, dataset_info(cfg.data), role)
+    return {"accuracy": acc, "model_uri": model_uri, "params": result.params, "run_id": run_id,
+            "checkpoint": weights,
             **_fit_part(result),
             "history": result.history, "transfer_size": result.transfer_size,
             "transfer": result.transfer,
@@ -141,12 +142,32 @@ def run_student(cfg: RaykdConfig, role: str, uri: str, parent: str, teacher=None
             "train_seconds": round(final["train_seconds"], 2)}
 
 
-def _log_model(cfg: RaykdConfig, uri: str, run_id: str, weights: str, info, role: str) -> None:
+def _log_model(cfg: RaykdConfig, uri: str, run_id: str, weights: str, info, role: str
+               ) -> str | None:
     from raykd.train.checkpoint import load_model
 
     model = load_model(weights, cfg.student, info, field="student")
     # A batch of 2, not 1: torch.export would specialise the batch dimension to a size-1 example.
-    tracking.log_torch_model(uri, run_id, model, torch.zeros(2, *info.input_shape), role)
+    return tracking.log_torch_model(uri, run_id, model, torch.zeros(2, *info.input_shape), role)
+
+
+def register_student(cfg: RaykdConfig, uri: str, student: dict[str, Any],
+                     teacher: dict[str, Any], scheme: str) -> dict[str, Any]:
+    """``tracking.register_as`` (--register NAME): the student as a registered model version,
+    tagged with what made it: its run, the teacher's run (or checkpoints), the cache, the scheme.
+    """
+    from raykd.config import ConfigError
+
+    if not student.get("model_uri"):
+        raise ConfigError(f"tracking.register_as: the student of run {student['run_id']} could "
+                          f"not be exported as an MLflow model (see its *_export_error.txt "
+                          f"artifact); drop --register or use a torch.export-able student")
+    tags = {"raykd.scheme": scheme, "raykd.student_run_id": student["run_id"],
+            "raykd.teacher_run_id": teacher.get("run_id") or "",
+            "raykd.teacher_source": ",".join(map(str, teacher.get("source", []))),
+            "raykd.cache_key": (teacher.get("cache") or {}).get("key", ""),
+            "raykd.test_accuracy": student.get("accuracy")}
+    return tracking.register_model(uri, student["model_uri"], cfg.tracking.register_as, tags)
 
 
 def run_distill(cfg: RaykdConfig, *, baseline: bool = False, config_path: str | None = None,
@@ -183,6 +204,8 @@ def run_distill(cfg: RaykdConfig, *, baseline: bool = False, config_path: str | 
         final = {f"{k}_test_accuracy": v["accuracy"] for k, v in summary.items()}
         final.update({f"{k}_params": v["params"] for k, v in summary.items()})
         tracking.log_metrics(uri, parent, final)
+        if cfg.tracking.register_as:
+            summary["registered"] = register_student(cfg, uri, student, teacher, "offline")
         summary["mlflow"] = {"tracking_uri": uri, "run_id": parent,
                              "experiment": cfg.tracking.experiment}
         summary["seconds"] = round(time.perf_counter() - started, 1)
