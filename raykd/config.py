@@ -136,6 +136,12 @@ class TeacherConfig(ModelConfig):
     shard_size: int = Field(65536, ge=1)  # rows per object-store shard
     max_restarts: int = Field(3, ge=0)
     batch_size: int = Field(512, ge=1)  # teacher inference batch
+    # The teacher actor's GPU: null (auto) takes a fraction only when GPUs are left beside the
+    # training workers; true asks for it (an error when none is left); false keeps it on CPU.
+    use_gpu: bool | None = None
+    # Live mode: how long the actor waits for the other workers' calls to run them in one
+    # teacher pass (raykd/teacher/batching.py); null serves one call at a time.
+    live_batch_window_ms: float | None = Field(5.0, ge=0.0)
 
     @field_validator("checkpoint")
     @classmethod
@@ -212,6 +218,9 @@ class TrainConfig(Section):
     num_workers: int = Field(2, ge=1)
     use_gpu: bool = False
     cpus_per_worker: float = Field(1.0, gt=0.0)
+    # with use_gpu: a fraction < 1 lets workers share a GPU (gloo then, as NCCL takes one rank
+    # per GPU), e.g. 2 workers on a 1-GPU machine with 0.5 (or 0.375, leaving the teacher 0.25)
+    gpus_per_worker: float = Field(1.0, gt=0.0, le=1.0)
     seed: int = 0
     optimizer: Literal["adam", "adamw", "sgd"] = "adam"
     weight_decay: float = Field(0.0, ge=0.0)
@@ -229,6 +238,19 @@ class TrainConfig(Section):
     # Which weights a fit returns (and is evaluated, logged and distilled from): the epoch best
     # on validation (accuracy, ties to the lower loss) or the last one.
     keep_checkpoint: Literal["best", "last"] = "best"
+    # The student's forward under autocast (bf16, fp16 with a grad scaler); losses stay float32.
+    # fp16 needs CUDA (use_gpu); bf16 also runs on CPU. See raykd/train/precision.py.
+    precision: Literal["fp32", "bf16", "fp16"] = "fp32"
+
+    @model_validator(mode="after")
+    def _gpu_settings(self) -> TrainConfig:
+        if self.gpus_per_worker != 1.0 and not self.use_gpu:
+            raise ValueError("gpus_per_worker: applies to GPU workers only; set "
+                             "train.use_gpu=true or leave gpus_per_worker at 1")
+        if self.precision == "fp16" and not self.use_gpu:
+            raise ValueError("precision: fp16 autocast needs a GPU (train.use_gpu=true); on "
+                             "CPU use train.precision=bf16 or fp32")
+        return self
 
 
 class TrackingConfig(Section):

@@ -59,10 +59,13 @@ def teacher_key(cfg: RaykdConfig) -> str:
     teacher.update(epochs=fit.epochs, lr=fit.lr)
     # train.jitter/train.flip augment the students only (the teacher's is teacher.jitter)
     train = {k: v for k, v in d["train"].items()
-             if k not in ("use_gpu", "cpus_per_worker", "max_failures", "checkpoint_every",
-                          "checkpoint_seconds", "jitter", "flip", "augment", "epochs", "lr")}
+             if k not in ("use_gpu", "cpus_per_worker", "gpus_per_worker", "max_failures",
+                          "checkpoint_every", "checkpoint_seconds", "jitter", "flip", "augment",
+                          "epochs", "lr")}
     if train.get("keep_checkpoint") == "last":  # what every teacher before the option kept
         train.pop("keep_checkpoint")
+    if train.get("precision") == "fp32":  # ditto: teachers before train.precision were fp32
+        train.pop("precision")
     payload = {"teacher": teacher, "train": train, "data": dataset_info(cfg.data).identity}
     if cfg.data.labelled is not None:  # a teacher of the labelled part only
         payload["labelled"] = cfg.data.labelled

@@ -191,7 +191,11 @@ def run_distill(cfg: RaykdConfig, *, baseline: bool = False, config_path: str | 
             init_from = sources[0] if cfg.student.init_from_teacher else None
             student = run_student(cfg, "student", uri, parent, service.handoff,
                                   init_from=init_from)
-            teacher["forward_samples"] = teacher_stats(service)["forward_samples"]
+            stats = teacher_stats(service)
+            teacher["forward_samples"] = stats["forward_samples"]
+            if "live_calls" in stats:  # live mode: how the workers' calls shared teacher passes
+                teacher["live_batching"] = {k: stats[k] for k in (
+                    "live_calls", "live_passes", "live_max_calls_per_pass")}
         finally:  # one actor per job; the cache on disk and the driver-owned shards outlive it
             stop_teacher(service)  # killed AND its name released: a next run starts afresh
         if teacher.get("accuracy") is None:  # a given teacher: measured here, once

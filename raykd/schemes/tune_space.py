@@ -28,7 +28,8 @@ from raykd.config import ConfigError, RaykdConfig
 DISTRIBUTIONS = ("grid", "choice", "uniform", "quniform", "loguniform", "randint")
 # Every trial shares one teacher and one soft-label cache, and runs on the same resources.
 FIXED_PREFIXES = ("teacher.", "data.", "tracking.", "tune.")
-FIXED_KEYS = ("train.num_workers", "train.cpus_per_worker", "train.use_gpu", "train.max_failures")
+FIXED_KEYS = ("train.num_workers", "train.cpus_per_worker", "train.use_gpu", "train.max_failures",
+              "train.gpus_per_worker")
 REPLAY_KEYS = ("train.jitter", "train.flip", "train.seed")  # baked into a replay cache's views
 FREE_FORM = ("args", "params")  # mappings whose keys the config does not fix
 

@@ -23,6 +23,7 @@ from __future__ import annotations
 import hashlib
 import json
 import os
+import threading
 import time
 import warnings
 from pathlib import Path
@@ -31,10 +32,12 @@ from typing import Any
 import numpy as np
 import torch
 
-from raykd.config import URI_SCHEMES, RaykdConfig, validate
+from raykd.config import URI_SCHEMES, ConfigError, RaykdConfig, validate
 
 ACTOR_NAMESPACE = "raykd"
 GPU_FRACTION = 0.25
+# Calls served at once by the (threaded) actor: every worker's live forward, plus the driver's.
+MAX_CONCURRENCY = 64
 
 
 def default_cache_dir(cfg: RaykdConfig) -> Path:
@@ -87,7 +90,7 @@ class TeacherActor:
         started = time.perf_counter()
         self.cfg = validate(config)
         self.sources = list(sources)
-        self.device = torch.device("cuda" if torch.cuda.is_available() else "cpu")
+        self.device = teacher_device()
         self.dataset = build_dataset(self.cfg.data, "train")
         self.models = [m.to(self.device).eval() for m in
                        load_teacher_models(sources, self.cfg, self.dataset.info, tracking_uri)]
@@ -96,6 +99,8 @@ class TeacherActor:
         self.cache = None
         self.spec = None
         self.cache_event: dict[str, Any] = {"status": "live"}
+        self._lock = threading.RLock()  # the actor is threaded: one cache build, one counter
+        self.batcher = self._live_batcher()
         if self.cfg.teacher.mode != "live":
             self.root = default_cache_dir(self.cfg)
             info = self.dataset.info
@@ -119,6 +124,10 @@ class TeacherActor:
     # -- cache -------------------------------------------------------------------------------
     def ensure_cache(self) -> dict[str, Any]:
         """Open a fresh cache or (re)build it; never serve a stale, truncated or corrupt one."""
+        with self._lock:  # concurrent callers (Tune trials' drivers) wait for one build
+            return self._ensure_cache()
+
+    def _ensure_cache(self) -> dict[str, Any]:
         from raykd.teacher.cache import TeacherCache, build_cache, check_cache
 
         if self.cfg.teacher.mode == "live":
@@ -160,6 +169,8 @@ class TeacherActor:
                "pid": os.getpid(), "mode": self.cfg.teacher.mode, "device": str(self.device),
                "reconstructed": _was_reconstructed(), "num_models": len(self.models),
                "start_seconds": self.start_seconds}
+        if self.batcher is not None:
+            out.update(self.batcher.stats())
         if self.cache is not None:
             out.update(path=str(self.cache.path), key=self.spec.key(),
                        bytes_per_sample=self.cache.bytes_per_sample,
@@ -209,12 +220,35 @@ class TeacherActor:
             logits = self.models[0](x)
         else:
             logits = torch.stack([m(x) for m in self.models]).mean(0)
-        self.forward_samples += len(x)
+        with self._lock:
+            self.forward_samples += len(x)
         return logits.float().cpu()
+
+    def _live_batcher(self):
+        """Live mode: concurrent calls from the workers share teacher passes
+        (raykd.teacher.batching); ``teacher.live_batch_window_ms: null`` serves one call at a
+        time, as before batching existed."""
+        window_ms = self.cfg.teacher.live_batch_window_ms
+        if self.cfg.teacher.mode != "live" or window_ms is None:
+            return None
+        from raykd.teacher.batching import LiveBatcher
+
+        return LiveBatcher(self._forward, window_s=window_ms / 1000,
+                           expect=self.cfg.train.num_workers,
+                           max_rows=max(self.cfg.teacher.batch_size,
+                                        self.cfg.train.batch_size * self.cfg.train.num_workers))
 
     def forward(self, x: torch.Tensor, paths: list[str] | None = None
                 ) -> tuple[torch.Tensor, dict[str, torch.Tensor]]:
-        """Teacher logits (and hooked features of the first model) for a live batch."""
+        """Teacher logits (and hooked features of the first model) for a live batch; in live
+        mode, batched with the other workers' concurrent calls."""
+        if self.batcher is not None:
+            return self.batcher.submit(x, list(paths or []))
+        with self._lock:  # unbatched: one call at a time
+            return self._forward(x, list(paths or []))
+
+    def _forward(self, x: torch.Tensor, paths: list[str]
+                 ) -> tuple[torch.Tensor, dict[str, torch.Tensor]]:
         if not paths:
             return self._logits(x), {}
         from raykd.models.hooks import FeatureHooks
@@ -223,7 +257,8 @@ class TeacherActor:
             x = x.to(self.device)
             logits = torch.stack([m(x) for m in self.models]).mean(0)
             feats = {p: t.detach().float().cpu() for p, t in hooks.features.items()}
-        self.forward_samples += len(x)
+        with self._lock:
+            self.forward_samples += len(x)
         return logits.float().cpu(), feats
 
     def feature_shapes(self, paths: list[str]) -> dict[str, list[int]]:
@@ -271,14 +306,38 @@ def actor_name(cfg: RaykdConfig, sources: list[str]) -> str:
     return f"teacher-{hashlib.sha256(blob.encode()).hexdigest()[:16]}"
 
 
+def teacher_device() -> torch.device:
+    """Inside a Ray actor: the GPU Ray assigned to it, else the CPU. Ray leaves every GPU of the
+    node visible to an actor that asked for none, so ``torch.cuda.is_available()`` alone would
+    put the teacher on a GPU the training workers hold. In-process (benchmarks, tests): CUDA
+    when there is one."""
+    import ray
+
+    if ray.is_initialized() and ray.get_runtime_context().get_actor_id() is not None:
+        return torch.device("cuda" if ray.get_gpu_ids() else "cpu")
+    return torch.device("cuda" if torch.cuda.is_available() else "cpu")
+
+
 def actor_gpus(cfg: RaykdConfig, cluster_gpus: float) -> float:
-    """A GPU fraction for the teacher when the cluster has GPUs to spare beside the training
-    workers (each takes a whole GPU); otherwise 0 — taking a slice the workers need would leave
-    the fit waiting for resources forever."""
-    if not cluster_gpus:
+    """The teacher actor's GPU share (``teacher.use_gpu``). Unset (auto): a fraction when the
+    cluster has GPUs to spare beside the training workers (each takes a whole GPU), otherwise
+    0 — taking a slice the workers need would leave the fit waiting for resources forever.
+    true: the same fraction, or a ConfigError when it does not fit beside the workers.
+    false: none."""
+    t = cfg.train
+    workers = t.num_workers * t.gpus_per_worker if t.use_gpu else 0
+    fits = cluster_gpus - workers >= GPU_FRACTION
+    if cfg.teacher.use_gpu is None:
+        return GPU_FRACTION if fits else 0.0
+    if not cfg.teacher.use_gpu:
         return 0.0
-    workers = cfg.train.num_workers if cfg.train.use_gpu else 0
-    return GPU_FRACTION if cluster_gpus - workers >= GPU_FRACTION else 0.0
+    if not fits:
+        raise ConfigError(
+            f"teacher.use_gpu: the teacher actor needs {GPU_FRACTION:g} GPU beside the "
+            f"training workers' {workers:g}, and the cluster has {cluster_gpus:g} GPUs; add a "
+            f"GPU, lower train.num_workers or train.gpus_per_worker, or set "
+            f"teacher.use_gpu=false (teacher on CPU)")
+    return GPU_FRACTION
 
 
 def start_teacher_actor(cfg: RaykdConfig, sources: list[str], tracking_uri: str):
@@ -290,6 +349,7 @@ def start_teacher_actor(cfg: RaykdConfig, sources: list[str], tracking_uri: str)
     remote = ray.remote(TeacherActor).options(
         name=actor_name(cfg, sources), namespace=ACTOR_NAMESPACE, get_if_exists=True,
         max_restarts=cfg.teacher.max_restarts, max_task_retries=-1, num_cpus=0,
+        max_concurrency=MAX_CONCURRENCY,
         num_gpus=actor_gpus(cfg, ray.cluster_resources().get("GPU", 0)), lifetime=None)
     # The actor's working directory is Ray's, not the user's: resolve the cache folder here.
     config = cfg.to_dict()

@@ -211,7 +211,9 @@ class CachedTeacher:
 # -- live ------------------------------------------------------------------------------------
 class LiveTeacher:
     """Runs the teacher (in the actor) on the live batch, returning logits and hooked features.
-    One actor call per step for the whole batch; retried on the restarted actor if it dies."""
+    One actor call per step for the whole batch; retried on the restarted actor if it dies.
+    The actor runs the concurrent calls of all workers as one teacher pass
+    (raykd.teacher.batching)."""
 
     def __init__(self, handoff: TeacherHandoff, feature_paths: list[str]):
         self.actor = handoff.actor

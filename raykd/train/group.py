@@ -106,7 +106,7 @@ def group_loop_per_worker(loop: dict[str, Any]) -> dict[str, Any]:
 
 def scaling_key(cfg) -> tuple:
     t = cfg.train
-    return (t.num_workers, t.use_gpu, t.cpus_per_worker, t.max_failures)
+    return (t.num_workers, t.use_gpu, t.cpus_per_worker, t.max_failures, t.gpus_per_worker)
 
 
 class FitGroup:
@@ -130,9 +130,10 @@ class FitGroup:
     def start(self) -> FitGroup:
         import ray
         import ray.train
-        from ray.train.torch import TorchTrainer
+        from ray.train.torch import TorchConfig, TorchTrainer
 
         from raykd import console
+        from raykd.train.collective import process_group_backend, worker_resources
         from raykd.train.fit import ensure_ray, runs_dir
 
         ensure_ray()
@@ -148,8 +149,8 @@ class FitGroup:
                                "verbose": console.verbose()},
             scaling_config=ray.train.ScalingConfig(
                 num_workers=t.num_workers, use_gpu=t.use_gpu,
-                resources_per_worker={"CPU": t.cpus_per_worker,
-                                      **({"GPU": 1} if t.use_gpu else {})}),
+                resources_per_worker=worker_resources(t)),
+            torch_config=TorchConfig(backend=process_group_backend(t)),
             run_config=ray.train.RunConfig(
                 name=self.name, storage_path=self.storage_path or str(runs_dir()),
                 callbacks=self.callbacks,

@@ -19,6 +19,7 @@ import torch
 from torch import nn
 
 from raykd.config import DistillConfig, LossTermConfig, ModelConfig, RaykdConfig, validate
+from raykd.train.collective import all_reduce_sum
 
 
 @dataclass(frozen=True)
@@ -47,30 +48,27 @@ class DistillStep(nn.Module):
     """Student forward (features taken by hooks) + loss in one module, so DDP sees every learned
     parameter — the student's and the loss terms' regressors — inside its forward."""
 
-    def __init__(self, student: nn.Module, loss: nn.Module, paths: list[str]):
+    def __init__(self, student: nn.Module, loss: nn.Module, paths: list[str], precision=None):
         super().__init__()
         from raykd.models.hooks import FeatureHooks
+        from raykd.train.precision import Precision
 
         self.student, self.loss = student, loss
+        self.precision = precision or Precision("fp32", "cpu")
         self._hooks = FeatureHooks(student, paths, "student").__enter__() if paths else None
 
     def forward(self, x, t_logits, y, t_feats, epoch: int, pretrain: bool):
-        logits = self.student(x)
+        with self.precision.autocast():  # train.precision: see raykd/train/precision.py
+            logits = self.student(x)
         s_feats = dict(self._hooks.features) if self._hooks else {}
-        total, parts = self.loss(logits, t_logits, y, s_feats, t_feats, epoch=epoch,
-                                 pretrain=pretrain)
+        if self.precision.dtype is not None:  # the loss in float32
+            from raykd.train.precision import to_float32
+
+            logits, s_feats = to_float32(logits), to_float32(s_feats)
+        with self.precision.full():
+            total, parts = self.loss(logits, t_logits, y, s_feats, t_feats, epoch=epoch,
+                                     pretrain=pretrain)
         return total, parts
-
-
-def _all_reduce_sum(values: list[float], world: int, device=None) -> list[float]:
-    """Sum across ranks, on the backend's device: NCCL takes only CUDA tensors."""
-    if world == 1:
-        return values
-    import torch.distributed as dist
-
-    t = torch.tensor(values, dtype=torch.float64, device=device)
-    dist.all_reduce(t)
-    return t.cpu().tolist()
 
 
 @torch.no_grad()
@@ -89,7 +87,7 @@ def evaluate_split(model: nn.Module, dataset, device, rank: int = 0, world: int 
         loss += float(torch.nn.functional.cross_entropy(logits.float(), y, reduction="sum"))
         total += len(y)
     model.train(was_training)
-    correct, total, loss = _all_reduce_sum([correct, total, loss], world, device)
+    correct, total, loss = all_reduce_sum([correct, total, loss], world)
     return correct / max(total, 1), loss / max(total, 1)
 
 
@@ -115,7 +113,7 @@ def evaluate_members(cohort: nn.Module, dataset, device, rank: int = 0, world: i
         total += len(y)
     cohort.train(was_training)
     flat = [total] + [v for n in names for v in sums.get(n, [0.0, 0.0])]
-    flat = _all_reduce_sum(flat, world, device)
+    flat = all_reduce_sum(flat, world)
     total = max(flat[0], 1)
     return {n: (flat[1 + 2 * i] / total, flat[2 + 2 * i] / total) for i, n in enumerate(names)}
 
@@ -134,7 +132,8 @@ def _make_optimizer(params, cfg: RaykdConfig, lr: float) -> torch.optim.Optimize
     return cls(params, lr=lr, weight_decay=t.weight_decay)
 
 
-def _restore(model, optimizer, phase_id: int, resume_from=None) -> tuple[int, dict | None]:
+def _restore(model, optimizer, phase_id: int, resume_from=None,
+             precision=None) -> tuple[int, dict | None]:
     """Resume after a worker failure from Ray Train's latest checkpoint when it belongs to this
     phase (else from ``resume_from``, a checkpoint handed in by a Tune trial); returns the next
     epoch and the best-so-far record ({epoch, val_accuracy, val_loss, state} or None)."""
@@ -152,6 +151,8 @@ def _restore(model, optimizer, phase_id: int, resume_from=None) -> tuple[int, di
     with ckpt.as_directory() as d:
         model.load_state_dict(load_file(str(Path(d) / "model.safetensors")))
         optimizer.load_state_dict(torch.load(Path(d) / "optimizer.pt", weights_only=True))
+        if precision is not None and (Path(d) / "scaler.pt").is_file():  # fp16's grad scaler
+            precision.load_state_dict(torch.load(Path(d) / "scaler.pt", weights_only=True))
         state = json.loads((Path(d) / "state.json").read_text())
         if state.get("best") and (Path(d) / "best.safetensors").is_file():
             best = {**state["best"], "state": load_file(str(Path(d) / "best.safetensors"))}
@@ -159,7 +160,7 @@ def _restore(model, optimizer, phase_id: int, resume_from=None) -> tuple[int, di
 
 
 def _save(model, optimizer, spec: dict, info, epoch: int, metrics: dict, phase_id: int,
-          best: dict | None):
+          best: dict | None, precision=None):
     import ray.train
 
     from raykd.train.checkpoint import save_checkpoint
@@ -167,6 +168,8 @@ def _save(model, optimizer, spec: dict, info, epoch: int, metrics: dict, phase_i
     tmp = tempfile.mkdtemp(prefix="raykd-ckpt-")
     save_checkpoint(model, spec, info, tmp)
     torch.save(optimizer.state_dict(), Path(tmp) / "optimizer.pt")
+    if precision is not None and precision.state_dict():  # fp16's grad scaler
+        torch.save(precision.state_dict(), Path(tmp) / "scaler.pt")
     record = None
     if best is not None:
         save_checkpoint(best["state"], spec, info, Path(tmp) / "best.safetensors")
@@ -238,13 +241,17 @@ def run_phase(loop: dict[str, Any], phase_id: int, coordinator,
     s_shapes = probe_shapes(model, s_paths, example.to(device), "student") if s_paths else {}
     t_shapes = {p: torch.Size(s) for p, s in (handoff.feature_shapes if handoff else {}).items()}
     loss = DistillLoss(plan.distill, s_shapes, t_shapes).to(device)
+    from raykd.train.precision import Precision
+
+    precision = Precision(cfg.train.precision, device)
     step = ray.train.torch.prepare_model(
-        DistillStep(model, loss, s_paths),
+        DistillStep(model, loss, s_paths, precision),
         parallel_strategy_kwargs={"find_unused_parameters": loss.pretrain_epochs > 0})
     optimizer = _make_optimizer(list(step.parameters()), cfg, plan.lr)
     scheduler = (torch.optim.lr_scheduler.CosineAnnealingLR(optimizer, plan.epochs)
                  if cfg.train.schedule == "cosine" else None)
-    start_epoch, best = _restore(model, optimizer, phase_id, loop.get("resume_from"))
+    start_epoch, best = _restore(model, optimizer, phase_id, loop.get("resume_from"),
+                                 precision)
     if scheduler:
         for _ in range(start_epoch):
             scheduler.step()
@@ -321,8 +328,7 @@ def run_phase(loop: dict[str, Any], phase_id: int, coordinator,
                 t_logits = codistill.targets(x, global_step)
             total, parts = step(x, t_logits, y, t_feats, epoch, pretrain)
             optimizer.zero_grad(set_to_none=True)
-            total.backward()
-            optimizer.step()
+            precision.backward_step(total, optimizer)  # total.backward(); optimizer.step()
             global_step += 1
             if codistill is not None:
                 codistill.after_step(model, global_step)
@@ -339,7 +345,7 @@ def run_phase(loop: dict[str, Any], phase_id: int, coordinator,
         sums["_due"] = float(rank == 0 and every_s is not None
                              and time.monotonic() - last_checkpoint_at >= every_s)
         keys = sorted(sums)
-        reduced = dict(zip(keys, _all_reduce_sum([sums[k] for k in keys], world, device),
+        reduced = dict(zip(keys, all_reduce_sum([sums[k] for k in keys], world),
                            strict=True))
         seconds = time.perf_counter() - t0
         metrics = {("train_loss" if k == "loss" else k): v / max(reduced["n"], 1)
@@ -363,7 +369,8 @@ def run_phase(loop: dict[str, Any], phase_id: int, coordinator,
         if due or report_every_epoch:
             checkpoint = None
             if due and rank == 0:
-                checkpoint = _save(model, optimizer, spec, info, epoch, metrics, phase_id, best)
+                checkpoint = _save(model, optimizer, spec, info, epoch, metrics, phase_id, best,
+                                   precision)
             if due:
                 checkpoints.append(epoch)
                 last_checkpoint_at = time.monotonic()

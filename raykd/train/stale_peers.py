@@ -71,14 +71,9 @@ class StalePeers:
                                         step)
 
     def _broadcast(self, value):
-        if self.world == 1:
-            return value
-        import torch.distributed as dist
+        from raykd.train.collective import broadcast_object
 
-        box = [value]
-        dist.broadcast_object_list(box, src=0, device=self.device
-                                   if self.device.type == "cuda" else None)
-        return box[0]
+        return broadcast_object(value, self.world)
 
     def _load(self, group: int, data: bytes) -> None:
         from safetensors.torch import load
