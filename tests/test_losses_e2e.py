@@ -38,8 +38,12 @@ def test_feature_and_relation_terms_train_together(digits_teacher, workdir, mlfl
         assert all(m.value >= 0 for m in curve), key
     # The (freshly initialised) hint regressor learns: the FitNets term falls over training.
     assert curves["fitnets"][1].value < curves["fitnets"][0].value
-    # Live mode: the actor ran the teacher on each batch, not from a cache.
+    # Live mode: the actor ran the teacher on each batch, not from a cache, and the two
+    # workers' calls shared teacher passes (raykd/teacher/batching.py).
     assert summary["teacher"]["forward_samples"] > 0
+    batching = summary["teacher"]["live_batching"]
+    assert batching["live_max_calls_per_pass"] == 2
+    assert batching["live_passes"] < batching["live_calls"]
 
 
 def test_losses_command_lists_every_key(capsys):

@@ -241,6 +241,118 @@ def test_live_equals_cached_sharded_and_both_survive_restart(ray_session, teache
     stop(live)
 
 
+# -- live mode: concurrent calls of the workers share teacher passes ------------------------
+def concurrently(fn, args_list):
+    """``fn(*args)`` for each args in its own thread, all started together; results in order."""
+    out, errors = [None] * len(args_list), [None] * len(args_list)
+
+    def one(i):
+        try:
+            out[i] = fn(*args_list[i])
+        except BaseException as err:  # noqa: BLE001 - handed back to the test
+            errors[i] = err
+
+    threads = [threading.Thread(target=one, args=(i,)) for i in range(len(args_list))]
+    for t in threads:
+        t.start()
+    for t in threads:
+        t.join(120)
+    return out, errors
+
+
+def live_actor(tmp_path, source, **sets):
+    from raykd.teacher.actor import TeacherActor
+
+    cfg = make_cfg(tmp_path, source, **{"teacher.mode": "live", **sets})
+    return TeacherActor(cfg.to_dict(), sources_of(cfg), cfg.tracking.uri)
+
+
+def test_live_calls_are_batched_with_the_unbatched_results(teachers, tmp_path):
+    """Three workers' calls (two batch sizes, features hooked) in one teacher pass; each caller
+    gets exactly what its own pass gives. The window is long so the pass surely waits for all
+    three: the test is about what is served, not about timing."""
+    actor = live_actor(tmp_path, teachers[0], **{"train.num_workers": 3,
+                                                 "teacher.live_batch_window_ms": 60_000})
+    _, x, _ = build_dataset(actor.cfg.data, "train").get_batch(torch.arange(151))
+    xs, paths = list(x.split([64, 64, 23])), ["layers.0", "layers.0.linear"]
+    alone = [actor._forward(xi, paths) for xi in xs]  # the unbatched path, one pass each
+    got, errors = concurrently(actor.forward, [(xi, paths) for xi in xs])
+    assert errors == [None] * 3
+    for (logits, feats), (want, want_feats) in zip(got, alone, strict=True):
+        assert torch.equal(logits, want)
+        assert feats.keys() == want_feats.keys()
+        assert all(torch.equal(feats[p], want_feats[p]) for p in paths)
+        assert feats[paths[0]].untyped_storage().nbytes() == feats[paths[0]].nbytes  # own copy
+    assert actor.describe()["live_calls"] == 3 and actor.describe()["live_passes"] == 1
+    assert actor.describe()["live_max_calls_per_pass"] == 3
+    assert actor.forward_samples == 2 * 151  # the three alone, then the one shared pass
+
+
+def test_live_batching_groups_by_paths_and_keeps_errors_to_their_caller(teachers, tmp_path):
+    actor = live_actor(tmp_path, teachers[0], **{"train.num_workers": 2,
+                                                 "teacher.live_batch_window_ms": 1000})
+    _, x, _ = build_dataset(actor.cfg.data, "train").get_batch(torch.arange(40))
+    # Different feature paths cannot share a pass: two passes, each caller served right.
+    got, errors = concurrently(actor.forward, [(x[:20], []), (x[20:], ["layers.0"])])
+    assert errors == [None, None] and got[0][1] == {} and list(got[1][1]) == ["layers.0"]
+    assert torch.equal(got[0][0], actor._forward(x[:20], [])[0])
+    assert torch.equal(got[1][0], actor._forward(x[20:], [])[0])
+    assert actor.describe()["live_passes"] == 2
+    # A bad input fails its own call only (whether or not it shared a pass with the good one).
+    got, errors = concurrently(actor.forward, [(x[:5], []), (torch.zeros(5, 3), [])])
+    assert errors[0] is None and torch.equal(got[0][0], actor._forward(x[:5], [])[0])
+    assert isinstance(errors[1], RuntimeError) and "cannot be multiplied" in str(errors[1])
+    # One worker: nothing to wait for, however long the window.
+    alone = live_actor(tmp_path, teachers[0], **{"train.num_workers": 1,
+                                                 "teacher.live_batch_window_ms": 600_000})
+    started = time.monotonic()
+    logits, _ = alone.forward(x, [])
+    assert time.monotonic() - started < 60 and torch.equal(logits, alone._forward(x, [])[0])
+    # teacher.live_batch_window_ms: null serves one call at a time, as before batching.
+    plain = live_actor(tmp_path, teachers[0], **{"teacher.live_batch_window_ms": None})
+    assert plain.batcher is None and "live_calls" not in plain.describe()
+    assert torch.equal(plain.forward(x, [])[0], logits)
+
+
+def test_features_without_a_batch_dimension_are_served_call_by_call():
+    from raykd.teacher.batching import LiveBatcher
+
+    def run(x, paths):  # a "feature" that is a summary over the batch, not per row
+        return x * 2, {"stat": x.sum(0, keepdim=True)}
+
+    batcher = LiveBatcher(run, window_s=60.0, expect=2, max_rows=1024)
+    xs = [torch.arange(6.0).reshape(3, 2), torch.ones(4, 2)]
+    got, errors = concurrently(batcher.submit, [(xi, ["stat"]) for xi in xs])
+    assert errors == [None, None]
+    for (logits, feats), xi in zip(got, xs, strict=True):
+        assert torch.equal(logits, xi * 2) and torch.equal(feats["stat"], xi.sum(0, True))
+    assert batcher.stats()["live_calls"] == 2 and batcher.stats()["live_passes"] == 3
+
+
+def test_live_actor_batches_concurrent_worker_calls(ray_session, teachers, tmp_path):
+    """The real (threaded) Ray actor: two callers at once share one pass; each gets the logits
+    and features the unbatched actor (window null) serves for its batch alone."""
+    import ray
+
+    a, _ = teachers
+    batched = serve(make_cfg(tmp_path, a, **{"teacher.mode": "live",
+                                              "teacher.live_batch_window_ms": 60_000}))
+    plain = serve(make_cfg(tmp_path, a, **{"teacher.mode": "live",
+                                            "teacher.live_batch_window_ms": None}))
+    _, x, _ = build_dataset(make_cfg(tmp_path, a).data, "train").get_batch(torch.arange(128))
+    halves = x.split(64)
+    paths = ["layers.0"]
+    got = ray.get([batched.actor.forward.remote(h, paths) for h in halves])
+    want = [ray.get(plain.actor.forward.remote(h, paths)) for h in halves]
+    for (logits, feats), (w_logits, w_feats) in zip(got, want, strict=True):
+        assert torch.equal(logits, w_logits) and torch.equal(feats["layers.0"],
+                                                             w_feats["layers.0"])
+    stats = ray.get(batched.actor.stats.remote())
+    assert (stats["live_calls"], stats["live_passes"]) == (2, 1)
+    stop(batched)
+    stop(plain)
+
+
 # -- replay ----------------------------------------------------------------------------------
 def test_replay_views_are_the_views_the_student_sees(ray_session, teachers, tmp_path):
     a, _ = teachers

@@ -276,6 +276,8 @@ class TeacherActor:
 def _was_reconstructed() -> bool:
     import ray
 
+    if not ray.is_initialized():  # in-process (benchmarks, tests): get_runtime_context would
+        return False  # start a Ray instance just to answer
     try:
         with warnings.catch_warnings():  # the property reads a deprecated attribute internally
             warnings.simplefilter("ignore")

@@ -12,8 +12,9 @@ next one, so a slow caller never serialises the others.
 Exactness: the teacher is in eval mode, where each row's output depends on that row alone; a
 concatenated pass gives each caller the same logits and features as its own pass would, up to
 the float rounding of a matrix product over more rows (tests/test_live_batching.py measures it).
-A feature whose first dimension is not the batch cannot be split per caller: such batches are
-served call by call.
+A feature whose first dimension is not the batch cannot be split per caller, and a pass that
+fails may have failed for one caller's input: such batches are served call by call, so each
+caller gets its own result or error.
 """
 
 from __future__ import annotations
@@ -101,16 +102,22 @@ class LiveBatcher:
         return batch
 
     def _serve(self, batch: list[_Call]) -> None:
-        try:
-            results = self._split(batch) if len(batch) > 1 else None
-            if results is None:  # one call, or features that cannot be split by rows
-                results = [self._pass(c.x, list(c.paths)) for c in batch]
-                self.max_calls_per_pass = max(self.max_calls_per_pass, 1)
+        results = None
+        if len(batch) > 1:
+            try:
+                results = self._split(batch)
+            except Exception:  # noqa: BLE001 - one bad call must not fail the others
+                results = None  # served call by call below: each caller gets its own outcome
+        if results is None:  # one call, a failed pass, or features that cannot be split
+            for call in batch:
+                try:
+                    call.result = self._pass(call.x, list(call.paths))
+                except BaseException as err:  # noqa: BLE001 - raised in the caller's thread
+                    call.error = err
+            self.max_calls_per_pass = max(self.max_calls_per_pass, 1)
+        else:
             for call, result in zip(batch, results, strict=True):
                 call.result = result
-        except BaseException as err:  # noqa: BLE001 - every caller of the pass gets it
-            for call in batch:
-                call.error = err
         with self._cond:
             self.calls += len(batch)
             for call in batch:
