@@ -69,6 +69,26 @@ def preflight(cfg: RaykdConfig, roles: tuple[str, ...] = ("teacher", "student"))
         init_student_from_teacher(student, teacher)
 
 
+def preflight_cluster(cfg: RaykdConfig, cluster: dict[str, float] | None = None) -> None:
+    """GPUs the job asks for and the cluster has not: one line now, instead of a fit waiting
+    for resources that never come. (An autoscaling cluster that adds GPU nodes on demand would be
+    refused too; such clusters are not supported yet.)"""
+    from raykd.teacher.actor import actor_gpus
+
+    if cluster is None:
+        import ray
+
+        cluster = ray.cluster_resources()
+    gpus, t = float(cluster.get("GPU", 0)), cfg.train
+    need = t.num_workers * t.gpus_per_worker
+    if t.use_gpu and gpus < need:
+        raise ConfigError(f"train.use_gpu: {t.num_workers} workers × {t.gpus_per_worker:g} GPU "
+                          f"need {need:g} GPUs, the cluster has {gpus:g}; lower "
+                          f"train.num_workers or train.gpus_per_worker, or set "
+                          f"train.use_gpu=false")
+    actor_gpus(cfg, gpus)  # teacher.use_gpu=true without room for it: one line too
+
+
 def _check_labelled(cfg: RaykdConfig) -> None:
     from raykd.data.labelled import labelled_split
 

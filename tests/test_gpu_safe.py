@@ -136,6 +136,23 @@ def test_teacher_gpu_share():
     assert teacher_device() == torch.device("cpu")  # no GPU on this machine
 
 
+def test_gpus_the_cluster_lacks_are_refused_before_training():
+    """FitGroup.start runs this before starting a trainer (tried for real here: `raykd distill
+    --set train.use_gpu=true` printed this line and exited 2, and no MLflow store appeared)."""
+    from raykd.preflight import preflight_cluster
+
+    gpu = load_config(None, {"train.use_gpu": True})
+    with pytest.raises(ConfigError, match=r"^train\.use_gpu: 2 workers × 1 GPU need 2 GPUs, "
+                                          r"the cluster has 0; "):
+        preflight_cluster(gpu, {"CPU": 2.0})
+    preflight_cluster(gpu, {"GPU": 2.0})
+    preflight_cluster(load_config(None, {}), {})  # CPU workers need no GPU
+    shared = load_config(None, {"train.use_gpu": True, "train.gpus_per_worker": 0.5,
+                                "teacher.use_gpu": True})
+    with pytest.raises(ConfigError, match=r"^teacher\.use_gpu: "):  # workers fit, teacher not
+        preflight_cluster(shared, {"GPU": 1.0})
+
+
 # -- train.precision ---------------------------------------------------------------------------
 def test_fp16_needs_a_gpu():
     from raykd.train.precision import Precision

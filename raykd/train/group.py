@@ -137,6 +137,9 @@ class FitGroup:
         from raykd.train.fit import ensure_ray, runs_dir
 
         ensure_ray()
+        from raykd.preflight import preflight_cluster
+
+        preflight_cluster(self.cfg)  # GPUs the cluster does not have: one line, not a hang
         if self.coordinator is not None:  # restarted after a failed trainer: a fresh queue
             ray.kill(self.coordinator)
         self.error = None
