@@ -146,7 +146,16 @@ def main(argv: list[str] | None = None) -> int:
     os.chdir(work)
     load_start = os.getloadavg()
     started = time.perf_counter()
-    ensure_ray()
+    for attempt in range(3):  # on a loaded machine the dashboard's free port can be taken
+        try:  # before Ray binds it (seen here several times); a new port is picked each try
+            ensure_ray()
+            break
+        except ValueError:
+            import ray
+
+            ray.shutdown()
+            if attempt == 2:
+                raise
     runs: list[dict[str, Any]] = []
     service: list[dict[str, Any]] = []
     try:
