@@ -39,6 +39,9 @@ class FitResult:
     transfer: dict[str, int] = field(default_factory=dict)  # labelled / pool / pseudo_labelled
     members: dict[str, float] = field(default_factory=dict)  # cohorts: test accuracy per member
     exports: dict[str, Path] = field(default_factory=dict)  # cohorts: member → its checkpoint
+    # each restart of the worker group in this fit: resumed_epoch, epochs_lost, recovery_seconds
+    recoveries: list[dict[str, float]] = field(default_factory=list)
+    worker_nodes: list[str] = field(default_factory=list)  # the node id of each rank
 
     @property
     def epoch_overhead_seconds(self) -> float | None:
@@ -213,5 +216,7 @@ def fit(cfg: RaykdConfig, role: str, *, tracking_uri: str | None = None,
                      init_copied=ret.get("init_copied", []),
                      test_accuracy=ret.get("test_accuracy"), best_epoch=ret.get("best_epoch"),
                      checkpoints=ret.get("checkpoints", []),
+                     recoveries=ret.get("recoveries", []),
+                     worker_nodes=ret.get("worker_nodes", []),
                      wall_seconds=time.time() - submitted,
                      worker_start_seconds=max(0.0, ret.get("started_at", submitted) - submitted))
