@@ -87,28 +87,6 @@ def test_kept_weights_are_the_best_validation_epoch(session_fits):
     assert evaluate(model, test, torch.device("cpu")) == pytest.approx(fit.test_accuracy)
 
 
-class PauseAtFirstCheckpoint:
-    """Runs on the Train controller: at the first checkpoint it leaves a mark and waits (up to
-    2 minutes) for the test to have killed a worker. The workers' next report waits for the
-    controller, so the kill surely lands mid-fit however fast the epochs are."""
-
-    def __new__(cls, folder):
-        from ray.train import UserCallback
-
-        class _Pause(UserCallback):
-            def after_report(self, run_context, metrics, checkpoint):
-                marks = [p for p in os.listdir(folder) if p.startswith("ckpt-")]
-                if checkpoint is None or marks:
-                    return
-                open(os.path.join(folder, f"ckpt-{int(metrics[0]['epoch'])}"), "w").close()
-                deadline = time.monotonic() + 120
-                while not os.path.exists(os.path.join(folder, "killed")) \
-                        and time.monotonic() < deadline:
-                    time.sleep(0.05)
-
-        return _Pause()
-
-
 def test_killed_worker_continues_exactly_from_its_last_checkpoint(ray_session, workdir,
                                                                  session_fits):
     """A Train worker process is killed (SIGKILL, by PID) after the fit's first checkpoint; with
@@ -117,6 +95,8 @@ def test_killed_worker_continues_exactly_from_its_last_checkpoint(ray_session, w
     the same accuracy as the same fit that was never killed (session_fits' "first")."""
     from mlflow.tracking import MlflowClient
     from ray.util.state import list_actors
+
+    from fault_marks import pause_at_first_checkpoint, release, wait_for_pause
 
     from raykd import tracking
     from raykd.train.fit import fit
@@ -132,25 +112,22 @@ def test_killed_worker_continues_exactly_from_its_last_checkpoint(ray_session, w
     def train():
         try:
             outcome["result"] = fit(cfg, "baseline", tracking_uri=uri, run_id=run_id,
-                                    name="fault", callbacks=[PauseAtFirstCheckpoint(str(marks))])
+                                    name="fault", callbacks=[pause_at_first_checkpoint(marks)])
         except BaseException as err:  # surfaced by the assertions below
             outcome["error"] = err
 
     thread = threading.Thread(target=train, daemon=True)
     thread.start()
-    deadline = time.monotonic() + 600
-    while thread.is_alive() and time.monotonic() < deadline and not list(marks.iterdir()):
-        time.sleep(0.05)
-    assert thread.is_alive(), outcome.get("error")
+    paused = wait_for_pause(marks, thread.is_alive)
+    assert paused == ["ckpt-0"], outcome.get("error")
     workers = list_actors(filters=[("class_name", "=", "RayTrainWorker"), ("state", "=", "ALIVE")])
     assert len(workers) == 2  # this fit's two, nothing else's
     os.kill(workers[0].pid, signal.SIGKILL)
     killed_at = time.time()
-    (marks / "killed").touch()
+    release(marks)
     thread.join(timeout=600)
     assert "error" not in outcome, outcome.get("error")
     result, unkilled = outcome["result"], session_fits["first"]
-    assert [p.name for p in marks.iterdir() if p.name.startswith("ckpt-")] == ["ckpt-0"]
     [recovery] = result.recoveries  # one restart, resumed after the epoch-0 checkpoint
     assert recovery["resumed_epoch"] == 1 and recovery["epochs_lost"] in (0, 1)
     resumed_end = next(h["_ended_at"] for h in result.history if h["epoch"] == 1)
@@ -166,3 +143,29 @@ def test_killed_worker_continues_exactly_from_its_last_checkpoint(ray_session, w
     steps = [m.step for m in MlflowClient(tracking_uri=uri).get_metric_history(
         run_id, "val_accuracy")]
     assert set(steps) == {0, 1, 2}
+
+
+def test_coordinator_never_reruns_a_finished_or_failed_phase():
+    """The coordinator outlives worker-group restarts: a restarted group asks for the lowest
+    unfinished phase (after -1), which must skip phases whose results the driver has already
+    taken; it also records the nodes of the ranks and what a recovery cost."""
+    from raykd.train.group import FitCoordinator
+
+    c = FitCoordinator()
+    for i in range(3):
+        c.submit(i, [f"loop-{i}"])
+    c.joined(0, 1, "node-b")
+    c.joined(0, 0, "node-a")
+    c.finish(0, {"weights": b"w"})
+    _, result, _ = c.poll(0, 0)  # the driver takes phase 0's result
+    assert result["worker_nodes"] == ["node-a", "node-b"] and result["recoveries"] == []
+    assert c.next_phase(-1)["id"] == 1
+    c.epoch(1, {"epoch": 0, "_ended_at": 20.0})  # checkpointed
+    c.epoch(1, {"epoch": 1, "_ended_at": 21.0})  # finished, not checkpointed; then a failure
+    c.resumed(1, 1, 30.5, 20.0)
+    epochs, result, recoveries = c.poll(1, 0)
+    assert len(epochs) == 2 and result is None
+    assert recoveries == [{"resumed_epoch": 1, "epochs_lost": 1, "recovery_seconds": 9.5}]
+    c.fail(1, "data.root: folder '/x' does not exist on node 10.0.0.2")
+    assert c.poll(1, 2)[1] == {"error": "data.root: folder '/x' does not exist on node 10.0.0.2"}
+    assert c.next_phase(-1)["id"] == 2  # the failed phase is not run again either

@@ -34,7 +34,10 @@ class FitCoordinator:
     def __init__(self) -> None:
         self._cond = threading.Condition()
         self._phases: dict[int, dict[str, Any]] = {}
-        self._results: dict[int, dict[str, Any]] = {}
+        self._results: dict[int, dict[str, Any]] = {}  # until the driver takes them
+        # Finished or failed phases, for good: a restarted group must not run them again after
+        # the driver has taken their results.
+        self._done: set[int] = set()
         self._epochs: dict[int, list[dict[str, float]]] = {}  # every report, re-runs too
         self._recoveries: dict[int, list[dict[str, float]]] = {}
         self._nodes: dict[int, dict[int, str]] = {}  # phase → rank → node id (latest start)
@@ -53,7 +56,7 @@ class FitCoordinator:
         deadline = time.monotonic() + wait_s
         with self._cond:
             while True:
-                todo = sorted(i for i in self._phases if i > after and i not in self._results)
+                todo = sorted(i for i in self._phases if i > after and i not in self._done)
                 if todo:
                     return {"id": todo[0], "loop": self._phases[todo[0]]}
                 if self._closed:
@@ -90,12 +93,15 @@ class FitCoordinator:
     def fail(self, phase_id: int, message: str) -> None:
         """A worker's bad input (e.g. a file missing on its node): the driver raises it."""
         with self._cond:
-            self._results.setdefault(phase_id, {"error": message})
+            if phase_id not in self._done:
+                self._done.add(phase_id)
+                self._results[phase_id] = {"error": message}
             self._cond.notify_all()
 
     def finish(self, phase_id: int, result: dict[str, Any]) -> None:
         with self._cond:
             nodes = self._nodes.get(phase_id, {})
+            self._done.add(phase_id)
             self._results[phase_id] = {**result,
                                        "recoveries": self._recoveries.get(phase_id, []),
                                        "worker_nodes": [nodes[r] for r in sorted(nodes)]}
