@@ -235,3 +235,28 @@ def test_a_file_missing_on_a_workers_node_names_the_node(ray_session):
     assert message.startswith("teacher.checkpoint: file '/nope/teacher.safetensors' does not "
                               "exist on node ")
     assert f"(id {node[:8]})" in message and len(message.splitlines()) == 1
+
+
+def test_sigterm_ends_a_command_like_ctrl_c(monkeypatch, cli_stderr):
+    """`ray job stop` sends the driver SIGTERM: it must unwind like Ctrl-C (so tracked runs end
+    KILLED, not RUNNING), exit 130, and leave the process's own handler in place afterwards."""
+    import signal
+
+    from raykd import cli
+
+    before = signal.getsignal(signal.SIGTERM)
+    unwound = []
+
+    def command(args):
+        try:
+            os.kill(os.getpid(), signal.SIGTERM)
+            time.sleep(5)  # the handler interrupts this
+        except KeyboardInterrupt:
+            unwound.append(True)  # where tracked_run marks its run KILLED
+            raise
+        return {}
+
+    monkeypatch.setitem(cli.COMMANDS, "losses", command)
+    assert cli.main(["losses"]) == 130
+    assert unwound == [True] and cli_stderr() == "raykd: interrupted"
+    assert signal.getsignal(signal.SIGTERM) is before

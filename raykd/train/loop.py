@@ -366,8 +366,9 @@ def run_phase(loop: dict[str, Any], phase_id: int, coordinator,
             if due:
                 checkpoints.append(epoch)
                 last_checkpoint_at = time.monotonic()
+            # the temp folder goes once uploaded (every rank writes one per checkpoint)
             ray.train.report({k: v for k, v in metrics.items() if not k.startswith("_")},
-                             checkpoint=checkpoint)
+                             checkpoint=checkpoint, delete_local_checkpoint_after_upload=True)
     if cached is not None:
         cached.close()
     kept_epoch = plan.epochs - 1  # the last epoch, or the best one below
