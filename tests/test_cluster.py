@@ -214,26 +214,20 @@ def test_bad_input_stops_before_training_with_one_line(ray_session, workdir, cli
         assert not (workdir / "mlflow.db").exists()  # nothing started, nothing half-written
 
 
-def test_a_file_missing_on_a_workers_node_names_the_node(ray_session):
-    """Workers read the paths the driver resolved; one missing on their node is one line that
-    names the node (here a Ray task stands in for a worker on another node)."""
-    import ray
+def test_a_file_missing_on_the_teacher_actors_node_names_the_node(ray_session, workdir):
+    """Actors and workers read the paths the driver resolved and do not re-check them when they
+    validate the config; a checkpoint missing on the actor's node is one line naming the node
+    (here the driver never checked: ``validate`` alone does not look at files)."""
+    from raykd.config import ConfigError, validate
+    from raykd.teacher.service import ensure_teacher
 
-    from raykd.config import ConfigError
-
-    def read() -> str:
-        from raykd.node_files import require
-
-        try:
-            require("/nope/teacher.safetensors", "teacher.checkpoint")
-        except ConfigError as err:
-            return str(err)
-        return "no error"
-
-    message = ray.get(ray.remote(num_cpus=0)(read).remote())
-    node = ray.get_runtime_context().get_node_id()
-    assert message.startswith("teacher.checkpoint: file '/nope/teacher.safetensors' does not "
-                              "exist on node ")
+    gone = str(workdir / "gone.safetensors")
+    cfg = validate({"teacher": {"checkpoint": gone}, "tracking": {"experiment": "missing"}})
+    with pytest.raises(ConfigError) as err:
+        ensure_teacher(cfg, [gone], f"sqlite:///{workdir / 'mlflow.db'}")
+    node = ray_session.get_runtime_context().get_node_id()
+    message = str(err.value)
+    assert message.startswith(f"teacher.checkpoint: file '{gone}' does not exist on node ")
     assert f"(id {node[:8]})" in message and len(message.splitlines()) == 1
 
 
