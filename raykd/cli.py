@@ -39,6 +39,8 @@ def build_parser() -> ArgumentParser:
     p.add_argument("--register", metavar="NAME",
                    help="register the student as a version of MLflow model NAME "
                         "(tracking.register_as)")
+    p.add_argument("--resume", action="store_true",
+                   help="continue the last run of this config: its finished fits are kept")
     p = verbs.add_parser("train-teacher", help="train the teacher with Ray Train")
     _config_args(p)
     p.add_argument("--out", metavar="PATH", help="also copy the checkpoint here")
@@ -118,7 +120,7 @@ def cmd_distill(args) -> dict[str, Any]:
 
     cfg = _load(args)
     preflight(cfg)
-    return run_distill(cfg, baseline=args.baseline, config_path=args.config)
+    return run_distill(cfg, baseline=args.baseline, config_path=args.config, resume=args.resume)
 
 
 def cmd_train_teacher(args) -> dict[str, Any]:
@@ -203,7 +205,30 @@ COMMANDS = {"distill": cmd_distill, "train-teacher": cmd_train_teacher, "losses"
             "noisy-student": cmd_noisy_student, "online": cmd_online}
 
 
+def _sigterm_as_interrupt():
+    """`ray job stop` and `kill` send SIGTERM, which would end the driver with its MLflow runs
+    left RUNNING: raise KeyboardInterrupt instead, so they end KILLED. Returns the handler to
+    put back (None off the main thread, where Python allows no handler)."""
+    import signal
+    import threading
+
+    if threading.current_thread() is not threading.main_thread():
+        return None
+    return signal.signal(signal.SIGTERM, signal.default_int_handler)
+
+
 def main(argv: list[str] | None = None) -> int:
+    import signal
+
+    previous = _sigterm_as_interrupt()
+    try:
+        return _main(argv)
+    finally:
+        if previous is not None:
+            signal.signal(signal.SIGTERM, previous)
+
+
+def _main(argv: list[str] | None) -> int:
     from raykd.train.fit import TrainingError
 
     try:

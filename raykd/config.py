@@ -4,6 +4,11 @@ YAML (read with ``yaml.safe_load`` only) + ``--set section.key=value`` overrides
 plain dict, then validated by pydantic. Every bad input becomes a :class:`ConfigError` whose message
 is a single line naming the field and what is allowed; the CLI prints it and exits 2 before any Ray
 cluster or MLflow run is started.
+
+Files are checked to exist once, where the job is submitted: :func:`load_config` (the CLI's and
+jobs' entry) validates with ``check_files``; the copies that workers and actors validate again
+on other nodes do not look at their own disk (a file missing there is reported by the code that
+reads it, naming the node: raykd.node_files).
 """
 
 from __future__ import annotations
@@ -14,7 +19,8 @@ from pathlib import Path
 from typing import Any, Literal
 
 import yaml
-from pydantic import BaseModel, ConfigDict, Field, ValidationError, field_validator, model_validator
+from pydantic import (BaseModel, ConfigDict, Field, ValidationError, ValidationInfo,
+                      field_validator, model_validator)
 
 DEFAULT_CONFIG = "digits.yaml"  # embedded in the package (raykd/configs/)
 URI_SCHEMES = ("runs:/", "models:/", "mlflow-artifacts:/")
@@ -67,14 +73,15 @@ class DataConfig(Section):
         return name
 
     @model_validator(mode="after")
-    def _root_needed(self) -> DataConfig:
+    def _root_needed(self, info: ValidationInfo) -> DataConfig:
         from raykd.data import DATASETS
 
         if DATASETS[self.name].needs_root:
             if not self.root:
                 raise ValueError(f"root: dataset {self.name!r} needs data.root (a folder); "
                                  f"set it with --set data.root=PATH")
-            if not self.download and not Path(self.root).expanduser().exists():
+            if (_checks_files(info) and not self.download
+                    and not Path(self.root).expanduser().exists()):
                 raise ValueError(f"root: folder {self.root!r} does not exist; point data.root at "
                                  f"the dataset or set data.download=true")
         return self
@@ -95,10 +102,14 @@ class ModelConfig(Section):
         return name
 
 
-def _check_source(value: str) -> str:
+def _checks_files(info: ValidationInfo) -> bool:
+    return bool(info.context and info.context.get("check_files"))
+
+
+def _check_source(value: str, info: ValidationInfo) -> str:
     if value.startswith(URI_SCHEMES):
         return value
-    if not Path(value).expanduser().is_file():
+    if _checks_files(info) and not Path(value).expanduser().is_file():
         raise ValueError(f"file {value!r} does not exist; give a checkpoint path or an MLflow "
                          f"URI (runs:/RUN_ID/PATH, models:/NAME/VERSION)")
     return str(Path(value).expanduser().resolve())
@@ -145,13 +156,13 @@ class TeacherConfig(ModelConfig):
 
     @field_validator("checkpoint")
     @classmethod
-    def _checkpoint_source(cls, value: str | None) -> str | None:
-        return None if value is None else _check_source(value)
+    def _checkpoint_source(cls, value: str | None, info: ValidationInfo) -> str | None:
+        return None if value is None else _check_source(value, info)
 
     @field_validator("ensemble")
     @classmethod
-    def _ensemble_sources(cls, values: list[str]) -> list[str]:
-        return [_check_source(v) for v in values]
+    def _ensemble_sources(cls, values: list[str], info: ValidationInfo) -> list[str]:
+        return [_check_source(v, info) for v in values]
 
     @field_validator("mode", mode="before")
     @classmethod
@@ -230,7 +241,12 @@ class TrainConfig(Section):
     flip: bool = False  # random horizontal flips of student inputs (replay mode caches them)
     # torchvision transforms v2 applied to each student/baseline input (per sample, seeded)
     augment: list[TransformConfig] = Field(default_factory=list)
-    max_failures: int = Field(0, ge=0)  # Ray Train restarts a failed run from its last checkpoint
+    # Ray Train restarts a failed worker group (a dead worker, a lost node) from its last
+    # checkpoint this many times per fit; bad input is not retried (raykd.train.group).
+    max_failures: int = Field(2, ge=0)
+    # How the placement group spreads the workers over nodes (Ray's strategies); SPREAD puts
+    # them on different nodes where it can, STRICT_SPREAD insists.
+    placement_strategy: Literal["PACK", "SPREAD", "STRICT_PACK", "STRICT_SPREAD"] = "PACK"
     # Checkpoints to Ray Train (for restarts): the last epoch always, plus every N epochs
     # (0: none) and whenever this many seconds have passed since the last one (null: never).
     checkpoint_every: int = Field(0, ge=0)
@@ -399,11 +415,12 @@ def _format_error(err: ValidationError) -> str:
     return f"{loc}: {msg}" if loc else msg
 
 
-def validate(raw: dict[str, Any]) -> RaykdConfig:
+def validate(raw: dict[str, Any], check_files: bool = False) -> RaykdConfig:
+    """``check_files``: also check that the files the config names exist here (the driver)."""
     if not isinstance(raw, dict):
         raise ConfigError("config: the top level must be a mapping of sections")
     try:
-        return RaykdConfig.model_validate(raw)
+        return RaykdConfig.model_validate(raw, context={"check_files": check_files})
     except ValidationError as err:
         raise ConfigError(_format_error(err)) from None
 
@@ -483,7 +500,7 @@ def load_config(path: str | Path | None = None, overrides: list[str] | dict[str,
     pairs = overrides if isinstance(overrides, dict) else parse_overrides(list(overrides))
     for key, value in pairs.items():
         _set_dotted(raw, key, value)
-    return validate(raw)
+    return validate(raw, check_files=True)
 
 
 def dump_yaml(cfg: RaykdConfig, path: str | Path) -> None:

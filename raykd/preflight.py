@@ -7,26 +7,46 @@ exist or feature shapes that cannot be matched become one clear line — not a w
 
 from __future__ import annotations
 
+from pathlib import Path
+
 import torch
 
-from raykd.config import ConfigError, RaykdConfig
+from raykd.config import URI_SCHEMES, ConfigError, RaykdConfig
 
 
 def _teacher_model(cfg: RaykdConfig, info):
+    """The teacher as the job will load it: every given checkpoint read here, once, in the
+    driver (MLflow URIs downloaded), so a missing or corrupt one stops the job before any fit."""
     from raykd.models import build_model
 
-    source = (cfg.teacher.ensemble or [cfg.teacher.checkpoint])[0]
-    if source and not source.startswith(("runs:/", "models:/", "mlflow-artifacts:/")):
-        from raykd.train.checkpoint import load_model
+    sources = cfg.teacher.ensemble or ([cfg.teacher.checkpoint] if cfg.teacher.checkpoint else [])
+    if not sources:
+        return build_model(cfg.teacher, info, field="teacher")
+    from raykd.teacher.loading import local_checkpoint
+    from raykd.tracking import resolve_tracking_uri
+    from raykd.train.checkpoint import load_model
 
+    field = "teacher.ensemble" if cfg.teacher.ensemble else "teacher.checkpoint"
+    uri = resolve_tracking_uri(cfg.tracking.uri)
+    models = []
+    for source in sources:
+        store = uri.removeprefix("sqlite:///")
+        if source.startswith(URI_SCHEMES) and uri.startswith("sqlite:///") \
+                and not Path(store).is_file():  # MLflow would create an empty store
+            raise ConfigError(f"{field}: {source} names an MLflow run, but the tracking store "
+                              f"{store} does not exist; set tracking.uri to the store that "
+                              f"holds it")
         try:
-            return load_model(source, cfg.teacher, info, field="teacher")
-        except (OSError, ValueError, RuntimeError) as err:
-            if isinstance(err, ConfigError):
-                raise
-            raise ConfigError(f"teacher.checkpoint: cannot read {source}: {err}; give a "
-                              f".safetensors file written by raykd or a .pt state dict") from None
-    return build_model(cfg.teacher, info, field="teacher")
+            models.append(load_model(local_checkpoint(source, uri), cfg.teacher, info,
+                                     field="teacher"))
+        except ConfigError:
+            raise
+        except Exception as err:  # noqa: BLE001 - a corrupt file raises many kinds
+            first = (str(err).strip().splitlines() or [""])[0].split(". ")[0]
+            raise ConfigError(f"{field}: cannot read {source} ({type(err).__name__}: {first}); "
+                              f"give a .safetensors file written by raykd, a .pt state dict or "
+                              f"an MLflow URI that exists") from None
+    return models[0]
 
 
 def preflight(cfg: RaykdConfig, roles: tuple[str, ...] = ("teacher", "student")) -> None:

@@ -99,6 +99,10 @@ def _load(cfg: DataConfig, resolved_root: str | None) -> _Loaded:
 
 
 def _loaded(cfg: DataConfig) -> _Loaded:
+    if cfg.root and DATASETS[cfg.name].needs_root and not cfg.download:
+        from raykd.node_files import require
+
+        require(cfg.root, "data.root", "folder")  # on a worker's node: names the node
     root = str(Path(cfg.root).expanduser().resolve()) if cfg.root else None
     return _load(cfg, root)
 

@@ -176,7 +176,7 @@ def load_plan(config: str | Path | None, overrides: list[str] | dict[str, Any] =
 
 def _validate(raw: dict[str, Any], path: Path) -> RaykdConfig:
     try:
-        return validate(raw)
+        return validate(raw, check_files=True)  # the driver: files are checked here
     except ConfigError as err:
         if str(err).startswith(("data.", "tracking.")):
             raise

@@ -6,6 +6,9 @@ config, generation count left out). One child run per generation (``raykd.genera
 ``raykd.cache_key`` (the teacher cache it read) and, once finished, ``raykd.checkpoint`` (where its
 weights are). ``--resume`` finds the newest parent with the same key and continues after its
 last finished member: finished members are read back from these tags, never retrained.
+
+Offline distillation (``raykd distill --resume``) uses the same parent run and key; its members
+are its fits by role (teacher, student, baseline: ``raykd.role``), see ``finished_roles``.
 """
 
 from __future__ import annotations
@@ -22,7 +25,7 @@ from raykd import tracking
 from raykd.config import RaykdConfig
 
 MEMBER_TAG = {"born-again": "raykd.generation", "noisy-student": "raykd.round"}
-MEMBER_WORD = {"born-again": "generation", "noisy-student": "round"}
+MEMBER_WORD = {"born-again": "generation", "noisy-student": "round", "offline": "fit"}
 # What does not change the models a lineage trains: how long it runs, where it logs, restarts.
 _KEY_IGNORES = {("born_again", "generations"), ("noisy_student", "rounds"),
                 ("train", "max_failures"), ("train", "checkpoint_every"),
@@ -64,7 +67,7 @@ class Lineage:
     uri: str
     scheme: str
     parent: str  # the parent run id
-    finished: dict[int, Member]  # members read back from an interrupted run (--resume)
+    finished: dict[Any, Member]  # members read back from an interrupted run (--resume)
 
     @property
     def word(self) -> str:
@@ -75,30 +78,49 @@ class Lineage:
         tracking.set_tags(self.uri, member.run_id, {"raykd.checkpoint": member.source})
 
 
+def finished_children(uri: str, experiment: str, parent: str) -> list:
+    """The FINISHED child runs of ``parent`` that recorded their weights (``raykd.checkpoint``),
+    newest first; children an interrupted driver left RUNNING are marked KILLED on the way, so
+    MLflow never shows a half-finished run as running or finished."""
+    children = tracking.search_runs(uri, experiment, f"tags.`mlflow.parentRunId` = '{parent}'",
+                                    order_by=["attributes.start_time DESC"], max_results=1000)
+    done = []
+    for run in children:
+        if run.info.status == "RUNNING":  # its driver died mid-fit
+            tracking.end_run(uri, run.info.run_id, "KILLED")
+        elif run.info.status == "FINISHED" and run.data.tags.get("raykd.checkpoint"):
+            done.append(run)
+    return done
+
+
+def _member(run, index: int) -> Member:
+    tags, metrics = run.data.tags, run.data.metrics
+    return Member(index=index, run_id=run.info.run_id,
+                  teacher_run_id=tags.get("raykd.teacher_run_id") or None,
+                  source=tags["raykd.checkpoint"], accuracy=metrics.get("test_accuracy"),
+                  params=int(metrics["params"]) if "params" in metrics else None,
+                  cache_key=tags.get("raykd.cache_key") or None, resumed=True)
+
+
+def finished_roles(uri: str, experiment: str, scheme: str, parent: str) -> dict[str, Member]:
+    """Offline distillation's finished fits under ``parent`` by role (teacher, student,
+    baseline); the others are trained again."""
+    found: dict[str, Member] = {}
+    for run in finished_children(uri, experiment, parent):
+        role = run.data.tags.get("raykd.role")
+        if role:
+            found.setdefault(role, _member(run, 0))
+    return found
+
+
 def _finished_members(uri: str, experiment: str, scheme: str, parent: str) -> dict[int, Member]:
     """The longest run of finished members 0, 1, 2... under ``parent``; the children of the
     interrupted run that never finished are marked KILLED."""
     tag = MEMBER_TAG[scheme]
-    children = tracking.search_runs(uri, experiment,
-                                    f"tags.`mlflow.parentRunId` = '{parent}'", max_results=1000)
     found: dict[int, Member] = {}
-    for run in children:
-        tags, status = run.data.tags, run.info.status
-        if tag not in tags or not tags[tag].isdigit():
-            continue
-        if status == "RUNNING":  # its driver died mid-fit
-            tracking.end_run(uri, run.info.run_id, "KILLED")
-            continue
-        if status != "FINISHED" or not tags.get("raykd.checkpoint"):
-            continue
-        index = int(tags[tag])
-        metrics = run.data.metrics
-        found.setdefault(index, Member(
-            index=index, run_id=run.info.run_id,
-            teacher_run_id=tags.get("raykd.teacher_run_id") or None,
-            source=tags["raykd.checkpoint"], accuracy=metrics.get("test_accuracy"),
-            params=int(metrics["params"]) if "params" in metrics else None,
-            cache_key=tags.get("raykd.cache_key") or None, resumed=True))
+    for run in finished_children(uri, experiment, parent):
+        if run.data.tags.get(tag, "").isdigit():
+            found.setdefault(int(run.data.tags[tag]), _member(run, int(run.data.tags[tag])))
     out: dict[int, Member] = {}
     while len(out) in found:  # a gap means the chain broke there: continue from it
         out[len(out)] = found[len(out)]
@@ -106,9 +128,12 @@ def _finished_members(uri: str, experiment: str, scheme: str, parent: str) -> di
 
 
 @contextmanager
-def lineage_run(uri: str, cfg: RaykdConfig, scheme: str, resume: bool, name: str):
+def lineage_run(uri: str, cfg: RaykdConfig, scheme: str, resume: bool, name: str,
+                read_finished=None):
     """The scheme's parent run (new, or with ``resume`` the newest one with this config's key,
-    re-opened) as a :class:`Lineage`; FINISHED at the end, FAILED / KILLED on an exception."""
+    re-opened) as a :class:`Lineage`; FINISHED at the end, FAILED / KILLED on an exception.
+    ``read_finished(uri, experiment, scheme, parent)``: its finished members (default: the
+    generations / rounds in order)."""
     key = lineage_key(cfg, scheme)
     experiment = cfg.tracking.experiment
     parent, finished = None, {}
@@ -120,7 +145,7 @@ def lineage_run(uri: str, cfg: RaykdConfig, scheme: str, resume: bool, name: str
         if runs:
             parent = runs[0].info.run_id
             tracking.client(uri).update_run(parent, status="RUNNING")
-            finished = _finished_members(uri, experiment, scheme, parent)
+            finished = (read_finished or _finished_members)(uri, experiment, scheme, parent)
             print(f"raykd: resuming {scheme} run {parent}: {len(finished)} finished "
                   f"{MEMBER_WORD[scheme]}(s) kept", flush=True)
         else:

@@ -2,11 +2,17 @@
 
 config → teacher (checkpoint | MLflow URI | ensemble | trained now) → teacher actor + cache →
 student fit (Ray Train) → optional baseline fit → test accuracies → MLflow + summary.
+
+With ``resume`` (``raykd distill --resume``) the newest parent run of the same config continues:
+its finished fits (teacher, student, baseline; each tags its weights ``raykd.checkpoint``) are
+read back instead of retrained, and the runs its dead driver left RUNNING are marked KILLED
+(raykd.schemes.lineage).
 """
 
 from __future__ import annotations
 
 import time
+from contextlib import contextmanager
 from pathlib import Path
 from typing import Any
 
@@ -79,6 +85,9 @@ def train_teacher(cfg: RaykdConfig, uri: str, parent_run_id: str | None,
         acc = result.test_accuracy
         tracking.log_metrics(uri, run_id, {"test_accuracy": acc, "params": result.params,
                                            "best_epoch": result.best_epoch})
+        # finished: where --resume finds the weights (the artifact, not this machine's disk)
+        tracking.set_tags(uri, run_id,
+                          {"raykd.checkpoint": f"runs:/{run_id}/teacher/model.safetensors"})
     return {"checkpoint": weights, "accuracy": acc, "params": result.params, "run_id": run_id,
             "mlflow_uri": f"runs:/{run_id}/teacher/model.safetensors",
             "transfer_size": result.transfer_size, "transfer": result.transfer,
@@ -95,7 +104,8 @@ def _fit_part(result) -> dict[str, Any]:
             "compute_seconds": round(sum(h["epoch_seconds"] + h.get("eval_seconds", 0.0)
                                          for h in result.history), 3),
             "epoch_overhead_seconds": result.epoch_overhead_seconds,
-            "checkpoint_epochs": result.checkpoints}
+            "checkpoint_epochs": result.checkpoints,
+            "recoveries": result.recoveries, "worker_nodes": result.worker_nodes}
 
 
 def teacher_sources(cfg: RaykdConfig) -> list[str]:
@@ -104,10 +114,15 @@ def teacher_sources(cfg: RaykdConfig) -> list[str]:
     return [cfg.teacher.checkpoint] if cfg.teacher.checkpoint else []
 
 
-def obtain_teacher(cfg: RaykdConfig, uri: str, parent: str) -> tuple[list[str], dict[str, Any]]:
+def obtain_teacher(cfg: RaykdConfig, uri: str, parent: str, done=None
+                   ) -> tuple[list[str], dict[str, Any]]:
+    """``done``: the teacher fit an interrupted run of this job finished (--resume)."""
     sources = teacher_sources(cfg)
     if sources:
         return sources, {"source": sources, "trained": False}
+    if done is not None:
+        return [done.source], {**resumed_part(done, uri), "source": [done.source],
+                               "trained": True}
     trained = train_teacher(cfg, uri, parent)
     return [trained["checkpoint"]], {**trained, "source": [trained["checkpoint"]],
                                      "trained": True}
@@ -133,6 +148,10 @@ def run_student(cfg: RaykdConfig, role: str, uri: str, parent: str, teacher=None
         tracking.log_metrics(uri, run_id, final)
         tracking.log_artifact(uri, run_id, weights, "checkpoint")
         model_uri = _log_model(cfg, uri, run_id, weights, dataset_info(cfg.data), role)
+        # finished: where --resume finds the weights and the logged model
+        tracking.set_tags(uri, run_id,
+                          {"raykd.checkpoint": f"runs:/{run_id}/checkpoint/model.safetensors",
+                           "raykd.model_uri": model_uri or ""})
     return {"accuracy": acc, "model_uri": model_uri, "params": result.params, "run_id": run_id,
             "checkpoint": weights,
             **_fit_part(result),
@@ -170,46 +189,88 @@ def register_student(cfg: RaykdConfig, uri: str, student: dict[str, Any],
     return tracking.register_model(uri, student["model_uri"], cfg.tracking.register_as, tags)
 
 
+def resumed_part(member, uri: str) -> dict[str, Any]:
+    """A fit an interrupted run finished, as the summary lists it (read back from MLflow)."""
+    tags = tracking.client(uri).get_run(member.run_id).data.tags
+    return {"accuracy": member.accuracy, "params": member.params, "run_id": member.run_id,
+            "checkpoint": member.source, "model_uri": tags.get("raykd.model_uri") or None,
+            "resumed": True}
+
+
+@contextmanager
+def _parent_run(uri: str, cfg: RaykdConfig, run_name: str, parent_run_id: str | None,
+                resume: bool):
+    """(parent run id, the fits an interrupted run finished by role). A job of its own gets a
+    lineage parent (tagged with the config's key, so ``resume`` finds it); one nested in
+    another scheme's run a plain child run."""
+    from raykd.schemes.lineage import finished_roles, lineage_run
+
+    if parent_run_id is not None:
+        with tracking.tracked_run(uri, cfg.tracking.experiment, run_name, parent_run_id,
+                                  {"raykd.scheme": "offline"}) as parent:
+            yield parent, {}
+        return
+    with lineage_run(uri, cfg, "offline", resume, run_name, finished_roles) as lineage:
+        yield lineage.parent, lineage.finished
+
+
+def cluster_part(fits: list[dict[str, Any]], nodes: int) -> dict[str, Any]:
+    """How many nodes the cluster had and how many ran this job's training workers."""
+    ids = sorted({n for part in fits for n in part.get("worker_nodes", [])})
+    return {"nodes": nodes, "worker_nodes": len(ids), "worker_node_ids": ids}
+
+
 def run_distill(cfg: RaykdConfig, *, baseline: bool = False, config_path: str | None = None,
-                parent_run_id: str | None = None, run_name: str = "distill") -> dict[str, Any]:
+                parent_run_id: str | None = None, run_name: str = "distill",
+                resume: bool = False) -> dict[str, Any]:
+    import ray
+
     from raykd.teacher.service import serve_teacher, stop_teacher, teacher_stats
     from raykd.train.fit import ensure_ray, fit_session
 
     uri = tracking.resolve_tracking_uri(cfg.tracking.uri)
     ensure_ray()
+    nodes = sum(1 for n in ray.nodes() if n.get("Alive"))
     started = time.perf_counter()
     # One worker group runs the teacher, student and baseline fits in turn (fit_session); it
     # starts now, so its workers come up while this process sets up MLflow.
-    with fit_session(cfg, run_name, start=True), tracking.tracked_run(
-            uri, cfg.tracking.experiment, run_name, parent_run_id,
-            {"raykd.scheme": "offline"}) as parent:
-        log_config(uri, parent, cfg, config_path)
-        sources, teacher = obtain_teacher(cfg, uri, parent)
-        service = serve_teacher(cfg, sources, uri)
-        try:
-            teacher["cache"] = service.cache
-            init_from = sources[0] if cfg.student.init_from_teacher else None
-            student = run_student(cfg, "student", uri, parent, service.handoff,
-                                  init_from=init_from)
-            stats = teacher_stats(service)
-            teacher["forward_samples"] = stats["forward_samples"]
-            if "live_calls" in stats:  # live mode: how the workers' calls shared teacher passes
-                teacher["live_batching"] = {k: stats[k] for k in (
-                    "live_calls", "live_passes", "live_max_calls_per_pass")}
-        finally:  # one actor per job; the cache on disk and the driver-owned shards outlive it
-            stop_teacher(service)  # killed AND its name released: a next run starts afresh
+    with fit_session(cfg, run_name, start=True), _parent_run(
+            uri, cfg, run_name, parent_run_id, resume) as (parent, done):
+        if not done:  # a resumed parent has its config already
+            log_config(uri, parent, cfg, config_path)
+        sources, teacher = obtain_teacher(cfg, uri, parent, done.get("teacher"))
+        if "student" in done:
+            student = resumed_part(done["student"], uri)
+        else:
+            service = serve_teacher(cfg, sources, uri)
+            try:
+                teacher["cache"] = service.cache
+                init_from = sources[0] if cfg.student.init_from_teacher else None
+                student = run_student(cfg, "student", uri, parent, service.handoff,
+                                      init_from=init_from)
+                stats = teacher_stats(service)
+                teacher["forward_samples"] = stats["forward_samples"]
+                if "live_calls" in stats:  # live mode: how the workers' calls shared passes
+                    teacher["live_batching"] = {k: stats[k] for k in (
+                        "live_calls", "live_passes", "live_max_calls_per_pass")}
+            finally:  # one actor per job; the cache on disk and the driver-owned shards
+                # outlive it. Killed AND its name released: a next run starts afresh.
+                stop_teacher(service)
         if teacher.get("accuracy") is None:  # a given teacher: measured here, once
             teacher["accuracy"] = evaluate_checkpoints(sources, cfg, uri)
         if not teacher.get("params"):
             teacher["params"] = count_checkpoint_params(sources[0], uri)
         summary: dict[str, Any] = {"teacher": teacher, "student": student}
         if baseline:
-            summary["baseline"] = run_student(cfg, "baseline", uri, parent)
+            summary["baseline"] = (resumed_part(done["baseline"], uri) if "baseline" in done
+                                   else run_student(cfg, "baseline", uri, parent))
         final = {f"{k}_test_accuracy": v["accuracy"] for k, v in summary.items()}
         final.update({f"{k}_params": v["params"] for k, v in summary.items()})
         tracking.log_metrics(uri, parent, final)
         if cfg.tracking.register_as:
             summary["registered"] = register_student(cfg, uri, student, teacher, "offline")
+        summary["cluster"] = cluster_part(list(summary.values()), nodes)
+        summary["resumed"] = sorted(done)
         summary["mlflow"] = {"tracking_uri": uri, "run_id": parent,
                              "experiment": cfg.tracking.experiment}
         summary["seconds"] = round(time.perf_counter() - started, 1)

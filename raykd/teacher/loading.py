@@ -13,7 +13,9 @@ def local_checkpoint(source: str, tracking_uri: str) -> str:
         from raykd.tracking import download
 
         return str(download(tracking_uri, source))
-    return source
+    from raykd.node_files import require
+
+    return str(require(source, "teacher.checkpoint"))  # a missing file names this node
 
 
 def load_teacher_models(sources: list[str], cfg: RaykdConfig, info, tracking_uri: str

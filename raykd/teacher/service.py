@@ -6,7 +6,7 @@ import time
 from dataclasses import dataclass
 from typing import Any
 
-from raykd.config import RaykdConfig
+from raykd.config import ConfigError, RaykdConfig
 from raykd.teacher.client import TeacherHandoff
 
 
@@ -31,10 +31,21 @@ def ensure_teacher(cfg: RaykdConfig, sources: list[str], tracking_uri: str, atte
         try:
             return actor, ray.get(actor.ensure_cache.remote())
         except ray.exceptions.RayActorError as err:
+            bad_input = _config_error(str(err)) if err.actor_init_failed else None
+            if bad_input:  # e.g. the checkpoint is missing on the actor's node: one line
+                raise ConfigError(bad_input) from None
             if err.actor_init_failed or attempt + 1 == attempts:  # a bad teacher: say so now
                 raise
             time.sleep(0.5 * (attempt + 1))
     raise AssertionError("unreachable")
+
+
+def _config_error(text: str) -> str | None:
+    """The ConfigError an actor's ``__init__`` raised, from the actor error's text (Ray keeps
+    the creation task's error only as text there)."""
+    marker = "raykd.config.ConfigError: "
+    return next((line.split(marker, 1)[1].strip() for line in text.splitlines()
+                 if marker in line), None)
 
 
 def serve_teacher(cfg: RaykdConfig, sources: list[str], tracking_uri: str,

@@ -39,6 +39,9 @@ class FitResult:
     transfer: dict[str, int] = field(default_factory=dict)  # labelled / pool / pseudo_labelled
     members: dict[str, float] = field(default_factory=dict)  # cohorts: test accuracy per member
     exports: dict[str, Path] = field(default_factory=dict)  # cohorts: member → its checkpoint
+    # each restart of the worker group in this fit: resumed_epoch, epochs_lost, recovery_seconds
+    recoveries: list[dict[str, float]] = field(default_factory=list)
+    worker_nodes: list[str] = field(default_factory=list)  # the node id of each rank
 
     @property
     def epoch_overhead_seconds(self) -> float | None:
@@ -68,10 +71,12 @@ def init_ray(attempts: int = 3, **kwargs) -> None:
             ray.init(**kwargs)
             return
         except Exception as err:
-            if "timed out during startup" not in str(err) or attempt + 1 == attempts \
-                    or kwargs.get("address"):
+            retry = "timed out during startup" in str(err) or "already occupied" in str(err)
+            if not retry or attempt + 1 == attempts or kwargs.get("address"):
                 raise
             ray.shutdown()
+            if "dashboard_port" in kwargs:  # the failed start's dashboard may still hold it
+                kwargs.update(local_ray_options())
             time.sleep(2)
             if "dashboard_port" in kwargs:  # the failed start's dashboard can still hold its
                 kwargs.update(local_ray_options())  # port: "already occupied" on the retry
@@ -118,13 +123,30 @@ def local_ray_options() -> dict[str, Any]:
     or test sessions at once), its monitor thread dies with a "Found multiple active Ray
     instances" traceback on the job's console. (Not a job ``runtime_env``: that would make every
     worker process wait for a runtime-env set-up and skip Ray's pre-started workers.)"""
-    import socket
-
-    with socket.socket() as sock:
-        sock.bind(("127.0.0.1", 0))
-        port = sock.getsockname()[1]
+    port = free_port()
     os.environ["RAY_API_SERVER_ADDRESS"] = f"http://127.0.0.1:{port}"
     return {"include_dashboard": True, "dashboard_host": "127.0.0.1", "dashboard_port": port}
+
+
+def free_port() -> int:
+    """A free TCP port below the kernel's ephemeral range (32768+ on Linux) and above Ray's
+    worker ports (10002-19999). A port taken with ``bind(0)`` and released is what the kernel
+    hands the next ``bind(0)`` — one of Ray's own processes starting just before the dashboard
+    — so the dashboard then failed with "already occupied" (2 of 3 test sessions on a busy
+    machine)."""
+    import random
+    import socket
+
+    for port in random.sample(range(20000, 32000), 50):
+        with socket.socket() as sock:
+            try:
+                sock.bind(("127.0.0.1", port))
+            except OSError:
+                continue
+            return port
+    with socket.socket() as sock:
+        sock.bind(("127.0.0.1", 0))
+        return sock.getsockname()[1]
 
 
 _SESSION: list = []  # the innermost fit_session's group
@@ -215,5 +237,7 @@ def fit(cfg: RaykdConfig, role: str, *, tracking_uri: str | None = None,
                      init_copied=ret.get("init_copied", []),
                      test_accuracy=ret.get("test_accuracy"), best_epoch=ret.get("best_epoch"),
                      checkpoints=ret.get("checkpoints", []),
+                     recoveries=ret.get("recoveries", []),
+                     worker_nodes=ret.get("worker_nodes", []),
                      wall_seconds=time.time() - submitted,
                      worker_start_seconds=max(0.0, ret.get("started_at", submitted) - submitted))

@@ -8,13 +8,17 @@ or Noisy Student runs more. A :class:`FitGroup` starts the trainer once, in a dr
 and its workers run ``group_loop_per_worker``: ask the :class:`FitCoordinator` actor for the
 next phase, run it (``raykd.train.loop.run_phase``), hand the result back, ask again.
 
-What stays Ray Train's: the worker group, DDP, checkpoints and restarts. A failed worker makes
-Train restart the group (``train.max_failures``); the restarted loop asks for the lowest
-unfinished phase and resumes it from its last checkpoint (checkpoints name their phase).
+What stays Ray Train's: the worker group, DDP, checkpoints and restarts. A failed worker (or a
+lost node) makes Train restart the group (``train.max_failures``); the restarted loop asks for
+the lowest unfinished phase and resumes it from its last checkpoint (checkpoints name their
+phase and hold the whole training state, raykd.train.state). The coordinator, which outlives
+the worker group, records each such recovery: the epochs that had to be run again and the time
+from the last finished epoch to training again.
 
-What the coordinator carries: phases in, per-epoch metrics and each phase's result (its
-selected weights as safetensors bytes) out. The driver polls it to draw progress and to log
-metrics to MLflow in batches, so workers never import MLflow and never wait on it.
+What the coordinator carries: phases in, per-epoch metrics, the node of every rank, recoveries
+and each phase's result (its selected weights as safetensors bytes) out. The driver polls it to
+draw progress and to log metrics to MLflow in batches, so workers never import MLflow and never
+wait on it.
 """
 
 from __future__ import annotations
@@ -30,8 +34,13 @@ class FitCoordinator:
     def __init__(self) -> None:
         self._cond = threading.Condition()
         self._phases: dict[int, dict[str, Any]] = {}
-        self._results: dict[int, dict[str, Any]] = {}
-        self._epochs: dict[int, list[dict[str, float]]] = {}
+        self._results: dict[int, dict[str, Any]] = {}  # until the driver takes them
+        # Finished or failed phases, for good: a restarted group must not run them again after
+        # the driver has taken their results.
+        self._done: set[int] = set()
+        self._epochs: dict[int, list[dict[str, float]]] = {}  # every report, re-runs too
+        self._recoveries: dict[int, list[dict[str, float]]] = {}
+        self._nodes: dict[int, dict[int, str]] = {}  # phase → rank → node id (latest start)
         self._closed = False
 
     def submit(self, phase_id: int, loop: list) -> None:  # [ObjectRef of the phase's loop]
@@ -47,7 +56,7 @@ class FitCoordinator:
         deadline = time.monotonic() + wait_s
         with self._cond:
             while True:
-                todo = sorted(i for i in self._phases if i > after and i not in self._results)
+                todo = sorted(i for i in self._phases if i > after and i not in self._done)
                 if todo:
                     return {"id": todo[0], "loop": self._phases[todo[0]]}
                 if self._closed:
@@ -58,20 +67,54 @@ class FitCoordinator:
                 self._cond.wait(left)
 
     def epoch(self, phase_id: int, metrics: dict[str, float]) -> None:
+        with self._cond:  # a resumed phase reports the epochs after its checkpoint again
+            self._epochs.setdefault(phase_id, []).append(metrics)
+
+    def joined(self, phase_id: int, rank: int, node_id: str) -> None:
         with self._cond:
-            seen = self._epochs.setdefault(phase_id, [])
-            # A resumed phase re-reports the epochs after its checkpoint: keep the latest.
-            seen[:] = [m for m in seen if m.get("epoch") != metrics.get("epoch")] + [metrics]
+            self._nodes.setdefault(phase_id, {})[rank] = node_id
+
+    def resumed(self, phase_id: int, epoch: int, at: float, checkpoint_ended_at: float | None
+                ) -> None:
+        """Rank 0 of a restarted group resumed ``phase_id`` at ``epoch`` (at time ``at``)."""
+        with self._cond:
+            seen = self._epochs.get(phase_id, [])
+            reached = max((int(m["epoch"]) for m in seen), default=epoch - 1)
+            last = max((m["_ended_at"] for m in seen if "_ended_at" in m),
+                       default=checkpoint_ended_at)
+            self._recoveries.setdefault(phase_id, []).append({
+                "resumed_epoch": epoch,
+                # finished epochs after the checkpoint, run again (the unfinished one aside)
+                "epochs_lost": max(0, reached + 1 - epoch),
+                # the last epoch finished before the failure → training again: detecting the
+                # failure, a new worker group, restoring the state, and the unfinished epoch
+                "recovery_seconds": round(at - last, 2) if last is not None else None})
+
+    def fail(self, phase_id: int, message: str) -> None:
+        """A worker's bad input (e.g. a file missing on its node): the driver raises it."""
+        with self._cond:
+            if phase_id not in self._done:
+                self._done.add(phase_id)
+                self._results[phase_id] = {"error": message}
+            self._cond.notify_all()
 
     def finish(self, phase_id: int, result: dict[str, Any]) -> None:
         with self._cond:
-            self._results[phase_id] = result
+            nodes = self._nodes.get(phase_id, {})
+            self._done.add(phase_id)
+            self._results[phase_id] = {**result,
+                                       "recoveries": self._recoveries.get(phase_id, []),
+                                       "worker_nodes": [nodes[r] for r in sorted(nodes)]}
             self._cond.notify_all()
 
-    def poll(self, phase_id: int, since: int) -> tuple[list[dict[str, float]], Any]:
-        """Epoch metrics from index ``since`` on, and the phase's result once it has one."""
+    def poll(self, phase_id: int, since: int
+             ) -> tuple[list[dict[str, float]], Any, list[dict[str, float]]]:
+        """Epoch metrics from index ``since`` on, the phase's result once it has one, and its
+        recoveries so far."""
         with self._cond:
-            return list(self._epochs.get(phase_id, [])[since:]), self._results.pop(phase_id, None)
+            return (list(self._epochs.get(phase_id, [])[since:]),
+                    self._results.pop(phase_id, None),
+                    list(self._recoveries.get(phase_id, [])))
 
     def close(self) -> None:
         with self._cond:
@@ -85,11 +128,13 @@ def group_loop_per_worker(loop: dict[str, Any]) -> dict[str, Any]:
     import ray.train
 
     from raykd import console
+    from raykd.config import ConfigError
     from raykd.train.loop import run_phase
 
     console.quiet_train_worker(loop.get("verbose", False))
     coordinator = loop["coordinator"]
     rank = ray.train.get_context().get_world_rank()
+    node_id = ray.get_runtime_context().get_node_id()
     done, phases = -1, 0
     while True:
         phase = ray.get(coordinator.next_phase.remote(done))
@@ -98,7 +143,12 @@ def group_loop_per_worker(loop: dict[str, Any]) -> dict[str, Any]:
         if phase is None:
             return {"phases": phases}
         phase_loop = ray.get(phase["loop"][0])
-        result = run_phase(phase_loop, phase["id"], coordinator, loop["report_every_epoch"])
+        coordinator.joined.remote(phase["id"], rank, node_id)
+        try:
+            result = run_phase(phase_loop, phase["id"], coordinator, loop["report_every_epoch"])
+        except ConfigError as err:  # bad input fails every restart alike: tell the driver now
+            ray.get(coordinator.fail.remote(phase["id"], str(err)))
+            raise
         if rank == 0:  # before the next ask: a restart must not re-run a finished phase
             ray.get(coordinator.finish.remote(phase["id"], result))
         done, phases = phase["id"], phases + 1
@@ -106,7 +156,46 @@ def group_loop_per_worker(loop: dict[str, Any]) -> dict[str, Any]:
 
 def scaling_key(cfg) -> tuple:
     t = cfg.train
-    return (t.num_workers, t.use_gpu, t.cpus_per_worker, t.max_failures, t.gpus_per_worker)
+    return (t.num_workers, t.use_gpu, t.cpus_per_worker, t.max_failures, t.placement_strategy,
+            t.gpus_per_worker)
+
+
+def check_cluster_fits(train) -> None:
+    """Raise a one-line ConfigError when the cluster's live nodes cannot hold the worker group
+    (``train``: the config's train section); Ray Train would otherwise wait for resources
+    forever. Counts whole workers per node, as a placement group places them."""
+    import math
+
+    import ray
+
+    from raykd.config import ConfigError
+
+    nodes = [n["Resources"] for n in ray.nodes() if n.get("Alive")]
+    gpus = sum(n.get("GPU", 0) for n in nodes)
+    if train.use_gpu and not gpus:
+        raise ConfigError("train.use_gpu: the Ray cluster has no GPUs; set train.use_gpu=false "
+                          "or connect to a cluster with GPU nodes")
+
+    def per_node(res: dict[str, float]) -> int:
+        fit = math.floor(res.get("CPU", 0) / train.cpus_per_worker + 1e-9)
+        gpu_fit = math.floor(res.get("GPU", 0) / train.gpus_per_worker + 1e-9)
+        return min(fit, gpu_fit) if train.use_gpu else fit
+
+    slots = [per_node(n) for n in nodes]
+    strategy = train.placement_strategy
+    fits = {"STRICT_SPREAD": sum(s > 0 for s in slots),
+            "STRICT_PACK": max(slots, default=0)}.get(strategy, sum(slots))
+    if fits >= train.num_workers:
+        return
+    cpus = sum(n.get("CPU", 0) for n in nodes)
+    each = f"{train.cpus_per_worker:g} CPU" + (f" + {train.gpus_per_worker:g} GPU"
+                                                if train.use_gpu else "")
+    where = {"STRICT_SPREAD": " on distinct nodes", "STRICT_PACK": " on one node"}.get(strategy,
+                                                                                      "")
+    raise ConfigError(
+        f"train.num_workers: {train.num_workers} workers of {each} each{where} do not fit the Ray "
+        f"cluster ({len(nodes)} node(s), {cpus:g} CPU, {gpus:g} GPU: room for {fits}); lower "
+        f"train.num_workers or train.cpus_per_worker, or add nodes")
 
 
 class FitGroup:
@@ -140,11 +229,18 @@ class FitGroup:
         from raykd.preflight import preflight_cluster
 
         preflight_cluster(self.cfg)  # GPUs the cluster does not have: one line, not a hang
+        t = self.cfg.train
+        check_cluster_fits(t)
         if self.coordinator is not None:  # restarted after a failed trainer: a fresh queue
             ray.kill(self.coordinator)
         self.error = None
-        self.coordinator = ray.remote(num_cpus=0, max_concurrency=64)(FitCoordinator).remote()
-        t = self.cfg.train
+        # On the driver's node, like Ray Train's controller: the coordinator must outlive the
+        # loss of any other node.
+        from ray.util.scheduling_strategies import NodeAffinitySchedulingStrategy
+
+        here = NodeAffinitySchedulingStrategy(ray.get_runtime_context().get_node_id(), soft=False)
+        self.coordinator = ray.remote(num_cpus=0, max_concurrency=64)(FitCoordinator).options(
+            scheduling_strategy=here).remote()
         trainer = TorchTrainer(
             group_loop_per_worker,
             train_loop_config={"coordinator": self.coordinator,
@@ -152,6 +248,7 @@ class FitGroup:
                                "verbose": console.verbose()},
             scaling_config=ray.train.ScalingConfig(
                 num_workers=t.num_workers, use_gpu=t.use_gpu,
+                placement_strategy=t.placement_strategy,
                 resources_per_worker=worker_resources(t)),
             torch_config=TorchConfig(backend=process_group_backend(t)),
             run_config=ray.train.RunConfig(
@@ -201,6 +298,7 @@ class FitGroup:
         with each batch of newly finished epochs (progress, MLflow)."""
         import ray
 
+        from raykd.config import ConfigError
         from raykd.train.fit import TrainingError
 
         phase_id, self._next_id = self._next_id, self._next_id + 1
@@ -208,22 +306,26 @@ class FitGroup:
         # coordinator never unpickles it (a teacher handoff would import torch there, ~4 s).
         loop_ref = ray.put(loop)
         ray.get(self.coordinator.submit.remote(phase_id, [loop_ref]))
-        seen = 0
+        seen = told = 0
         while True:
-            epochs, result = ray.get(self.coordinator.poll.remote(phase_id, seen))
+            alive = self.alive  # read before the poll: a result may land in between
+            epochs, result, recoveries = ray.get(self.coordinator.poll.remote(phase_id, seen))
+            for r in recoveries[told:]:
+                print(f"[{loop.get('name', 'fit')}] the worker group failed and restarted: "
+                      f"resumed at epoch {r['resumed_epoch'] + 1}, {r['epochs_lost']} "
+                      f"finished epoch(s) lost, {r['recovery_seconds']} s to recover",
+                      flush=True)
+            told = len(recoveries)
             if epochs:
                 seen += len(epochs)
                 on_epochs(epochs)
+            if result is not None and "error" in result:
+                raise ConfigError(result["error"])
             if result is not None:
                 return result
-            if not self.alive:
+            if not alive:
                 # The trainer ended before this phase finished: a worker error beyond
-                # train.max_failures. Drain what is left, then say why.
-                epochs, result = ray.get(self.coordinator.poll.remote(phase_id, seen))
-                if epochs:
-                    on_epochs(epochs)
-                if result is not None:
-                    return result
+                # train.max_failures. Say why.
                 cause = self.error or "the worker group stopped before the fit finished"
                 raise TrainingError(f"{loop.get('name', 'fit')}: training failed: {cause}")
             time.sleep(0.05)

@@ -8,11 +8,9 @@ prints one line per epoch and writes the checkpoint.
 
 from __future__ import annotations
 
-import json
 import tempfile
 import time
 from dataclasses import dataclass
-from pathlib import Path
 from typing import Any
 
 import torch
@@ -132,50 +130,43 @@ def _make_optimizer(params, cfg: RaykdConfig, lr: float) -> torch.optim.Optimize
     return cls(params, lr=lr, weight_decay=t.weight_decay)
 
 
-def _restore(model, optimizer, phase_id: int, resume_from=None,
-             precision=None) -> tuple[int, dict | None]:
+def _restore(model, loss, optimizer, scheduler, phase_id: int, resume_from=None, rank: int = 0,
+             device=None, precision=None):
     """Resume after a worker failure from Ray Train's latest checkpoint when it belongs to this
-    phase (else from ``resume_from``, a checkpoint handed in by a Tune trial); returns the next
-    epoch and the best-so-far record ({epoch, val_accuracy, val_loss, state} or None)."""
+    phase (else from ``resume_from``, a checkpoint handed in by a Tune trial): the student, the
+    loss's learned modules, optimiser, LR schedule and this rank's RNG (raykd.train.state).
+    Returns (:class:`~raykd.train.state.Restored` or None, whether it follows a failure)."""
     import ray.train
-    from safetensors.torch import load_file
 
-    ckpt, best = ray.train.get_checkpoint(), None
+    from raykd.train.state import read_phase, read_state
+
+    ckpt = ray.train.get_checkpoint()
     if ckpt is not None:
         with ckpt.as_directory() as d:
-            if json.loads((Path(d) / "state.json").read_text()).get("phase") != phase_id:
+            if read_phase(d) != phase_id:
                 ckpt = None  # an earlier phase's checkpoint: this phase starts afresh
+    after_failure = ckpt is not None
     ckpt = ckpt or resume_from
     if ckpt is None:
-        return 0, None
+        return None, False
     with ckpt.as_directory() as d:
-        model.load_state_dict(load_file(str(Path(d) / "model.safetensors")))
-        optimizer.load_state_dict(torch.load(Path(d) / "optimizer.pt", weights_only=True))
-        if precision is not None and (Path(d) / "scaler.pt").is_file():  # fp16's grad scaler
-            precision.load_state_dict(torch.load(Path(d) / "scaler.pt", weights_only=True))
-        state = json.loads((Path(d) / "state.json").read_text())
-        if state.get("best") and (Path(d) / "best.safetensors").is_file():
-            best = {**state["best"], "state": load_file(str(Path(d) / "best.safetensors"))}
-        return state["epoch"] + 1, best
+        return read_state(d, rank=rank, model=model, loss=loss, optimizer=optimizer,
+                          scheduler=scheduler, device=device, precision=precision), after_failure
 
 
-def _save(model, optimizer, spec: dict, info, epoch: int, metrics: dict, phase_id: int,
-          best: dict | None, precision=None):
+def _save(model, loss, optimizer, scheduler, spec: dict, info, epoch: int, metrics: dict,
+          phase_id: int, best: dict | None, history: list, rank: int = 0, device=None,
+          precision=None):
+    """Every rank's checkpoint folder (Ray Train merges them): see raykd.train.state."""
     import ray.train
 
-    from raykd.train.checkpoint import save_checkpoint
+    from raykd.train.state import write_state
 
     tmp = tempfile.mkdtemp(prefix="raykd-ckpt-")
-    save_checkpoint(model, spec, info, tmp)
-    torch.save(optimizer.state_dict(), Path(tmp) / "optimizer.pt")
-    if precision is not None and precision.state_dict():  # fp16's grad scaler
-        torch.save(precision.state_dict(), Path(tmp) / "scaler.pt")
-    record = None
-    if best is not None:
-        save_checkpoint(best["state"], spec, info, Path(tmp) / "best.safetensors")
-        record = {k: v for k, v in best.items() if k != "state"}
-    (Path(tmp) / "state.json").write_text(json.dumps(
-        {"epoch": epoch, "metrics": metrics, "phase": phase_id, "best": record}))
+    write_state(tmp, rank=rank, model=model, loss=loss, optimizer=optimizer,
+                scheduler=scheduler, spec=spec, info=info, epoch=epoch, metrics=metrics,
+                phase_id=phase_id, best=best, history=history, device=device,
+                precision=precision)
     return ray.train.Checkpoint.from_directory(tmp)
 
 
@@ -250,11 +241,14 @@ def run_phase(loop: dict[str, Any], phase_id: int, coordinator,
     optimizer = _make_optimizer(list(step.parameters()), cfg, plan.lr)
     scheduler = (torch.optim.lr_scheduler.CosineAnnealingLR(optimizer, plan.epochs)
                  if cfg.train.schedule == "cosine" else None)
-    start_epoch, best = _restore(model, optimizer, phase_id, loop.get("resume_from"),
-                                 precision)
-    if scheduler:
-        for _ in range(start_epoch):
+    restored, after_failure = _restore(model, loss, optimizer, scheduler, phase_id,
+                                       loop.get("resume_from"), rank, device, precision)
+    start_epoch, best = (restored.next_epoch, restored.best) if restored else (0, None)
+    if scheduler and not (restored and restored.scheduler_restored):
+        for _ in range(start_epoch):  # a checkpoint written before schedules were saved
             scheduler.step()
+    if after_failure and rank == 0:  # epochs lost and time to recover (raykd.train.group)
+        coordinator.resumed.remote(phase_id, start_epoch, time.time(), restored.last_ended_at)
 
     cached = live = None
     if handoff is not None and handoff.mode == "live":
@@ -282,7 +276,7 @@ def run_phase(loop: dict[str, Any], phase_id: int, coordinator,
 
         codistill = StalePeers(loop["codistill"], cfg, info, device, rank, world)
     global_step = start_epoch * -(-len(transfer) // (world * cfg.train.batch_size))
-    history: list[dict[str, float]] = []
+    history: list[dict[str, float]] = list(restored.history) if restored else []
     checkpoints: list[int] = []
     spec = {"name": plan.model.name, "args": plan.model.args}
     bs, keep_best = cfg.train.batch_size, cfg.train.keep_checkpoint == "best"
@@ -368,14 +362,15 @@ def run_phase(loop: dict[str, Any], phase_id: int, coordinator,
         due = last or bool(every and (epoch + 1) % every == 0) or reduced["_due"] > 0
         if due or report_every_epoch:
             checkpoint = None
-            if due and rank == 0:
-                checkpoint = _save(model, optimizer, spec, info, epoch, metrics, phase_id, best,
-                                   precision)
+            if due:
+                checkpoint = _save(model, loss, optimizer, scheduler, spec, info, epoch,
+                                   metrics, phase_id, best, history, rank, device, precision)
             if due:
                 checkpoints.append(epoch)
                 last_checkpoint_at = time.monotonic()
+            # the temp folder goes once uploaded (every rank writes one per checkpoint)
             ray.train.report({k: v for k, v in metrics.items() if not k.startswith("_")},
-                             checkpoint=checkpoint)
+                             checkpoint=checkpoint, delete_local_checkpoint_after_upload=True)
     if cached is not None:
         cached.close()
     kept_epoch = plan.epochs - 1  # the last epoch, or the best one below

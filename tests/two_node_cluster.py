@@ -1,0 +1,115 @@
+"""Run by tests/test_cluster.py in its own process: a two-node Ray cluster on this machine.
+
+    python tests/two_node_cluster.py WORKDIR TEACHER_CHECKPOINT RESULT_JSON [--set KEY=VALUE ...]
+
+Starts a head node (2 CPUs, the dashboard on a free port) and a second node (1 CPU) with
+``ray.cluster_utils.Cluster``, all under a temp dir of its own (RAY_TMPDIR, set by the caller),
+so the test session's Ray instance and any other cluster on the machine are never touched. Then:
+
+1. ``raykd distill`` (the CLI's code, in this process) with ``train.placement_strategy=SPREAD``:
+   one worker per node, so the worker on the second node reads the teacher's cache shards from
+   the object store of the head, where the teacher actor made them;
+2. a baseline fit of the same config that is held at its first checkpoint while the second node
+   is removed (``Cluster.remove_node`` kills its raylet and every process on it); Ray Train
+   restarts the group on the head, which has room for both workers.
+
+Writes what it saw to RESULT_JSON and shuts down only the nodes it started.
+"""
+
+from __future__ import annotations
+
+import json
+import os
+import sys
+import threading
+import time
+from pathlib import Path
+
+
+def teacher_actor_nodes() -> list[str]:
+    from ray.util.state import list_actors
+
+    return sorted({a.node_id for a in list_actors(filters=[("class_name", "=", "TeacherActor")],
+                                                 limit=100)})
+
+
+def remove_node_mid_fit(cluster, node, cfg, workdir: Path) -> dict:
+    from fault_marks import pause_at_first_checkpoint, release, wait_for_pause
+
+    from raykd.train.fit import fit
+
+    marks = workdir / "marks"
+    marks.mkdir()
+    box: dict = {}
+
+    def train() -> None:
+        try:
+            box["result"] = fit(cfg, "baseline", name="node-loss",
+                                callbacks=[pause_at_first_checkpoint(marks)])
+        except BaseException as err:  # noqa: BLE001 - reported in the JSON
+            box["error"] = f"{type(err).__name__}: {err}"
+
+    thread = threading.Thread(target=train, daemon=True)
+    thread.start()
+    paused = wait_for_pause(marks, thread.is_alive)
+    removed_at = time.time()
+    if paused:
+        cluster.remove_node(node, allow_graceful=False)
+    release(marks)
+    thread.join(timeout=900)
+    if "error" in box or "result" not in box:
+        return {"paused": paused, "error": box.get("error", "the fit did not end")}
+    result = box["result"]
+    resumed = [h for h in result.history if h["epoch"] == 1]
+    return {"paused": paused, "epochs": [h["epoch"] for h in result.history],
+            "test_accuracy": result.test_accuracy, "recoveries": result.recoveries,
+            "worker_nodes": result.worker_nodes,
+            "removed_to_resumed_epoch_end": round(resumed[0]["_ended_at"] - removed_at, 2)
+            if resumed else None}
+
+
+def main() -> int:
+    workdir, teacher, out = Path(sys.argv[1]), sys.argv[2], Path(sys.argv[3])
+    overrides = sys.argv[4:]
+    os.chdir(workdir)
+    from raykd.train.fit import free_port
+
+    port = free_port()
+    # Ray Train's placement-group cleaner finds the State API by this address (see
+    # raykd.train.fit.local_ray_options); it must be set before the nodes start.
+    os.environ["RAY_API_SERVER_ADDRESS"] = f"http://127.0.0.1:{port}"
+    import ray
+    from ray.cluster_utils import Cluster
+
+    from raykd.cli import main as raykd_main
+    from raykd.config import load_config
+
+    report: dict = {}
+    cluster = Cluster(initialize_head=True, head_node_args={
+        "num_cpus": 2, "include_dashboard": True, "dashboard_host": "127.0.0.1",
+        "dashboard_port": port})
+    try:
+        second = cluster.add_node(num_cpus=1)
+        ray.init(address=cluster.address)
+        report["head_node"] = ray.get_runtime_context().get_node_id()
+        args = ["--set", f"teacher.checkpoint={teacher}", *overrides,
+                "--set", "train.placement_strategy=SPREAD"]
+        started = time.perf_counter()
+        rc = raykd_main(["distill", *args, "--summary", str(workdir / "summary.json")])
+        report["distill_seconds"] = round(time.perf_counter() - started, 1)
+        report["distill_rc"] = rc
+        if rc == 0:
+            report["summary"] = json.loads((workdir / "summary.json").read_text())
+            report["teacher_actor_nodes"] = teacher_actor_nodes()
+            cfg = load_config(None, [a for a in args if a != "--set"])
+            report["node_loss"] = remove_node_mid_fit(cluster, second, cfg, workdir)
+            report["alive_nodes_after"] = sum(1 for n in ray.nodes() if n.get("Alive"))
+    finally:
+        out.write_text(json.dumps(report, default=str))
+        ray.shutdown()
+        cluster.shutdown()
+    return 0
+
+
+if __name__ == "__main__":
+    sys.exit(main())
