@@ -130,7 +130,7 @@ class TeacherConfig(ModelConfig):
     # runs on each batch (called `online` before issue #17; that name now errors, see below).
     mode: Literal["cached", "replay", "live"] = "cached"
     views: int = Field(4, ge=1)  # replay mode: cached augmented views per sample
-    cache_dir: str | None = None  # default: .raykd_cache/ in the working directory
+    cache_dir: str | None = None  # a folder; default .raykd/cache (raykd/train/storage.py)
     cache_dtype: Literal["float16", "bfloat16", "float32"] = "float16"
     topk: int | None = Field(None, ge=1)  # keep only the top-k logits per sample
     shard_size: int = Field(65536, ge=1)  # rows per object-store shard
@@ -229,10 +229,16 @@ class TrainConfig(Section):
     # Which weights a fit returns (and is evaluated, logged and distilled from): the epoch best
     # on validation (accuracy, ties to the lower loss) or the last one.
     keep_checkpoint: Literal["best", "last"] = "best"
+    # Where Ray Train keeps checkpoints (and the driver the fits' weights): a folder, a shared
+    # filesystem path or a URI pyarrow understands (s3://, gs://, file://). On a cluster of
+    # several nodes, storage every node reaches. Default .raykd/runs (raykd/train/storage.py).
+    storage_path: str | None = None
 
 
 class TrackingConfig(Section):
-    uri: str | None = None  # default sqlite:///<cwd>/mlflow.db, made absolute before workers
+    # default $MLFLOW_TRACKING_URI, else sqlite:///<cwd>/mlflow.db (~/.raykd/mlflow.db inside a
+    # Ray job package), made absolute in the driver
+    uri: str | None = None
     experiment: str = "raykd"
     # register the distilled student as a version of this MLflow registered model (--register)
     register_as: str | None = None
@@ -257,7 +263,7 @@ class TuneConfig(Section):
     mode: Literal["max", "min"] = "max"
     grace_period: int = Field(1, ge=1)  # ASHA
     reduction_factor: float = Field(3.0, gt=1.0)
-    storage_path: str | None = None  # default .raykd_tune/ in the working directory
+    storage_path: str | None = None  # a folder; default .raykd/tune (raykd/train/storage.py)
     name: str | None = None
     trial_cpus: float = Field(0.05, gt=0.0)  # the trial driver's share; workers bring their own
 
@@ -461,7 +467,9 @@ def load_config(path: str | Path | None = None, overrides: list[str] | dict[str,
     pairs = overrides if isinstance(overrides, dict) else parse_overrides(list(overrides))
     for key, value in pairs.items():
         _set_dotted(raw, key, value)
-    return validate(raw)
+    from raykd.train.storage import resolve_config
+
+    return resolve_config(validate(raw))  # storage paths absolute, here in the driver
 
 
 def dump_yaml(cfg: RaykdConfig, path: str | Path) -> None:

@@ -38,7 +38,9 @@ GPU_FRACTION = 0.25
 
 
 def default_cache_dir(cfg: RaykdConfig) -> Path:
-    return Path(cfg.teacher.cache_dir or Path.cwd() / ".raykd" / "cache").expanduser().resolve()
+    from raykd.train.storage import cache_dir  # resolved by the driver (load_config)
+
+    return cache_dir(cfg)
 
 
 def augment_description(cfg: RaykdConfig) -> str:

@@ -133,7 +133,8 @@ class FitGroup:
         from ray.train.torch import TorchTrainer
 
         from raykd import console
-        from raykd.train.fit import ensure_ray, runs_dir
+        from raykd.train.fit import ensure_ray
+        from raykd.train.storage import train_storage
 
         ensure_ray()
         if self.coordinator is not None:  # restarted after a failed trainer: a fresh queue
@@ -151,7 +152,7 @@ class FitGroup:
                 resources_per_worker={"CPU": t.cpus_per_worker,
                                       **({"GPU": 1} if t.use_gpu else {})}),
             run_config=ray.train.RunConfig(
-                name=self.name, storage_path=self.storage_path or str(runs_dir()),
+                name=self.name, storage_path=self.storage_path or train_storage(self.cfg),
                 callbacks=self.callbacks,
                 failure_config=ray.train.FailureConfig(max_failures=t.max_failures),
                 checkpoint_config=ray.train.CheckpointConfig(num_to_keep=1),
