@@ -59,11 +59,12 @@ def resolve_tracking_uri(uri: str | None, base: Path | None = None) -> str:
     return uri
 
 
-def check_tracking(uri: str, timeout_s: float = 5.0) -> None:
+def check_tracking(uri: str, connect_s: float = 5.0, answer_s: float = 60.0) -> None:
     """One clear line naming ``tracking.uri`` (a :class:`ConfigError`) when the tracking store
-    cannot be used: a server that does not answer within ``timeout_s`` or refuses the
-    credentials, or a sqlite file whose folder cannot be written. MLflow's own client retries
-    an unreachable server for minutes before it fails with a traceback."""
+    cannot be used: a server that takes no connection within ``connect_s``, does not answer
+    within ``answer_s`` (a server's first request creates its store: seconds) or refuses the
+    credentials; a sqlite file whose folder cannot be written. MLflow's own client retries an
+    unreachable server for minutes and then fails with a traceback."""
     from raykd.config import ConfigError
 
     if uri.startswith("sqlite:///"):
@@ -75,12 +76,21 @@ def check_tracking(uri: str, timeout_s: float = 5.0) -> None:
     if not uri.startswith(("http://", "https://")):
         return
     import base64
+    import socket
     import urllib.error
     import urllib.parse
     import urllib.request
 
+    shown = redact(uri)
     parts = urllib.parse.urlsplit(uri)
     host = parts.hostname or ""
+    port = parts.port or (443 if parts.scheme == "https" else 80)
+    try:  # reachable at all: quick, whatever the server
+        socket.create_connection((host, port), timeout=connect_s).close()
+    except OSError as err:
+        reason = "timed out" if isinstance(err, TimeoutError) else (err.strerror or str(err))
+        raise ConfigError(f"tracking.uri: cannot reach the MLflow server at {shown} "
+                          f"({reason}); start it or fix tracking.uri") from None
     netloc = host if parts.port is None else f"{host}:{parts.port}"
     probe = urllib.parse.urlunsplit((parts.scheme, netloc, parts.path.rstrip("/")
                                      + "/api/2.0/mlflow/experiments/get-by-name",
@@ -95,9 +105,8 @@ def check_tracking(uri: str, timeout_s: float = 5.0) -> None:
         request.add_header("Authorization", f"Basic {basic}")
     elif token:
         request.add_header("Authorization", f"Bearer {token}")
-    shown = redact(uri)
     try:
-        with urllib.request.urlopen(request, timeout=timeout_s):
+        with urllib.request.urlopen(request, timeout=answer_s):
             return
     except urllib.error.HTTPError as err:
         if err.code in (401, 403):
@@ -107,8 +116,9 @@ def check_tracking(uri: str, timeout_s: float = 5.0) -> None:
         return  # it answered: an MLflow server (404 for a missing experiment) or a proxy
     except (urllib.error.URLError, OSError) as err:
         reason = getattr(err, "reason", err)
-        raise ConfigError(f"tracking.uri: cannot reach the MLflow server at {shown} "
-                          f"({redact(str(reason))}); start it or fix tracking.uri") from None
+        raise ConfigError(f"tracking.uri: the MLflow server at {shown} took the connection but "
+                          f"did not answer ({redact(str(reason))}); check that it is an MLflow "
+                          f"server and that it runs") from None
 
 
 @functools.lru_cache(maxsize=8)

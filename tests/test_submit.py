@@ -135,6 +135,7 @@ class Cluster:
                 if "Ray runtime started" in log_path.read_text():
                     return
                 time.sleep(0.5)
+            print(f"head node start {attempt + 1} failed: {log_path.read_text()[-300:]}")
             _stop(self.head)
             _kill_leftovers(str(self.root / "ray"))
         raise RuntimeError(f"the head node did not start: {log_path.read_text()[-2000:]}")
@@ -143,8 +144,10 @@ class Cluster:
         deadline = time.monotonic() + timeout_s
         while time.monotonic() < deadline:
             try:
-                with urllib.request.urlopen(f"http://127.0.0.1:{self.mlflow_port}/health",
-                                            timeout=2):
+                # A store request, not /health: the server creates its store on the first.
+                with urllib.request.urlopen(
+                        f"http://127.0.0.1:{self.mlflow_port}/api/2.0/mlflow/experiments/"
+                        f"get-by-name?experiment_name=Default", timeout=60):
                     return
             except OSError:
                 assert self.mlflow.poll() is None, (self.root / "mlflow.log").read_text()[-2000:]
@@ -168,9 +171,12 @@ def submitted():
     root = Path(tempfile.mkdtemp(prefix="rkd-", dir="/tmp"))
     cluster = Cluster(root)
     try:
+        t0 = time.monotonic()
         cluster.start_mlflow()
         cluster.start_head()
+        t1 = time.monotonic()
         cluster.wait_mlflow()
+        t2 = time.monotonic()
         job_id = f"raykd-test-{uuid.uuid4().hex[:8]}"
         tracking = f"http://raykd:{SECRET}@127.0.0.1:{cluster.mlflow_port}"
         storage = root / "storage"
@@ -184,12 +190,14 @@ def submitted():
             "--set", f"train.storage_path=file://{storage}",
             "--set", "tracking.experiment=submitted", timeout=600)
         seconds = time.monotonic() - started
+        print("seconds:", {"head": round(t1 - t0, 1), "mlflow": round(t2 - t0, 1),
+                           "job": round(seconds, 1)})
         status = cluster.ray("job", "status", "--address",
                              f"http://127.0.0.1:{cluster.dashboard}", job_id)
         logs = cluster.ray("job", "logs", "--address",
                            f"http://127.0.0.1:{cluster.dashboard}", job_id).stdout
-        yield {"submit": submit, "status": status.stdout + status.stderr, "logs": logs,
-               "cluster": cluster, "storage": storage, "seconds": seconds}
+        yield {"submit": submit, "job_id": job_id, "status": status.stdout + status.stderr,
+               "logs": logs, "cluster": cluster, "storage": storage}
     finally:
         cluster.stop()
         shutil.rmtree(root, ignore_errors=True)
@@ -198,8 +206,7 @@ def submitted():
 def test_job_succeeds(submitted):
     submit = submitted["submit"]
     assert submit.returncode == 0, (submit.stdout + submit.stderr)[-4000:]
-    assert "SUCCEEDED" in submitted["status"], submitted["status"]
-    print(f"job submitted and finished in {submitted['seconds']:.0f} s")
+    assert f"Job '{submitted['job_id']}' succeeded" in submitted["status"], submitted["status"]
 
 
 def test_runs_read_back_from_the_server(submitted):
