@@ -14,7 +14,8 @@ from pathlib import Path
 from typing import Any, Literal
 
 import yaml
-from pydantic import BaseModel, ConfigDict, Field, ValidationError, field_validator, model_validator
+from pydantic import (BaseModel, ConfigDict, Field, ValidationError, ValidationInfo,
+                      field_validator, model_validator)
 
 DEFAULT_CONFIG = "digits.yaml"  # embedded in the package (raykd/configs/)
 URI_SCHEMES = ("runs:/", "models:/", "mlflow-artifacts:/")
@@ -67,10 +68,10 @@ class DataConfig(Section):
         return name
 
     @model_validator(mode="after")
-    def _root_needed(self) -> DataConfig:
+    def _root_needed(self, info: ValidationInfo) -> DataConfig:
         from raykd.data import DATASETS
 
-        if DATASETS[self.name].needs_root:
+        if DATASETS[self.name].needs_root and not _on_node(info):
             if not self.root:
                 raise ValueError(f"root: dataset {self.name!r} needs data.root (a folder); "
                                  f"set it with --set data.root=PATH")
@@ -95,8 +96,13 @@ class ModelConfig(Section):
         return name
 
 
-def _check_source(value: str) -> str:
-    if value.startswith(URI_SCHEMES):
+def _on_node(info: ValidationInfo) -> bool:
+    """Validating, in a worker or an actor, a config the driver validated (see validate())."""
+    return bool(info.context and info.context.get("on_node"))
+
+
+def _check_source(value: str, info: ValidationInfo) -> str:
+    if value.startswith(URI_SCHEMES) or _on_node(info):
         return value
     if not Path(value).expanduser().is_file():
         raise ValueError(f"file {value!r} does not exist; give a checkpoint path or an MLflow "
@@ -139,13 +145,13 @@ class TeacherConfig(ModelConfig):
 
     @field_validator("checkpoint")
     @classmethod
-    def _checkpoint_source(cls, value: str | None) -> str | None:
-        return None if value is None else _check_source(value)
+    def _checkpoint_source(cls, value: str | None, info: ValidationInfo) -> str | None:
+        return None if value is None else _check_source(value, info)
 
     @field_validator("ensemble")
     @classmethod
-    def _ensemble_sources(cls, values: list[str]) -> list[str]:
-        return [_check_source(v) for v in values]
+    def _ensemble_sources(cls, values: list[str], info: ValidationInfo) -> list[str]:
+        return [_check_source(v, info) for v in values]
 
     @field_validator("mode", mode="before")
     @classmethod
@@ -383,11 +389,14 @@ def _format_error(err: ValidationError) -> str:
     return f"{loc}: {msg}" if loc else msg
 
 
-def validate(raw: dict[str, Any]) -> RaykdConfig:
+def validate(raw: dict[str, Any], on_node: bool = False) -> RaykdConfig:
+    """``on_node``: a config the driver validated, read again in a worker or an actor. Files are
+    not looked for again: they were checked where the job was submitted, and on another node the
+    reader of a missing one says so, naming the node (raykd.train.storage.require_on_node)."""
     if not isinstance(raw, dict):
         raise ConfigError("config: the top level must be a mapping of sections")
     try:
-        return RaykdConfig.model_validate(raw)
+        return RaykdConfig.model_validate(raw, context={"on_node": on_node})
     except ValidationError as err:
         raise ConfigError(_format_error(err)) from None
 

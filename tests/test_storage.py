@@ -151,3 +151,20 @@ def test_logged_params_and_configs_hold_no_secret(workdir):
         text = Path(client.download_artifacts(run_id, path, str(workdir / "dl"))).read_text()
         assert SECRET not in text
         assert "***@" in text
+
+
+def test_workers_do_not_look_for_the_drivers_files_again(tmp_path):
+    """A worker or the actor re-reads the config the driver validated: a checkpoint path that
+    exists only on the submitting node must not fail validation there, but fail where it is
+    read, naming the field and the node."""
+    from raykd.config import validate
+    from raykd.teacher.loading import local_checkpoint
+
+    missing = str(tmp_path / "elsewhere" / "teacher.safetensors")
+    raw = load_config().to_dict()
+    raw["teacher"]["checkpoint"] = missing
+    with pytest.raises(ConfigError, match=r"^teacher.checkpoint: file .* does not exist"):
+        validate(raw)
+    assert validate(raw, on_node=True).teacher.checkpoint == missing
+    with pytest.raises(FileNotFoundError, match=r"^teacher.checkpoint: .* does not exist on node"):
+        local_checkpoint(missing, "")

@@ -130,7 +130,7 @@ class Cluster:
                  "--metrics-export-port", str(ports[7]), "--num-cpus", "4"],
                 stdout=log_path.open("w"), stderr=subprocess.STDOUT, start_new_session=True,
                 env=self.env)
-            deadline = time.monotonic() + 120
+            deadline = time.monotonic() + 300  # Ray gives up itself after its 30 s window
             while time.monotonic() < deadline and self.head.poll() is None:
                 if "Ray runtime started" in log_path.read_text():
                     return
@@ -186,7 +186,7 @@ def submitted():
             "--submission-id", job_id, "--working-dir", str(REPO),
             "--runtime-env-json", json.dumps({"env_vars": {"MLFLOW_TRACKING_URI": tracking}}),
             "--", "python", "jobs/distill.py", "--set", "train.epochs=1",
-            "--set", "teacher.epochs=1", "--set", "train.num_workers=2",
+            "--set", "teacher.epochs=1", "--set", "train.num_workers=1",
             "--set", f"train.storage_path=file://{storage}",
             "--set", "tracking.experiment=submitted", timeout=600)
         seconds = time.monotonic() - started

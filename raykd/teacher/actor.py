@@ -87,7 +87,7 @@ class TeacherActor:
         from raykd.teacher.loading import load_teacher_models
 
         started = time.perf_counter()
-        self.cfg = validate(config)
+        self.cfg = validate(config, on_node=True)  # files: checked by the driver, read below
         self.sources = list(sources)
         self.device = torch.device("cuda" if torch.cuda.is_available() else "cpu")
         self.dataset = build_dataset(self.cfg.data, "train")

@@ -13,6 +13,9 @@ def local_checkpoint(source: str, tracking_uri: str) -> str:
         from raykd.tracking import download
 
         return str(download(tracking_uri, source))
+    from raykd.train.storage import require_on_node
+
+    require_on_node(source, "teacher.checkpoint")  # a path the driver checked, maybe elsewhere
     return source
 
 

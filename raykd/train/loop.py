@@ -205,7 +205,10 @@ def run_phase(loop: dict[str, Any], phase_id: int, coordinator,
     from raykd.train.checkpoint import checkpoint_bytes
 
     started_at = time.time()
-    cfg, role = validate(loop["config"]), loop["role"]
+    cfg, role = validate(loop["config"], on_node=True), loop["role"]
+    from raykd.train.storage import require_data_on_node
+
+    require_data_on_node(cfg)  # the driver checked data.root on its node; this may be another
     plan = RolePlan.of(cfg, role)
     ctx = ray.train.get_context()
     rank, world = ctx.get_world_rank(), ctx.get_world_size()

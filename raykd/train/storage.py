@@ -86,6 +86,25 @@ def cache_dir(cfg) -> Path:
     return Path(resolve(cfg.teacher.cache_dir, "cache"))
 
 
+def require_on_node(path: str | Path, field: str) -> None:
+    """In a worker or an actor: a file or folder the driver found must be here too. A path on
+    the submitting node's disk alone fails on the others — say which node lacks it."""
+    if Path(path).exists():
+        return
+    import ray
+
+    node = ray.util.get_node_ip_address() if ray.is_initialized() else "this node"
+    raise FileNotFoundError(f"{field}: {path} does not exist on node {node} (the driver found it "
+                            f"where the job started); put it on storage every node reaches")
+
+
+def require_data_on_node(cfg) -> None:
+    from raykd.data import DATASETS
+
+    if DATASETS[cfg.data.name].needs_root and not cfg.data.download:
+        require_on_node(Path(cfg.data.root).expanduser(), "data.root")
+
+
 # -- checks before anything starts --------------------------------------------------------------
 
 FOLDER_HINT = "give a folder you can write, a shared filesystem path or a URI such as " \
