@@ -13,6 +13,7 @@ from pathlib import Path
 from typing import Any
 
 from raykd.config import ConfigError, RaykdConfig, load_config, parse_overrides
+from raykd.tracking import redact  # a password in a URI is never printed
 
 
 class ArgumentParser(argparse.ArgumentParser):
@@ -91,7 +92,7 @@ def build_parser() -> ArgumentParser:
 def _write_summary(summary: dict[str, Any], path: str | None) -> None:
     if path:
         Path(path).parent.mkdir(parents=True, exist_ok=True)
-        Path(path).write_text(json.dumps(summary, indent=2, default=str))
+        Path(path).write_text(redact(json.dumps(summary, indent=2, default=str)))
 
 
 def print_table(summary: dict[str, Any]) -> None:
@@ -104,7 +105,7 @@ def print_table(summary: dict[str, Any]) -> None:
         print(f"  {name:<10} {part['accuracy'] * 100:8.2f}%  {part.get('params', 0):>8,}")
     if "mlflow" in summary:
         run = summary["mlflow"]
-        print(f"\n  MLflow run {run['run_id']} at {run['tracking_uri']}")
+        print(f"\n  MLflow run {run['run_id']} at {redact(run['tracking_uri'])}")
 
 
 def _load(args) -> RaykdConfig:
@@ -238,10 +239,10 @@ def _main(argv: list[str] | None) -> int:
         console.set_verbose(getattr(args, "verbose", False))
         summary = COMMANDS[args.verb](args)
     except ConfigError as err:
-        print(f"raykd: error: {err}", file=sys.stderr)
+        print(f"raykd: error: {redact(str(err))}", file=sys.stderr)
         return 2
     except TrainingError as err:
-        print(f"raykd: training failed: {str(err).splitlines()[0]}", file=sys.stderr)
+        print(f"raykd: training failed: {redact(str(err).splitlines()[0])}", file=sys.stderr)
         return 1
     except KeyboardInterrupt:
         print("raykd: interrupted", file=sys.stderr)

@@ -141,7 +141,7 @@ class TeacherConfig(ModelConfig):
     # runs on each batch (called `online` before issue #17; that name now errors, see below).
     mode: Literal["cached", "replay", "live"] = "cached"
     views: int = Field(4, ge=1)  # replay mode: cached augmented views per sample
-    cache_dir: str | None = None  # default: .raykd_cache/ in the working directory
+    cache_dir: str | None = None  # a folder; default .raykd/cache (raykd/train/storage.py)
     cache_dtype: Literal["float16", "bfloat16", "float32"] = "float16"
     topk: int | None = Field(None, ge=1)  # keep only the top-k logits per sample
     shard_size: int = Field(65536, ge=1)  # rows per object-store shard
@@ -257,6 +257,10 @@ class TrainConfig(Section):
     # The student's forward under autocast (bf16, fp16 with a grad scaler); losses stay float32.
     # fp16 needs CUDA (use_gpu); bf16 also runs on CPU. See raykd/train/precision.py.
     precision: Literal["fp32", "bf16", "fp16"] = "fp32"
+    # Where Ray Train keeps checkpoints (and the driver the fits' weights): a folder, a shared
+    # filesystem path or a URI pyarrow understands (s3://, gs://, file://). On a cluster of
+    # several nodes, storage every node reaches. Default .raykd/runs (raykd/train/storage.py).
+    storage_path: str | None = None
 
     @model_validator(mode="after")
     def _gpu_settings(self) -> TrainConfig:
@@ -270,7 +274,9 @@ class TrainConfig(Section):
 
 
 class TrackingConfig(Section):
-    uri: str | None = None  # default sqlite:///<cwd>/mlflow.db, made absolute before workers
+    # default $MLFLOW_TRACKING_URI, else sqlite:///<cwd>/mlflow.db (~/.raykd/mlflow.db inside a
+    # Ray job package), made absolute in the driver
+    uri: str | None = None
     experiment: str = "raykd"
     # register the distilled student as a version of this MLflow registered model (--register)
     register_as: str | None = None
@@ -295,7 +301,7 @@ class TuneConfig(Section):
     mode: Literal["max", "min"] = "max"
     grace_period: int = Field(1, ge=1)  # ASHA
     reduction_factor: float = Field(3.0, gt=1.0)
-    storage_path: str | None = None  # default .raykd_tune/ in the working directory
+    storage_path: str | None = None  # a folder; default .raykd/tune (raykd/train/storage.py)
     name: str | None = None
     trial_cpus: float = Field(0.05, gt=0.0)  # the trial driver's share; workers bring their own
 
@@ -500,7 +506,10 @@ def load_config(path: str | Path | None = None, overrides: list[str] | dict[str,
     pairs = overrides if isinstance(overrides, dict) else parse_overrides(list(overrides))
     for key, value in pairs.items():
         _set_dotted(raw, key, value)
-    return validate(raw, check_files=True)
+    from raykd.train.storage import resolve_config
+
+    # files checked and storage paths made absolute here, in the driver
+    return resolve_config(validate(raw, check_files=True))
 
 
 def dump_yaml(cfg: RaykdConfig, path: str | Path) -> None:

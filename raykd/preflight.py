@@ -1,7 +1,8 @@
 """Check everything that can be checked before a cluster or an MLflow run is started.
 
-Config validation catches bad keys and values; this builds the dataset description, both models
-and the loss terms on a tiny probe batch, so an unknown model argument, a module path that does not
+Config validation catches bad keys and values; this checks that the storage paths can be written
+and the tracking server answers, builds the dataset description, both models and the loss terms
+on a tiny probe batch, so an unknown model argument, a module path that does not
 exist or feature shapes that cannot be matched become one clear line — not a worker traceback.
 """
 
@@ -49,8 +50,20 @@ def _teacher_model(cfg: RaykdConfig, info):
     return models[0]
 
 
+def check_destinations(cfg: RaykdConfig) -> None:
+    """Where the job writes: its storage folders or URIs and the tracking store (a server must
+    answer within seconds) — one line naming the field, before Ray or MLflow starts."""
+    from raykd import tracking
+    from raykd.train.storage import check_storage
+
+    check_storage(cfg)
+    tracking.check_tracking(tracking.resolve_tracking_uri(cfg.tracking.uri))
+
+
 def preflight(cfg: RaykdConfig, roles: tuple[str, ...] = ("teacher", "student")) -> None:
     from raykd.data import dataset_info
+
+    check_destinations(cfg)
     from raykd.losses import DistillLoss
     from raykd.models import build_model
     from raykd.models.hooks import probe_shapes

@@ -9,6 +9,7 @@ from __future__ import annotations
 import functools
 import json
 import os
+import re
 import tempfile
 from collections.abc import Iterator, Mapping
 from contextlib import contextmanager
@@ -16,14 +17,36 @@ from pathlib import Path
 from typing import Any
 
 DEFAULT_DB = "mlflow.db"
+# user:password@ in a URI (a tracking server with basic auth, s3://KEY:SECRET@bucket): the
+# password never reaches a print, a log line or MLflow; see redact().
+_USERINFO = re.compile(r"""(?P<head>\b[a-zA-Z][a-zA-Z0-9+.-]*://[^:/@\s]*):(?P<secret>[^\s"'<>]+)@""")
+
+
+def redact(text: str) -> str:
+    """``text`` with the password of every ``scheme://user:password@host`` URI in it masked."""
+    return _USERINFO.sub(r"\g<head>:***@", text)
+
+
+_TEXT_SUFFIXES = (".yaml", ".yml", ".json", ".txt", ".md")
+
+
+def has_secret(uri: str) -> bool:
+    return redact(uri) != uri
 
 
 def resolve_tracking_uri(uri: str | None, base: Path | None = None) -> str:
     """An absolute tracking URI: workers run in other working directories, so a relative sqlite
-    path or bare folder would silently point somewhere else there."""
+    path or bare folder would silently point somewhere else there. Unset: $MLFLOW_TRACKING_URI
+    (MLflow's own variable; a Ray job gets it from its runtime env), else a sqlite file in the
+    working directory — in ~/.raykd inside a Ray job package, which Ray deletes
+    (raykd/train/storage.py)."""
+    from raykd.train.storage import default_root, in_ray_package
+
+    uri = uri or os.environ.get("MLFLOW_TRACKING_URI") or None
     base = Path(base or os.getcwd())
     if not uri:
-        return f"sqlite:///{(base / DEFAULT_DB).resolve()}"
+        folder = default_root() if in_ray_package() else base
+        return f"sqlite:///{(folder / DEFAULT_DB).resolve()}"
     if uri.startswith(("http://", "https://", "databricks")):
         return uri
     if uri.startswith("sqlite:///"):
@@ -36,6 +59,68 @@ def resolve_tracking_uri(uri: str | None, base: Path | None = None) -> str:
     return uri
 
 
+def check_tracking(uri: str, connect_s: float = 5.0, answer_s: float = 60.0) -> None:
+    """One clear line naming ``tracking.uri`` (a :class:`ConfigError`) when the tracking store
+    cannot be used: a server that takes no connection within ``connect_s``, does not answer
+    within ``answer_s`` (a server's first request creates its store: seconds) or refuses the
+    credentials; a sqlite file whose folder cannot be written. MLflow's own client retries an
+    unreachable server for minutes and then fails with a traceback."""
+    from raykd.config import ConfigError
+
+    if uri.startswith("sqlite:///"):
+        from raykd.train.storage import check_writable
+
+        return check_writable(str(Path(uri.removeprefix("sqlite:///")).parent), "tracking.uri",
+                              "give a sqlite file in a folder you can write or an MLflow "
+                              "server (http://HOST:5000)")
+    if not uri.startswith(("http://", "https://")):
+        return
+    import base64
+    import socket
+    import urllib.error
+    import urllib.parse
+    import urllib.request
+
+    shown = redact(uri)
+    parts = urllib.parse.urlsplit(uri)
+    host = parts.hostname or ""
+    port = parts.port or (443 if parts.scheme == "https" else 80)
+    try:  # reachable at all: quick, whatever the server
+        socket.create_connection((host, port), timeout=connect_s).close()
+    except OSError as err:
+        reason = "timed out" if isinstance(err, TimeoutError) else (err.strerror or str(err))
+        raise ConfigError(f"tracking.uri: cannot reach the MLflow server at {shown} "
+                          f"({reason}); start it or fix tracking.uri") from None
+    netloc = host if parts.port is None else f"{host}:{parts.port}"
+    probe = urllib.parse.urlunsplit((parts.scheme, netloc, parts.path.rstrip("/")
+                                     + "/api/2.0/mlflow/experiments/get-by-name",
+                                     "experiment_name=Default", ""))
+    request = urllib.request.Request(probe)
+    user = parts.username or os.environ.get("MLFLOW_TRACKING_USERNAME")
+    password = parts.password or os.environ.get("MLFLOW_TRACKING_PASSWORD")
+    token = os.environ.get("MLFLOW_TRACKING_TOKEN")
+    if user and password:
+        basic = base64.b64encode(f"{urllib.parse.unquote(user)}:"
+                                 f"{urllib.parse.unquote(password)}".encode()).decode()
+        request.add_header("Authorization", f"Basic {basic}")
+    elif token:
+        request.add_header("Authorization", f"Bearer {token}")
+    try:
+        with urllib.request.urlopen(request, timeout=answer_s):
+            return
+    except urllib.error.HTTPError as err:
+        if err.code in (401, 403):
+            raise ConfigError(f"tracking.uri: the MLflow server at {shown} refused access "
+                              f"(HTTP {err.code}); give its credentials in "
+                              f"MLFLOW_TRACKING_USERNAME and MLFLOW_TRACKING_PASSWORD") from None
+        return  # it answered: an MLflow server (404 for a missing experiment) or a proxy
+    except (urllib.error.URLError, OSError) as err:
+        reason = getattr(err, "reason", err)
+        raise ConfigError(f"tracking.uri: the MLflow server at {shown} took the connection but "
+                          f"did not answer ({redact(str(reason))}); check that it is an MLflow "
+                          f"server and that it runs") from None
+
+
 @functools.lru_cache(maxsize=8)
 def client(uri: str):
     """One ``MlflowClient`` per tracking URI for the process: each new client of a sqlite store
@@ -43,6 +128,10 @@ def client(uri: str):
     from raykd import console
 
     console.configure()
+    if has_secret(uri):  # MLflow prints "View run at <the URI>", password included
+        os.environ["MLFLOW_SUPPRESS_PRINTING_URL_TO_STDOUT"] = "true"
+    if uri.startswith("sqlite:///"):  # sqlite creates the file, not its folder (~/.raykd)
+        Path(uri.removeprefix("sqlite:///")).parent.mkdir(parents=True, exist_ok=True)
     from mlflow.tracking import MlflowClient
 
     return MlflowClient(tracking_uri=uri)
@@ -110,7 +199,7 @@ def log_params(uri: str, run_id: str, params: Mapping[str, Any]) -> None:
     from mlflow.entities import Param
 
     flat = flatten("", dict(params), {})
-    items = [Param(k, v[:6000]) for k, v in flat.items()]
+    items = [Param(k, redact(v)[:6000]) for k, v in flat.items()]
     for i in range(0, len(items), 100):  # MLflow caps a batch at 100 params
         client(uri).log_batch(run_id, params=items[i:i + 100])
 
@@ -143,22 +232,32 @@ def log_epochs(uri: str, run_id: str, epochs: list[Mapping[str, float]]) -> None
 
 
 def log_dict(uri: str, run_id: str, data: Any, name: str) -> None:
-    client(uri).log_dict(run_id, data, name)
+    text = json.dumps(data, default=str)
+    client(uri).log_dict(run_id, json.loads(redact(text)) if has_secret(text) else data, name)
 
 
 def log_text(uri: str, run_id: str, text: str, name: str) -> None:
-    client(uri).log_text(run_id, text, name)
+    client(uri).log_text(run_id, redact(text), name)
 
 
 def log_artifact(uri: str, run_id: str, path: str | Path, artifact_path: str | None = None
                  ) -> None:
+    path = Path(path)
+    if path.suffix in _TEXT_SUFFIXES and path.stat().st_size < 1 << 20:
+        text = path.read_text(errors="replace")
+        if has_secret(text):  # a config with a password in a URI: upload a masked copy
+            with tempfile.TemporaryDirectory() as tmp:
+                masked = Path(tmp) / path.name
+                masked.write_text(redact(text))
+                client(uri).log_artifact(run_id, str(masked), artifact_path)
+            return
     client(uri).log_artifact(run_id, str(path), artifact_path)
 
 
 def set_tags(uri: str, run_id: str, tags: Mapping[str, Any]) -> None:
     c = client(uri)
     for key, value in tags.items():
-        c.set_tag(run_id, key, str(value))
+        c.set_tag(run_id, key, redact(str(value)))
 
 
 def log_torch_model(uri: str, run_id: str, model, example, name: str) -> str | None:

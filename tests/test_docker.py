@@ -74,6 +74,7 @@ def test_rayjob_manifest_parses_and_runs_a_real_job():
     args = build_parser().parse_args([verb, *words[2:]])
     cfg = load_config(args.config, args.overrides)
     assert cfg.tracking.uri.startswith("http://")  # a server, not a file on one pod
+    assert cfg.train.storage_path.startswith("s3://")  # checkpoints every pod reaches
     # /dev/shm is memory-backed in every pod (the object store lives there)
     pods = [cluster["headGroupSpec"]] + cluster["workerGroupSpecs"]
     for group in pods:

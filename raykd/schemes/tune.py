@@ -80,7 +80,12 @@ def size_trials(cfg: RaykdConfig, cluster: dict[str, float]) -> RaykdConfig:
 
 
 def _storage(cfg: RaykdConfig) -> Path:
-    return Path(cfg.tune.storage_path or DEFAULT_STORAGE).expanduser().resolve()
+    from raykd.train.storage import is_uri, resolve
+
+    path = resolve(cfg.tune.storage_path, "tune")  # resolved in the driver (load_config)
+    if is_uri(path):  # the search's own state (STATE_FILE) lives in a folder
+        raise ConfigError(f"tune.storage_path: {path} is a URI; give a local or shared folder")
+    return Path(path)
 
 
 def _base_name(cfg: RaykdConfig) -> str:

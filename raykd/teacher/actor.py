@@ -41,7 +41,9 @@ MAX_CONCURRENCY = 64
 
 
 def default_cache_dir(cfg: RaykdConfig) -> Path:
-    return Path(cfg.teacher.cache_dir or Path.cwd() / ".raykd" / "cache").expanduser().resolve()
+    from raykd.train.storage import cache_dir  # resolved by the driver (load_config)
+
+    return cache_dir(cfg)
 
 
 def augment_description(cfg: RaykdConfig) -> str:
@@ -88,7 +90,7 @@ class TeacherActor:
         from raykd.teacher.loading import load_teacher_models
 
         started = time.perf_counter()
-        self.cfg = validate(config)
+        self.cfg = validate(config)  # files: checked by the driver, read below
         self.sources = list(sources)
         self.device = teacher_device()
         self.dataset = build_dataset(self.cfg.data, "train")

@@ -55,10 +55,6 @@ class FitResult:
         return statistics.median(gaps) if gaps else None
 
 
-def runs_dir() -> Path:
-    return (Path.cwd() / ".raykd" / "runs").resolve()
-
-
 def init_ray(attempts: int = 3, **kwargs) -> None:
     """``ray.init`` that retries a local start whose raylet missed Ray's fixed 30 s start-up
     window (seen on an overloaded 2-core machine); a cluster address is never retried."""
@@ -185,9 +181,9 @@ def fit(cfg: RaykdConfig, role: str, *, tracking_uri: str | None = None,
         extra: dict[str, Any] | None = None) -> FitResult:
     """``callbacks``: Ray Train ``UserCallback``s (Tune trials relay reports through one; such a
     fit reports every epoch to Train); ``storage_path``: where the run keeps its checkpoints
-    (default ``runs_dir()``); ``resume_from``: a ``Checkpoint`` to continue from (a Tune trial
-    restored or exploited); ``extra``: more keys for the worker loop (codistillation's
-    exchange)."""
+    (default ``train.storage_path``); ``resume_from``: a ``Checkpoint`` to continue from (a
+    Tune trial restored or exploited); ``extra``: more keys for the worker loop
+    (codistillation's exchange)."""
     import time
 
     from raykd import tracking
@@ -225,7 +221,9 @@ def fit(cfg: RaykdConfig, role: str, *, tracking_uri: str | None = None,
         progress.close()
         if own:
             group.close()
-    folder = runs_dir() / f"{name}-{run_id or os.getpid()}"
+    from raykd.train.storage import weights_dir
+
+    folder = weights_dir(cfg) / f"{name}-{run_id or os.getpid()}"
     weights = write_bytes(ret["weights"], folder)
     exports = {name: write_bytes(data, folder / name)
                for name, data in ret.get("exports", {}).items()}

@@ -223,7 +223,8 @@ class FitGroup:
 
         from raykd import console
         from raykd.train.collective import process_group_backend, worker_resources
-        from raykd.train.fit import ensure_ray, runs_dir
+        from raykd.train.fit import ensure_ray
+        from raykd.train.storage import train_storage
 
         ensure_ray()
         from raykd.preflight import preflight_cluster
@@ -252,7 +253,7 @@ class FitGroup:
                 resources_per_worker=worker_resources(t)),
             torch_config=TorchConfig(backend=process_group_backend(t)),
             run_config=ray.train.RunConfig(
-                name=self.name, storage_path=self.storage_path or str(runs_dir()),
+                name=self.name, storage_path=self.storage_path or train_storage(self.cfg),
                 callbacks=self.callbacks,
                 failure_config=ray.train.FailureConfig(max_failures=t.max_failures),
                 checkpoint_config=ray.train.CheckpointConfig(num_to_keep=1),

@@ -199,7 +199,7 @@ def run_phase(loop: dict[str, Any], phase_id: int, coordinator,
     from raykd.train.checkpoint import checkpoint_bytes
 
     started_at = time.time()
-    cfg, role = validate(loop["config"]), loop["role"]
+    cfg, role = validate(loop["config"]), loop["role"]  # files: checked by the driver
     plan = RolePlan.of(cfg, role)
     ctx = ray.train.get_context()
     rank, world = ctx.get_world_rank(), ctx.get_world_size()

@@ -38,7 +38,9 @@ def preflight_online(cfg: RaykdConfig) -> RaykdConfig:
     from raykd.losses import DistillLoss
     from raykd.models.cohort import build_cohort
     from raykd.models.hooks import probe_shapes
+    from raykd.preflight import check_destinations
 
+    check_destinations(cfg)  # storage and tracking server, as preflight() does
     if cfg.online.scheme not in SCHEMES:
         raise ConfigError(f"online.scheme: {cfg.online.scheme!r} is not built yet; "
                           f"allowed: {', '.join(SCHEMES)}")
