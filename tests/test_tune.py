@@ -19,6 +19,8 @@ from raykd.cli import main
 from raykd.config import ConfigError, load_config
 
 TRAIN_SIZE = 1294  # digits train split (val_fraction 0.1, split_seed 0)
+# The best trial's test accuracy, 2 epochs of a 32-unit student: measured TBD; floor below them.
+BEST_TEST_ACCURACY_FLOOR = 0.5
 SPACE = {"distill.temperature": {"grid": [1, 4, 16]}, "distill.alpha": {"uniform": [0.1, 0.9]}}
 
 
@@ -231,6 +233,80 @@ def test_best_config_round_trips_through_distill(searched, ray_session):
     for label in ("| teacher |", "| KD student T=", "| tuned KD student T="):
         assert label in table
     assert table.count("| teacher |") == 1  # the teacher the distill reused is the same file
+
+
+# -- schedulers -------------------------------------------------------------------------------
+
+def _live_placement_groups() -> set[str]:
+    from ray.util import placement_group_table
+
+    return {pg_id for pg_id, pg in placement_group_table().items() if pg["state"] != "REMOVED"}
+
+
+def test_asha_cuts_the_weak_trial_and_frees_its_workers(searched, ray_session, workdir):
+    """ASHA sees every epoch through Ray's TuneReportCallback and stops the hopeless trial
+    (lr 1e-6) at its first rung; the stopped trial's Train run ends with it, and Ray Train's
+    placement-group cleaner gives its workers' resources back (no group outlives the search)."""
+    from mlflow.tracking import MlflowClient
+
+    summary, _, _ = searched
+    uri = f"sqlite:///{workdir / 'mlflow.db'}"
+    cfg = write_config(workdir / "tune.yaml", uri, "asha",
+                       teacher__checkpoint=summary["teacher"]["checkpoint"],
+                       tune__space={"train.lr": {"grid": [0.01, 1e-6]}}, tune__search="grid",
+                       tune__scheduler="asha", tune__grace_period=1, tune__reduction_factor=2)
+    before = _live_placement_groups()
+    assert main(["tune", "--config", str(cfg), "--summary", str(workdir / "s.json")]) == 0
+    result = json.loads((workdir / "s.json").read_text())
+    by_lr = {r["config"]["train.lr"]: r for r in result["trial_results"]}
+    # Tune's view (one report per epoch): the good trial ran to max_t, the hopeless one was cut
+    # at the first rung (its workers may have run an epoch further before the cut reached them).
+    assert by_lr[0.01]["scheduled_epochs"] == 2
+    assert by_lr[1e-6]["scheduled_epochs"] == 1
+    assert result["best"]["config"] == {"train.lr": 0.01}
+    assert result["best"]["accuracy"] >= BEST_TEST_ACCURACY_FLOOR  # from Train's checkpoint_path
+    children = trial_runs(MlflowClient(tracking_uri=uri), "asha", result["mlflow"]["run_id"])
+    assert sorted(c.info.status for c in children) == ["FINISHED", "FINISHED"]
+    deadline = time.monotonic() + 60  # the cleaner polls its controller every second
+    while _live_placement_groups() - before and time.monotonic() < deadline:
+        time.sleep(1.0)
+    assert _live_placement_groups() - before == set()
+
+
+def test_pbt_exploits_checkpoints_tune_holds(searched, ray_session, workdir):
+    """PBT over two concurrent trials: every report reaches Tune with its checkpoint (Ray's
+    TuneReportCallback would hand Tune only a path, and PBT could never exploit), so Tune
+    keeps them, and a trial PBT exploits continues from the better trial's checkpoint."""
+    from mlflow.tracking import MlflowClient
+
+    summary, _, _ = searched
+    uri = f"sqlite:///{workdir / 'mlflow.db'}"
+    cfg = write_config(workdir / "tune.yaml", uri, "pbt",
+                       teacher__checkpoint=summary["teacher"]["checkpoint"],
+                       train__epochs=3,
+                       tune__space={"distill.temperature": {"grid": [1, 16]}}, tune__search="grid",
+                       tune__scheduler="pbt", tune__grace_period=1, tune__max_concurrent_trials=2)
+    assert main(["tune", "--config", str(cfg), "--summary", str(workdir / "s.json")]) == 0
+    result = json.loads((workdir / "s.json").read_text())
+    assert result["trials"] == 2 and result["failed_trials"] == 0
+    client = MlflowClient(tracking_uri=uri)
+    children = trial_runs(client, "pbt", result["mlflow"]["run_id"])
+    assert sorted(c.info.status for c in children) == ["FINISHED", "FINISHED"]
+    # Tune's own copies of Train's checkpoints, in each trial's folder of the experiment.
+    trial_dirs = [d for d in Path(result["search"]["dir"]).iterdir() if d.is_dir()
+                  and d.name.startswith("tune_trial")]
+    assert len(trial_dirs) == 2
+    for trial_dir in trial_dirs:
+        kept = sorted(trial_dir.glob("checkpoint_*"))
+        assert kept and all((c / "model.safetensors").is_file() and (c / "state.json").is_file()
+                            for c in kept)
+    # An exploited trial starts again from the other's checkpoint at epoch k >= 1, with new
+    # values, which it logs at step k (its PBT schedule).
+    starts = {c.info.run_id: sorted(m.step for m in client.get_metric_history(
+        c.info.run_id, "pbt.distill.temperature")) for c in children}
+    print("pbt schedule steps per trial:", starts)
+    assert any(steps[-1] >= 1 for steps in starts.values())
+    assert result["best"]["accuracy"] >= BEST_TEST_ACCURACY_FLOOR
 
 
 # -- resume -----------------------------------------------------------------------------------

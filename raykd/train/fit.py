@@ -73,6 +73,8 @@ def init_ray(attempts: int = 3, **kwargs) -> None:
                 raise
             ray.shutdown()
             time.sleep(2)
+            if "dashboard_port" in kwargs:  # the failed start's dashboard can still hold its port
+                kwargs.update(local_ray_options())
 
 
 # Train V2's controller polls its workers at this interval (default 2 s), and every
