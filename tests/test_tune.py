@@ -21,6 +21,9 @@ from raykd.config import ConfigError, load_config
 TRAIN_SIZE = 1294  # digits train split (val_fraction 0.1, split_seed 0)
 # The best trial's test accuracy, 2 epochs of a 32-unit student: measured TBD; floor below them.
 BEST_TEST_ACCURACY_FLOOR = 0.5
+# The ASHA / PBT searches' best trial (default distill values): a trained model, not chance (0.1).
+# Measured: ASHA 0.660; PBT TBD.
+TRAINED_FLOOR = 0.3
 SPACE = {"distill.temperature": {"grid": [1, 4, 16]}, "distill.alpha": {"uniform": [0.1, 0.9]}}
 
 
@@ -264,7 +267,7 @@ def test_asha_cuts_the_weak_trial_and_frees_its_workers(searched, ray_session, w
     assert by_lr[0.01]["scheduled_epochs"] == 2
     assert by_lr[1e-6]["scheduled_epochs"] == 1
     assert result["best"]["config"] == {"train.lr": 0.01}
-    assert result["best"]["accuracy"] >= BEST_TEST_ACCURACY_FLOOR  # from Train's checkpoint_path
+    assert result["best"]["accuracy"] >= TRAINED_FLOOR  # read from Train's checkpoint_path
     children = trial_runs(MlflowClient(tracking_uri=uri), "asha", result["mlflow"]["run_id"])
     assert sorted(c.info.status for c in children) == ["FINISHED", "FINISHED"]
     deadline = time.monotonic() + 60  # the cleaner polls its controller every second
@@ -273,40 +276,51 @@ def test_asha_cuts_the_weak_trial_and_frees_its_workers(searched, ray_session, w
     assert _live_placement_groups() - before == set()
 
 
-def test_pbt_exploits_checkpoints_tune_holds(searched, ray_session, workdir):
-    """PBT over two concurrent trials: every report reaches Tune with its checkpoint (Ray's
-    TuneReportCallback would hand Tune only a path, and PBT could never exploit), so Tune
-    keeps them, and a trial PBT exploits continues from the better trial's checkpoint."""
+def test_pbt_exploits_and_restores_checkpoints_tune_holds(searched, ray_session, workdir):
+    """Synchronous PBT over two trials, perturbing after every epoch: at epoch 1 PBT pauses
+    both, and the lower one exploits the upper one's checkpoint. That needs Tune to hold each
+    report's checkpoint (Ray's TuneReportCallback hands Tune only a path, and PBT would skip
+    every exploit): both trials then continue at epoch 1 — the upper one from its own checkpoint,
+    the lower one from the upper one's — and neither trains an epoch twice."""
     from mlflow.tracking import MlflowClient
 
     summary, _, _ = searched
     uri = f"sqlite:///{workdir / 'mlflow.db'}"
     cfg = write_config(workdir / "tune.yaml", uri, "pbt",
                        teacher__checkpoint=summary["teacher"]["checkpoint"],
-                       train__epochs=3,
                        tune__space={"distill.temperature": {"grid": [1, 16]}}, tune__search="grid",
-                       tune__scheduler="pbt", tune__grace_period=1, tune__max_concurrent_trials=2)
+                       tune__scheduler="pbt", tune__synch=True, tune__grace_period=1,
+                       tune__max_concurrent_trials=2)
+    before = _live_placement_groups()
     assert main(["tune", "--config", str(cfg), "--summary", str(workdir / "s.json")]) == 0
     result = json.loads((workdir / "s.json").read_text())
     assert result["trials"] == 2 and result["failed_trials"] == 0
     client = MlflowClient(tracking_uri=uri)
     children = trial_runs(client, "pbt", result["mlflow"]["run_id"])
     assert sorted(c.info.status for c in children) == ["FINISHED", "FINISHED"]
-    # Tune's own copies of Train's checkpoints, in each trial's folder of the experiment.
-    trial_dirs = [d for d in Path(result["search"]["dir"]).iterdir() if d.is_dir()
-                  and d.name.startswith("tune_trial")]
-    assert len(trial_dirs) == 2
-    for trial_dir in trial_dirs:
-        kept = sorted(trial_dir.glob("checkpoint_*"))
-        assert kept and all((c / "model.safetensors").is_file() and (c / "state.json").is_file()
-                            for c in kept)
-    # An exploited trial starts again from the other's checkpoint at epoch k >= 1, with new
-    # values, which it logs at step k (its PBT schedule).
-    starts = {c.info.run_id: sorted(m.step for m in client.get_metric_history(
-        c.info.run_id, "pbt.distill.temperature")) for c in children}
-    print("pbt schedule steps per trial:", starts)
-    assert any(steps[-1] >= 1 for steps in starts.values())
-    assert result["best"]["accuracy"] >= BEST_TEST_ACCURACY_FLOOR
+    for child in children:
+        run_id = child.info.run_id
+        # The values it started with (step 0), and those it continued with from a checkpoint
+        # at epoch 1 (its PBT schedule).
+        schedule = client.get_metric_history(run_id, "pbt.distill.temperature")
+        assert sorted(m.step for m in schedule) == [0, 1]
+        # Epoch 1 can be there twice (workers run ahead of PBT's pause), epoch 0 never: both
+        # trials continued from a checkpoint instead of starting over.
+        steps = [m.step for m in client.get_metric_history(run_id, "val_accuracy")]
+        assert steps.count(0) == 1 and max(steps) == 1
+    # Tune's own copies of Train's checkpoints, and PBT's record of the exploit.
+    folder = Path(result["search"]["dir"])
+    kept = sorted(folder.glob("tune_trial_*/checkpoint_*"))
+    assert kept and all((c / "model.safetensors").is_file() and (c / "state.json").is_file()
+                        for c in kept)
+    exploits = (folder / "pbt_global.txt").read_text().splitlines()
+    assert len(exploits) >= 1
+    assert result["best"]["accuracy"] >= TRAINED_FLOOR  # read from Tune's checkpoint
+    # Paused trials' Train runs ended with their trial actors; nothing holds their workers.
+    deadline = time.monotonic() + 60
+    while _live_placement_groups() - before and time.monotonic() < deadline:
+        time.sleep(1.0)
+    assert _live_placement_groups() - before == set()
 
 
 # -- resume -----------------------------------------------------------------------------------

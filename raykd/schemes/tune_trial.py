@@ -29,6 +29,7 @@ from raykd import tracking
 from raykd.config import RaykdConfig, validate
 
 TRIAL_ROLE = "trial"
+CHECKPOINT_TAG = "raykd.checkpoint_path"  # the Train checkpoint of a finished trial's last epoch
 
 
 try:
@@ -82,19 +83,25 @@ def _fmt(v: Any) -> str:
     return f"{v:.4g}" if isinstance(v, float) else str(v)
 
 
-def _replay(uri: str, run_id: str) -> None:
-    """Report a finished trial's recorded curve to Tune (it finished before an interruption)."""
+def _replay(uri: str, run_id: str, checkpoint) -> None:
+    """Report a finished trial's recorded curve to Tune: it finished before the search was
+    interrupted, or PBT paused it at its last report. Epochs before ``checkpoint`` (the one Tune
+    restored the trial from) were reported already; a trial with nothing left just ends."""
     from ray import tune
 
     c = tracking.client(uri)
-    names = list(c.get_run(run_id).data.metrics)
-    curves = {n: {m.step: m.value for m in c.get_metric_history(run_id, n)} for n in names}
-    steps = sorted(curves.get("val_accuracy", {}))
-    checkpoint = tune.get_checkpoint()
+    run = c.get_run(run_id)
+    curves = {n: {m.step: m.value for m in c.get_metric_history(run_id, n)}
+              for n in run.data.metrics}
+    start = _checkpoint_epoch(checkpoint)
+    steps = [s for s in sorted(curves.get("val_accuracy", {})) if s >= start]
     for i, step in enumerate(steps):
         row = {n: v[step] for n, v in curves.items() if step in v}
         row.update(epoch=step, replayed=1)
-        tune.report(row, checkpoint=checkpoint if i + 1 == len(steps) else None)
+        last = i + 1 == len(steps)
+        if last and checkpoint is None and CHECKPOINT_TAG in run.data.tags:
+            row["checkpoint_path"] = run.data.tags[CHECKPOINT_TAG]  # as TuneReportCallback
+        tune.report(row, checkpoint=checkpoint if last else None)
 
 
 def tune_trial(config: dict[str, Any], setup: dict[str, Any], handoff: Any) -> None:
@@ -114,12 +121,15 @@ def tune_trial(config: dict[str, Any], setup: dict[str, Any], handoff: Any) -> N
     trial_id = tune.get_context().get_trial_id()
     uri = setup["tracking_uri"]
     run_id, status = _child_run(setup, trial_id, cfg, params)
-    if status == "FINISHED":
-        _replay(uri, run_id)
-        return
     resume_from = tune.get_checkpoint()  # a resumed trial, or PBT's exploited checkpoint
+    if status == "FINISHED":
+        _replay(uri, run_id, resume_from)
+        return
+    start = _checkpoint_epoch(resume_from)
+    if start >= cfg.train.epochs:  # restored at the end (PBT): nothing left to train
+        tracking.end_run(uri, run_id)
+        return
     if pbt:  # PBT changes values mid-run: keep their schedule
-        start = _checkpoint_epoch(resume_from)
         tracking.log_metrics(uri, run_id, {f"pbt.{k}": v for k, v in params.items()
                                            if isinstance(v, int | float)}, step=start)
     run = {"tracking_uri": uri, "run_id": run_id, "teacher": handoff,
@@ -131,12 +141,15 @@ def tune_trial(config: dict[str, Any], setup: dict[str, Any], handoff: Any) -> N
     from ray.tune.integration.ray_train import TuneReportCallback
 
     try:
-        fit(cfg, "student", callbacks=[TuneReportCallback()], **run)
+        result = fit(cfg, "student", callbacks=[TuneReportCallback()], **run)
     except Exception:
         tracking.end_run(uri, run_id, "FAILED")
         raise
     # Tune had this run's last report before the run ended; a scheduler that stops the trial
-    # there (ASHA at max_t) ends it before this line, and the search closes its MLflow run.
+    # there (ASHA at max_t) ends it before these lines, and the search closes its MLflow run.
+    # The tag lets a resumed search replay this trial with its checkpoint.
+    if result.train_checkpoint is not None:
+        tracking.set_tags(uri, run_id, {CHECKPOINT_TAG: result.train_checkpoint.path})
     tracking.end_run(uri, run_id)
 
 

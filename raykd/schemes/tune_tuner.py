@@ -40,7 +40,8 @@ def scheduler(cfg: RaykdConfig, dims: list[Dim]):
         from ray.tune.schedulers import PopulationBasedTraining
 
         return PopulationBasedTraining(time_attr=TIME_ATTR, perturbation_interval=tc.grace_period,
-                                       hyperparam_mutations={d.key: d.mutation() for d in dims})
+                                       hyperparam_mutations={d.key: d.mutation() for d in dims},
+                                       synch=tc.synch)
     return None
 
 

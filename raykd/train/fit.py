@@ -39,6 +39,7 @@ class FitResult:
     transfer: dict[str, int] = field(default_factory=dict)  # labelled / pool / pseudo_labelled
     members: dict[str, float] = field(default_factory=dict)  # cohorts: test accuracy per member
     exports: dict[str, Path] = field(default_factory=dict)  # cohorts: member → its checkpoint
+    train_checkpoint: Any = None  # Ray Train's last checkpoint, of a fit with its own trainer
 
     @property
     def epoch_overhead_seconds(self) -> float | None:
@@ -215,5 +216,6 @@ def fit(cfg: RaykdConfig, role: str, *, tracking_uri: str | None = None,
                      init_copied=ret.get("init_copied", []),
                      test_accuracy=ret.get("test_accuracy"), best_epoch=ret.get("best_epoch"),
                      checkpoints=ret.get("checkpoints", []),
+                     train_checkpoint=group.result.checkpoint if own and group.result else None,
                      wall_seconds=time.time() - submitted,
                      worker_start_seconds=max(0.0, ret.get("started_at", submitted) - submitted))
