@@ -41,8 +41,9 @@ except ImportError:  # pragma: no cover - Train V1 API
 class CheckpointRelay(_UserCallback):
     """PBT only. Train V2 callback (on the Train controller): pass each report's rank-0 metrics
     and its checkpoint (in Train's storage) to the trial, then wait until the trial has reported
-    them to Tune — Tune copies the checkpoint before Train's next report may delete it, and the
-    run stays in step with the scheduler."""
+    them to Tune, which copies the checkpoint: Train registers the next report's checkpoint, and
+    deletes this one, only after this call returns. (The workers do not wait: they can train an
+    epoch or two past a report before PBT pauses the trial.)"""
 
     def __init__(self, reports, acks):
         self.reports, self.acks = reports, acks
