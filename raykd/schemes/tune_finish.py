@@ -7,6 +7,7 @@ checkpoint whose path Ray's ``TuneReportCallback`` put in the report (``checkpoi
 
 from __future__ import annotations
 
+import json
 import shutil
 import tempfile
 from pathlib import Path
@@ -26,15 +27,10 @@ def _trial_rows(results, dims: list[Dim], uri: str, experiment: str, parent: str
     """One row per trial: values, final metric, epochs trained (from its MLflow curve), status."""
     c = tracking.client(uri)
     rows = []
-    # A trial that failed before its first report has no metrics or config in its Result; its
-    # Trial (same order) still knows both.
-    trials = list(getattr(getattr(results, "_experiment_analysis", None), "trials", None) or [])
-    if len(trials) != len(results):
-        trials = [None] * len(results)
-    for res, trial in zip(results, trials, strict=True):
-        last = res.metrics or {}
-        trial_id = last.get("trial_id") or getattr(trial, "trial_id", None)
-        config = res.config or getattr(trial, "config", None) or {}
+    for res in results:
+        last = res.metrics or {}  # Tune puts the trial id in every trial's, reported or not
+        trial_id = last.get("trial_id")
+        config = res.config or _trial_params(res)
         child = _find_child(uri, experiment, parent, trial_id) if trial_id else None
         epochs = 0
         curve: list[float] = []
@@ -49,6 +45,16 @@ def _trial_rows(results, dims: list[Dim], uri: str, experiment: str, parent: str
                      "error": str(res.error).splitlines()[0] if res.error else None,
                      "child_status": child.info.status if child else None})
     return rows
+
+
+def _trial_params(result) -> dict[str, Any]:
+    """The values of a trial that failed before its actor ran (its Result has no config):
+    Tune wrote them to the trial's folder when the trial started."""
+    try:
+        with result.filesystem.open_input_stream(f"{result.path}/params.json") as f:
+            return json.loads(f.read())
+    except Exception:  # noqa: BLE001 - not even that: the row shows no values
+        return {}
 
 
 def _close_children(rows: list[dict[str, Any]], uri: str, epochs: int) -> None:
