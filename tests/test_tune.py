@@ -19,11 +19,11 @@ from raykd.cli import main
 from raykd.config import ConfigError, load_config
 
 TRAIN_SIZE = 1294  # digits train split (val_fraction 0.1, split_seed 0)
-# The best trial's test accuracy, 2 epochs of a 32-unit student: measured TBD; floor below them.
-BEST_TEST_ACCURACY_FLOOR = 0.5
-# The ASHA / PBT searches' best trial (default distill values): a trained model, not chance (0.1).
-# Measured: ASHA 0.660; PBT TBD.
-TRAINED_FLOOR = 0.3
+# Test accuracy of each search's best trial (2 epochs of a 32-unit student on digits), floors
+# well below what was measured (the same value in each of 3 runs; CPU training is seeded):
+SEARCH_ACCURACY_FLOOR = 0.80  # grid over T × random alpha: 0.8719 (T=16, alpha=0.13)
+ASHA_ACCURACY_FLOOR = 0.55  # lr 0.01 at the default T and alpha: 0.6602
+PBT_ACCURACY_FLOOR = 0.65  # T in {1, 16} at the default alpha, after exploits: 0.8022
 SPACE = {"distill.temperature": {"grid": [1, 4, 16]}, "distill.alpha": {"uniform": [0.1, 0.9]}}
 
 
@@ -140,7 +140,7 @@ def test_summary_names_best_trial_and_parent(searched):
     assert sorted(r["config"]["distill.temperature"] for r in rows) == [1, 4, 16]
     assert best["metric"] == max(r["metric"] for r in rows)
     assert best["metric_name"] == "val_accuracy" and 0.1 < best["metric"] <= 1.0
-    assert 0.0 < best["accuracy"] <= 1.0 and best["params"] > 0  # best checkpoint on test
+    assert best["accuracy"] >= SEARCH_ACCURACY_FLOOR and best["params"] > 0  # its checkpoint
     assert summary["trial_epochs"] == 6  # FIFO: 3 trials × 2 epochs
     assert summary["mlflow"]["run_id"] and summary["best_config"] == str(root / "best.yaml")
 
@@ -267,7 +267,7 @@ def test_asha_cuts_the_weak_trial_and_frees_its_workers(searched, ray_session, w
     assert by_lr[0.01]["scheduled_epochs"] == 2
     assert by_lr[1e-6]["scheduled_epochs"] == 1
     assert result["best"]["config"] == {"train.lr": 0.01}
-    assert result["best"]["accuracy"] >= TRAINED_FLOOR  # read from Train's checkpoint_path
+    assert result["best"]["accuracy"] >= ASHA_ACCURACY_FLOOR  # from Train's checkpoint_path
     children = trial_runs(MlflowClient(tracking_uri=uri), "asha", result["mlflow"]["run_id"])
     assert sorted(c.info.status for c in children) == ["FINISHED", "FINISHED"]
     deadline = time.monotonic() + 60  # the cleaner polls its controller every second
@@ -315,7 +315,7 @@ def test_pbt_exploits_and_restores_checkpoints_tune_holds(searched, ray_session,
                         for c in kept)
     exploits = (folder / "pbt_global.txt").read_text().splitlines()
     assert len(exploits) >= 1
-    assert result["best"]["accuracy"] >= TRAINED_FLOOR  # read from Tune's checkpoint
+    assert result["best"]["accuracy"] >= PBT_ACCURACY_FLOOR  # from Tune's checkpoint
     # Paused trials' Train runs ended with their trial actors; nothing holds their workers.
     deadline = time.monotonic() + 60
     while _live_placement_groups() - before and time.monotonic() < deadline:
