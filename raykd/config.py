@@ -301,6 +301,9 @@ class TuneConfig(Section):
     mode: Literal["max", "min"] = "max"
     grace_period: int = Field(1, ge=1)  # ASHA
     reduction_factor: float = Field(3.0, gt=1.0)
+    # pbt: perturb every trial at once each interval (each waits for the rest there); else a
+    # trial is compared when it reaches the interval, which needs the others' reports by then
+    synch: bool = False
     storage_path: str | None = None  # a folder; default .raykd/tune (raykd/train/storage.py)
     name: str | None = None
     trial_cpus: float = Field(0.05, gt=0.0)  # the trial driver's share; workers bring their own

@@ -7,7 +7,10 @@ a Ray Train (V2) run of the student with the trial's values applied by ``cfg.wit
 logged to its own MLflow child run → best trial: params/metrics on the parent, plots, a config
 ``raykd distill --config`` accepts as is.
 
-The trial itself (``tune_trial``, its report relay and MLflow child run) is in tune_trial.py.
+Here: checks, sizing, the search's folder and state, the driver. The Tuner (searcher, scheduler)
+is built in tune_tuner.py; a trial (its Train run, its reports to Tune through Ray's
+``TuneReportCallback``, its MLflow child run) is tune_trial.py; what happens after the search
+(trial rows, best trial, best config, summary) is tune_finish.py.
 
 Resume: the Tune experiment lives under ``tune.storage_path`` (default ``.raykd/tune``) as
 ``<tune.name or tune-<config digest>>-<timestamp>``; ``raykd_search.json`` beside it keeps the
@@ -20,18 +23,16 @@ from __future__ import annotations
 
 import hashlib
 import json
-import shutil
 import sys
-import tempfile
 import time
 from math import floor
 from pathlib import Path
 from typing import Any
 
 from raykd import tracking
-from raykd.config import ConfigError, RaykdConfig, dump_yaml, load_config, validate
-from raykd.schemes.tune_space import Dim, corner, param_space, parse_space
-from raykd.schemes.tune_trial import _find_child, tune_trial
+from raykd.config import ConfigError, RaykdConfig, load_config
+from raykd.schemes.tune_space import Dim, corner, parse_space
+from raykd.schemes.tune_trial import tune_trial
 
 STATE_FILE = "raykd_search.json"
 DEFAULT_STORAGE = Path(".raykd") / "tune"
@@ -114,110 +115,6 @@ def _write_state(folder: Path, state: dict[str, Any]) -> None:
 
 # -- the driver -------------------------------------------------------------------------------
 
-def reap_orphan_placement_groups() -> int:
-    """Remove this job's placement groups whose creating actor has died; returns how many.
-
-    When a scheduler stops a trial mid-run (ASHA), Tune ends the trial actor and with it the
-    Train controller it owns — but not the controller's worker placement group: Ray frees a
-    non-detached group only once its creator actor *and* job are gone, and Train's own cleaner
-    asks the State API, which needs the dashboard (raykd starts Ray without one). Left alone,
-    the group holds the workers' CPUs and every later trial waits forever. Best effort: reads
-    the GCS placement-group table (Ray internals) and does nothing if that fails."""
-    import ray
-    from ray.util.placement_group import PlacementGroup, remove_placement_group
-
-    try:
-        from ray._private.state import state
-        from ray.core.generated import gcs_pb2
-
-        table = state._connect_and_get_accessor().get_placement_group_table()
-        job = ray.get_runtime_context().get_job_id()
-        removed = 0
-        for raw in table:
-            pg = gcs_pb2.PlacementGroupTableData.FromString(raw)
-            creator = pg.creator_actor_id
-            if (pg.state == gcs_pb2.PlacementGroupTableData.REMOVED or pg.is_detached
-                    or not creator or set(creator) == {0xFF} or not pg.creator_actor_dead
-                    or pg.creator_job_id.hex() != job):
-                continue
-            remove_placement_group(PlacementGroup(ray.PlacementGroupID(pg.placement_group_id)))
-            removed += 1
-        return removed
-    except Exception:  # noqa: BLE001 - a cleanup aid, never a reason to fail a search
-        return 0
-
-
-try:
-    from ray.tune import Callback as _TuneCallback
-except ImportError:  # pragma: no cover
-    _TuneCallback = object
-
-
-class PlacementGroupReaper(_TuneCallback):
-    """Tune callback (driver): reap stopped trials' Train placement groups every few seconds."""
-
-    def __init__(self, every_s: float = 3.0):
-        self.every_s, self.last, self.reaped = every_s, 0.0, 0
-
-    def on_step_begin(self, iteration, trials, **info):
-        now = time.monotonic()
-        if now - self.last >= self.every_s:
-            self.last = now
-            self.reaped += reap_orphan_placement_groups()
-
-
-def _searcher(cfg: RaykdConfig):
-    tc = cfg.tune
-    if tc.search == "optuna":
-        from ray.tune.search.optuna import OptunaSearch
-
-        return OptunaSearch(seed=cfg.train.seed)
-    from ray.tune.search.basic_variant import BasicVariantGenerator
-
-    # Tune applies max_concurrent_trials only to its own default generator: pass it here.
-    return BasicVariantGenerator(random_state=cfg.train.seed,
-                                 max_concurrent=tc.max_concurrent_trials)
-
-
-def _scheduler(cfg: RaykdConfig, dims: list[Dim]):
-    tc, epochs = cfg.tune, cfg.train.epochs
-    if tc.scheduler == "asha":
-        from ray.tune.schedulers import ASHAScheduler
-
-        return ASHAScheduler(time_attr="epochs", max_t=epochs,
-                             grace_period=min(tc.grace_period, epochs),
-                             reduction_factor=tc.reduction_factor)
-    if tc.scheduler == "pbt":
-        from ray.tune.schedulers import PopulationBasedTraining
-
-        return PopulationBasedTraining(time_attr="epochs", perturbation_interval=tc.grace_period,
-                                       hyperparam_mutations={d.key: d.mutation() for d in dims})
-    return None
-
-
-def _tuner(cfg: RaykdConfig, dims: list[Dim], folder: Path, trainable, restore: bool,
-           reaper: PlacementGroupReaper):
-    from ray import tune
-
-    tc = cfg.tune
-    if restore:  # the run config (the reaper callback included) is restored with the Tuner
-        return tune.Tuner.restore(str(folder), trainable=trainable, resume_unfinished=True,
-                                  resume_errored=True)
-    num_samples = 1 if tc.search == "grid" else tc.num_samples
-    return tune.Tuner(
-        trainable,
-        param_space=param_space(dims, tc.search),
-        tune_config=tune.TuneConfig(
-            metric=tc.metric, mode=tc.mode, search_alg=_searcher(cfg),
-            scheduler=_scheduler(cfg, dims), num_samples=num_samples,
-            max_concurrent_trials=tc.max_concurrent_trials if tc.search == "optuna" else None),
-        run_config=tune.RunConfig(
-            name=folder.name, storage_path=str(folder.parent), verbose=1, callbacks=[reaper],
-            checkpoint_config=tune.CheckpointConfig(
-                num_to_keep=4 if tc.scheduler == "pbt" else 1),
-            failure_config=tune.FailureConfig(max_failures=0)))
-
-
 def run_tune_command(args) -> dict[str, Any]:
     from raykd.preflight import preflight
 
@@ -235,6 +132,8 @@ def run_tune(cfg: RaykdConfig, dims: list[Dim] | None = None, *, resume: bool = 
     from ray import tune
 
     from raykd.schemes.offline import log_config, obtain_teacher
+    from raykd.schemes.tune_finish import finish_search
+    from raykd.schemes.tune_tuner import build_tuner
     from raykd.teacher.service import serve_teacher, stop_teacher, teacher_stats
     from raykd.train.fit import ensure_ray
 
@@ -293,9 +192,7 @@ def run_tune(cfg: RaykdConfig, dims: list[Dim] | None = None, *, resume: bool = 
             restore = resume and tune.Tuner.can_restore(str(folder))
             state["tuner_started"] = True
             _write_state(folder, state)
-            reaper = PlacementGroupReaper()
-            results = _tuner(run_cfg, dims, folder, trainable, restore, reaper).fit()
-            reaper.reaped += reap_orphan_placement_groups()
+            results = build_tuner(run_cfg, dims, folder, trainable, restore).fit()
             after = teacher_stats(service)
             if results.num_terminated + results.num_errors < len(results):
                 # Tune stopped on Ctrl-C and saved its state: unfinished trials remain.
@@ -306,8 +203,8 @@ def run_tune(cfg: RaykdConfig, dims: list[Dim] | None = None, *, resume: bool = 
             stop_teacher(service)
         teacher["forward_samples"] = after["forward_samples"]
         teacher["forward_samples_during_search"] = after["forward_samples"] - before
-        summary = _finish(cfg, run_cfg, dims, results, teacher, sources, uri, parent, folder,
-                          best_config, resumed=resume)
+        summary = finish_search(cfg, run_cfg, dims, results, teacher, sources, uri, parent,
+                                folder, best_config, resumed=resume)
     except BaseException as err:
         status = "KILLED" if isinstance(err, KeyboardInterrupt) else "FAILED"
         tracking.end_run(uri, parent, status)
@@ -318,132 +215,3 @@ def run_tune(cfg: RaykdConfig, dims: list[Dim] | None = None, *, resume: bool = 
     state["finished"] = True
     _write_state(folder, state)
     return summary
-
-
-def _trial_rows(results, dims: list[Dim], uri: str, experiment: str, parent: str,
-                metric: str) -> list[dict[str, Any]]:
-    """One row per trial: values, final metric, epochs trained (from its MLflow curve), status."""
-    c = tracking.client(uri)
-    rows = []
-    # A trial that failed before its first report has no metrics or config in its Result; its
-    # Trial (same order) still knows both.
-    trials = list(getattr(getattr(results, "_experiment_analysis", None), "trials", None) or [])
-    if len(trials) != len(results):
-        trials = [None] * len(results)
-    for res, trial in zip(results, trials, strict=True):
-        last = res.metrics or {}
-        trial_id = last.get("trial_id") or getattr(trial, "trial_id", None)
-        config = res.config or getattr(trial, "config", None) or {}
-        child = _find_child(uri, experiment, parent, trial_id) if trial_id else None
-        epochs = 0
-        curve: list[float] = []
-        if child is not None:
-            hist = sorted(c.get_metric_history(child.info.run_id, metric), key=lambda m: m.step)
-            epochs = len(hist)
-            curve = [m.value for m in hist]
-        rows.append({"trial_id": trial_id, "run_id": child.info.run_id if child else None,
-                     "config": {d.key: config.get(d.key) for d in dims},
-                     "metric": last.get(metric), "epochs": epochs,
-                     "scheduled_epochs": int(last.get("epochs") or 0), "curve": curve,
-                     "error": str(res.error).splitlines()[0] if res.error else None,
-                     "child_status": child.info.status if child else None})
-    return rows
-
-
-def _close_children(rows: list[dict[str, Any]], uri: str, epochs: int) -> None:
-    """Trials a scheduler stopped never reached their last epoch: close their runs here."""
-    for row in rows:
-        if row["run_id"] and row["child_status"] not in ("FINISHED", "FAILED", "KILLED"):
-            if row["error"]:
-                tracking.end_run(uri, row["run_id"], "FAILED")
-                continue
-            tracking.set_tags(uri, row["run_id"], {"raykd.stopped_early":
-                                                   str(row["epochs"] < epochs).lower()})
-            tracking.end_run(uri, row["run_id"])
-
-
-def best_config_of(cfg: RaykdConfig, params: dict[str, Any], teacher_checkpoint: str | None,
-                   cache_dir: str | None = None) -> RaykdConfig:
-    """The user's config with the winning values and no ``tune`` section; when the search
-    trained its teacher, that teacher's checkpoint, and the search's (absolute) cache folder, so
-    `raykd distill --config` reuses both instead of training and caching another teacher."""
-    raw = cfg.with_overrides(params).to_dict()
-    raw["tune"] = None
-    if teacher_checkpoint and not (cfg.teacher.checkpoint or cfg.teacher.ensemble):
-        raw["teacher"]["checkpoint"] = teacher_checkpoint
-    if cache_dir and cfg.teacher.cache_dir is None:
-        raw["teacher"]["cache_dir"] = cache_dir
-    return validate(raw)
-
-
-def _finish(cfg: RaykdConfig, run_cfg: RaykdConfig, dims: list[Dim], results, teacher: dict,
-            sources: list[str], uri: str, parent: str, folder: Path, best_config: str | None,
-            resumed: bool) -> dict[str, Any]:
-    from raykd.schemes.offline import count_checkpoint_params, evaluate_checkpoints
-    from raykd.schemes.tune_plots import plot_search
-    from raykd.train.fit import TrainingError
-
-    tc, experiment = cfg.tune, cfg.tracking.experiment
-    rows = _trial_rows(results, dims, uri, experiment, parent, tc.metric)
-    _close_children(rows, uri, run_cfg.train.epochs)
-    ok = [r for r in results if r.error is None and tc.metric in (r.metrics or {})]
-    if not ok:
-        first = next((r.error for r in results if r.error is not None), "no trial reported")
-        raise TrainingError(f"tune: every trial failed: {first}")
-    best = results.get_best_result(metric=tc.metric, mode=tc.mode, scope="last",
-                                   filter_nan_and_inf=True)
-    params = {d.key: best.config[d.key] for d in dims}
-    best_row = next(r for r in rows if r["trial_id"] == best.metrics.get("trial_id"))
-    best_cfg_full = run_cfg.with_overrides(params)
-    if teacher.get("accuracy") is None:
-        teacher["accuracy"] = evaluate_checkpoints(sources, run_cfg, uri)
-        teacher["params"] = count_checkpoint_params(sources[0], uri)
-    part: dict[str, Any] = {"config": params, "metric": best.metrics[tc.metric],
-                            "metric_name": tc.metric, "trial_id": best_row["trial_id"],
-                            "run_id": best_row["run_id"], "epochs": best_row["epochs"],
-                            "accuracy": None, "params": None}
-    if best.checkpoint is not None:
-        local = Path(best.checkpoint.to_directory(tempfile.mkdtemp(prefix="raykd-best-")))
-        weights = local / "model.safetensors"
-        part["accuracy"] = evaluate_checkpoints([str(weights)], best_cfg_full, uri,
-                                                fallback=run_cfg.student)
-        part["params"] = count_checkpoint_params(str(weights), uri)
-        if best_row["run_id"]:
-            tracking.log_artifact(uri, best_row["run_id"], weights, "checkpoint")
-            tracking.log_metrics(uri, best_row["run_id"], {"test_accuracy": part["accuracy"],
-                                                           "params": part["params"]})
-            tracking.set_tags(uri, best_row["run_id"], {"raykd.best_trial": "true"})
-    out_cfg = best_config_of(cfg, params, teacher.get("checkpoint") if teacher.get("trained")
-                             else None, run_cfg.teacher.cache_dir)
-    # Trained epochs (the MLflow curves) can exceed the epochs the scheduler granted (what Tune
-    # saw) by an epoch or two per stopped trial: workers run ahead of the scheduler's decision.
-    total_epochs = sum(r["epochs"] for r in rows)
-    scheduled = sum(r["scheduled_epochs"] for r in rows)
-    with tempfile.TemporaryDirectory() as tmp:
-        path = Path(tmp) / "best_config.yaml"
-        dump_yaml(out_cfg, path)
-        tracking.log_artifact(uri, parent, path, "tune")
-        if best_config:
-            Path(best_config).parent.mkdir(parents=True, exist_ok=True)
-            shutil.copy(path, best_config)
-        for png in plot_search(rows, dims, cfg, Path(tmp)):
-            tracking.log_artifact(uri, parent, png, "plots")
-    tracking.log_dict(uri, parent, rows, "tune/trials.json")
-    tracking.log_params(uri, parent, {f"best.{k}": v for k, v in params.items()})
-    tracking.log_metrics(uri, parent, {
-        f"best_{tc.metric}": part["metric"], "trials": len(rows), "trial_epochs": total_epochs,
-        "scheduled_epochs": scheduled,
-        "teacher_forward_samples_during_search": teacher["forward_samples_during_search"],
-        **({"best_test_accuracy": part["accuracy"]} if part["accuracy"] is not None else {}),
-        **({"teacher_test_accuracy": teacher["accuracy"]} if teacher.get("accuracy") else {})})
-    tracking.set_tags(uri, parent, {"raykd.best_trial_id": part["trial_id"],
-                                    "raykd.best_run_id": part["run_id"]})
-    return {"teacher": teacher, "best": part, "trials": len(rows), "trial_epochs": total_epochs,
-            "scheduled_epochs": scheduled,
-            "failed_trials": sum(1 for r in rows if r["error"]),
-            "trial_results": [{k: v for k, v in r.items() if k != "curve"} for r in rows],
-            "search": {"dir": str(folder), "search": tc.search, "scheduler": tc.scheduler,
-                       "metric": tc.metric, "mode": tc.mode, "resumed": resumed,
-                       "cpus_per_worker": run_cfg.train.cpus_per_worker},
-            "best_config": str(Path(best_config).resolve()) if best_config else None,
-            "mlflow": {"tracking_uri": uri, "run_id": parent, "experiment": experiment}}

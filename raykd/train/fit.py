@@ -42,6 +42,7 @@ class FitResult:
     # each restart of the worker group in this fit: resumed_epoch, epochs_lost, recovery_seconds
     recoveries: list[dict[str, float]] = field(default_factory=list)
     worker_nodes: list[str] = field(default_factory=list)  # the node id of each rank
+    train_checkpoint: Any = None  # Ray Train's last checkpoint, of a fit with its own trainer
 
     @property
     def epoch_overhead_seconds(self) -> float | None:
@@ -74,8 +75,6 @@ def init_ray(attempts: int = 3, **kwargs) -> None:
             if "dashboard_port" in kwargs:  # the failed start's dashboard may still hold it
                 kwargs.update(local_ray_options())
             time.sleep(2)
-            if "dashboard_port" in kwargs:  # the failed start's dashboard can still hold its
-                kwargs.update(local_ray_options())  # port: "already occupied" on the retry
 
 
 # Train V2's controller polls its workers at this interval (default 2 s), and every
@@ -237,5 +236,6 @@ def fit(cfg: RaykdConfig, role: str, *, tracking_uri: str | None = None,
                      checkpoints=ret.get("checkpoints", []),
                      recoveries=ret.get("recoveries", []),
                      worker_nodes=ret.get("worker_nodes", []),
+                     train_checkpoint=group.result.checkpoint if own and group.result else None,
                      wall_seconds=time.time() - submitted,
                      worker_start_seconds=max(0.0, ret.get("started_at", submitted) - submitted))

@@ -213,6 +213,7 @@ class FitGroup:
         self.coordinator: Any = None
         self.thread: threading.Thread | None = None
         self.error: BaseException | None = None
+        self.result: Any = None  # the trainer's ray.train.Result, once it has ended
         self._next_id = 0
 
     # -- lifecycle ------------------------------------------------------------------------
@@ -261,7 +262,7 @@ class FitGroup:
 
         def run() -> None:
             try:
-                trainer.fit()
+                self.result = trainer.fit()
             except BaseException as err:  # noqa: BLE001 - surfaced by the phase waiting on it
                 self.error = err
 

@@ -24,7 +24,8 @@ import uuid
 from pathlib import Path
 from raykd.config import ConfigError
 
-# Ray's runtime_env folder names (ray._private.ray_constants, runtime_env/working_dir.py).
+# The folder names Ray unpacks a job's working_dir under (its runtime_env constants and
+# runtime_env/working_dir.py; not a public API, so only a hint for picking a default).
 RAY_PACKAGE_DIRS = ("runtime_resources", "working_dir_files")
 
 
