@@ -163,6 +163,7 @@ def test_a_node_removed_mid_fit_is_survived(two_nodes, one_node):
     lost = two_nodes["node_loss"]
     assert lost.get("paused") == ["ckpt-0"] and "error" not in lost, lost
     assert lost["epochs"] == [0, 1, 2]
+    assert len(lost["recoveries"]) == 1, lost
     [recovery] = lost["recoveries"]
     assert recovery["resumed_epoch"] == 1
     # Restarted on the node that is left (the head) with both workers.
@@ -187,7 +188,8 @@ def bad_inputs(tmp: Path) -> list[tuple[list[str], str]]:
          "train.num_workers: 64 workers of 1 CPU each do not fit the Ray cluster (1 node(s), "),
         (["--set", "train.cpus_per_worker=3", "--set", "train.num_workers=2"],
          "train.num_workers: 2 workers of 3 CPU each do not fit"),
-        (["--set", "train.use_gpu=true"], "train.use_gpu: the Ray cluster has no GPUs; "),
+        (["--set", "train.use_gpu=true"],
+         "train.use_gpu: 2 workers × 1 GPU need 2 GPUs, the cluster has 0; "),
         (["--set", f"teacher.checkpoint={tmp / 'corrupt.safetensors'}"],
          f"teacher.checkpoint: cannot read {tmp / 'corrupt.safetensors'} (SafetensorError: "),
         (["--set", f"teacher.checkpoint={tmp / 'corrupt.pt'}"],

@@ -203,13 +203,17 @@ def test_grad_scaler_state_goes_into_the_checkpoint(tmp_path, monkeypatch):
     assert all(torch.equal(a, p) for a, p in zip(before, model.parameters()))  # was skipped
     assert precision.scaler.get_scale() == 512.0  # ... and the scale backed off
     spec = {"name": cfg.student.name, "args": cfg.student.args}
-    ckpt = _save(model, opt, spec, val.info, 3, {"val_accuracy": 0.5}, 7, None, precision)
+    no_loss_modules = torch.nn.Module()
+    ckpt = _save(model, no_loss_modules, opt, None, spec, val.info, 3, {"val_accuracy": 0.5}, 7,
+                 None, [], precision=precision)
     assert (Path(ckpt.path) / "scaler.pt").is_file()
     resumed = Precision("bf16", "cpu")
     resumed.scaler = torch.amp.GradScaler("cpu")
     monkeypatch.setattr(ray.train, "get_checkpoint", lambda: None)
-    next_epoch, _ = _restore(model, opt, 7, ckpt, resumed)
-    assert next_epoch == 4 and resumed.scaler.get_scale() == 512.0
+    restored, after_failure = _restore(model, no_loss_modules, opt, None, 7, ckpt,
+                                       precision=resumed)
+    assert restored.next_epoch == 4 and not after_failure
+    assert resumed.scaler.get_scale() == 512.0
     assert Precision("fp32", "cpu").state_dict() is None  # nothing to save without a scaler
 
 

@@ -143,7 +143,7 @@ def group_loop_per_worker(loop: dict[str, Any]) -> dict[str, Any]:
         if phase is None:
             return {"phases": phases}
         phase_loop = ray.get(phase["loop"][0])
-        coordinator.joined.remote(phase["id"], rank, node_id)
+        ray.get(coordinator.joined.remote(phase["id"], rank, node_id))  # before finish(): threaded
         try:
             result = run_phase(phase_loop, phase["id"], coordinator, loop["report_every_epoch"])
         except ConfigError as err:  # bad input fails every restart alike: tell the driver now
@@ -171,10 +171,7 @@ def check_cluster_fits(train) -> None:
     from raykd.config import ConfigError
 
     nodes = [n["Resources"] for n in ray.nodes() if n.get("Alive")]
-    gpus = sum(n.get("GPU", 0) for n in nodes)
-    if train.use_gpu and not gpus:
-        raise ConfigError("train.use_gpu: the Ray cluster has no GPUs; set train.use_gpu=false "
-                          "or connect to a cluster with GPU nodes")
+    gpus = sum(n.get("GPU", 0) for n in nodes)  # none at all: raykd.preflight says so first
 
     def per_node(res: dict[str, float]) -> int:
         fit = math.floor(res.get("CPU", 0) / train.cpus_per_worker + 1e-9)

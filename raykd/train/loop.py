@@ -248,7 +248,10 @@ def run_phase(loop: dict[str, Any], phase_id: int, coordinator,
         for _ in range(start_epoch):  # a checkpoint written before schedules were saved
             scheduler.step()
     if after_failure and rank == 0:  # epochs lost and time to recover (raykd.train.group)
-        coordinator.resumed.remote(phase_id, start_epoch, time.time(), restored.last_ended_at)
+        # waited for: the coordinator is threaded, so a call not waited for could land after
+        # this phase's finish() and the recovery would be missing from its result
+        ray.get(coordinator.resumed.remote(phase_id, start_epoch, time.time(),
+                                           restored.last_ended_at))
 
     cached = live = None
     if handoff is not None and handoff.mode == "live":
