@@ -487,7 +487,14 @@ def read_yaml(path: str | Path | None) -> dict[str, Any]:
             raise ConfigError(f"--config: file {str(path)!r} does not exist; give a YAML config "
                               "path (examples in configs/) or omit --config for the digits "
                               "default")
-        text, source = p.read_text(), str(p)
+        try:
+            text, source = p.read_text(encoding="utf-8"), str(p)
+        except UnicodeDecodeError:
+            raise ConfigError(f"--config: {p} is not a text file (not UTF-8); give a YAML "
+                              f"config file") from None
+        except OSError as err:
+            raise ConfigError(f"--config: cannot read {p} ({err.strerror}); check its "
+                              f"permissions") from None
     try:
         raw = yaml.safe_load(text)
     except yaml.YAMLError as err:

@@ -83,6 +83,10 @@ def test_yaml_errors_are_one_line(tmp_path):
     scalar.write_text("42\n")
     with pytest.raises(ConfigError, match="must hold a mapping"):
         load_config(scalar)
+    binary = tmp_path / "model.safetensors"
+    binary.write_bytes(b"\x00\xff\xfe binary")
+    with pytest.raises(ConfigError, match=r"^--config: .*model.safetensors is not a text file"):
+        load_config(binary)
 
 
 def test_yaml_is_safe_loaded(tmp_path):
