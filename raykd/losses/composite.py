@@ -84,12 +84,15 @@ class DistillLoss(nn.Module):
     def forward(self, student_logits: Tensor | None, teacher_logits: Tensor | None,
                 labels: Tensor | None, s_feats: Mapping[str, Tensor],
                 t_feats: Mapping[str, Tensor], mask: Tensor | None = None, epoch: int = 0,
-                pretrain: bool = False) -> tuple[Tensor, dict[str, float]]:
+                pretrain: bool = False, teacher_topk=None) -> tuple[Tensor, dict[str, float]]:
         """(total, {name: unweighted value}); teacher tensors are detached here and in terms."""
         if teacher_logits is not None:
             teacher_logits = teacher_logits.detach()
         total: Tensor | None = None
         values: dict[str, float] = {}
+        # A language model's cached teacher (raykd.teacher.token_topk.TokenTopK), passed only
+        # when there is one: LossInputs.teacher_topk belongs to the loss side of issue #19.
+        topk = {} if teacher_topk is None else {"teacher_topk": teacher_topk}
         for i, term in enumerate(self.terms):
             weight = self.weights[i]
             if pretrain and not (term.has_pretrain and epoch < term.pretrain_epochs):
@@ -100,7 +103,7 @@ class DistillLoss(nn.Module):
                 student_logits=student_logits, teacher_logits=teacher_logits, labels=labels,
                 student_feats=[s_feats[p] for p in self.term_student_layers[i]],
                 teacher_feats=[t_feats[p].detach() for p in self.term_teacher_layers[i]],
-                mask=mask, epoch=epoch)
+                mask=mask, epoch=epoch, **topk)
             value = term.pretrain_loss(inp) if pretrain else term(inp)
             contribution = value if pretrain else weight * value
             total = contribution if total is None else total + contribution
