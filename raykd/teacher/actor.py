@@ -244,7 +244,7 @@ class TeacherActor:
 
         idx = torch.arange(start, end)
         _, x, _ = self.dataset.get_batch(idx)
-        if self.spec.augment:  # replay: view `view` of each sample, as the student will see it
+        if getattr(self.spec, "augment", ""):  # replay: view `view` of each sample, as seen
             t = self.cfg.train
             x = replay_inputs(x, idx, view, t.seed, t.jitter, t.flip)
         return self._logits(x)
