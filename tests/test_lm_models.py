@@ -103,3 +103,44 @@ def test_teacher_checkpoint_folder_errors(tmp_path):
     (tmp_path / "empty").mkdir()
     with pytest.raises(ConfigError, match=r"teacher.checkpoint: folder .* holds no config.json"):
         load_config(None, [*base, f"teacher.checkpoint={tmp_path / 'empty'}"])
+
+
+def test_hidden_state_and_attention_losses_on_hf_paths():
+    """distilbert_cos, tinybert_hidden/_emb/_attn reach HF hidden states and attention
+    probabilities by module path, masked on padding; the same loss module the loop builds."""
+    from raykd.config import DistillConfig
+    from raykd.losses import DistillLoss
+    from raykd.models.hooks import probe_shapes
+
+    torch.manual_seed(0)
+    teacher, student = build_model(gpt2(2), INFO).eval(), build_model(gpt2(1, n_embd=16), INFO)
+    s_paths = ["transformer.h.0", "transformer.drop", "transformer.h.0.attn:attention"]
+    t_paths = ["transformer.h.1", "transformer.drop", "transformer.h.1.attn:attention"]
+    distill = DistillConfig(losses=[
+        {"name": "distilbert_cos", "student_layers": [s_paths[0]], "teacher_layers": [t_paths[0]]},
+        {"name": "tinybert_hidden", "student_layers": [s_paths[0]],
+         "teacher_layers": [t_paths[0]]},
+        {"name": "tinybert_emb", "student_layers": [s_paths[1]], "teacher_layers": [t_paths[1]]},
+        {"name": "tinybert_attn", "student_layers": [s_paths[2]], "teacher_layers": [t_paths[2]]},
+    ])
+    ids = torch.randint(0, 300, (2, 16))
+    s_shapes = probe_shapes(student, s_paths, ids, "student")
+    t_shapes = probe_shapes(teacher, t_paths, ids, "teacher")
+    assert s_shapes[s_paths[2]] == (2, 2, 16, 16)  # [B, heads, L, L]
+    loss = DistillLoss(distill, s_shapes, t_shapes)
+    mask = torch.ones(2, 16, dtype=torch.bool)
+    mask[1, 10:] = False
+    with FeatureHooks(student, s_paths, "student") as sh, FeatureHooks(teacher, t_paths,
+                                                                       "teacher") as th:
+        logits = student(ids)
+        with torch.no_grad():
+            teacher(ids)
+    total, parts = loss(logits, None, None, sh.features, th.features, mask=mask)
+    assert set(parts) == {"distilbert_cos", "tinybert_hidden", "tinybert_emb", "tinybert_attn"}
+    assert all(v > 0 for v in parts.values())
+    total.backward()
+    assert student.transformer.h[0].attn.c_attn.weight.grad.abs().sum() > 0
+    sdpa = build_model(ModelConfig(name="hf_causal_lm", args={
+        **gpt2().args, "attn_implementation": "sdpa"}), INFO)
+    with pytest.raises(ConfigError, match="returned no attention probabilities"):
+        probe_shapes(sdpa, ["transformer.h.0.attn:attention"], ids, "student")
