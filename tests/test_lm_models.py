@@ -144,3 +144,38 @@ def test_hidden_state_and_attention_losses_on_hf_paths():
         **gpt2().args, "attn_implementation": "sdpa"}), INFO)
     with pytest.raises(ConfigError, match="returned no attention probabilities"):
         probe_shapes(sdpa, ["transformer.h.0.attn:attention"], ids, "student")
+
+
+def test_tune_space_over_temperature_beta_and_weights_of_the_lm_config(tmp_path):
+    """`raykd tune` validates a search over T, the term weights and GKD's β on the language
+    model config (the search itself runs the same offline path as `raykd distill`)."""
+    from pathlib import Path
+
+    from raykd.schemes.tune import check_tune_config
+
+    corpus = tmp_path / "c.txt"
+    corpus.write_text("hello world\n" * 50)
+    config = Path(__file__).resolve().parents[1] / "configs" / "shakespeare_lm.yaml"
+    space = {"tune.space": {"distill.losses.1.params.temperature": {"grid": [1, 2]},
+                            "distill.losses.0.weight": {"uniform": [0.1, 0.9]}},
+             "tune.metric": "val_perplexity", "tune.mode": "min"}
+    cfg = load_config(config, {"data.path": str(corpus), **space})
+    dims = check_tune_config(cfg)
+    assert {d.key for d in dims} == set(space["tune.space"])
+
+
+def test_tune_space_over_gkd_beta(tmp_path):
+    from pathlib import Path
+
+    from raykd.losses import LOSSES
+    from raykd.schemes.tune import check_tune_config
+
+    corpus = tmp_path / "c.txt"
+    corpus.write_text("hello world\n" * 50)
+    config = Path(__file__).resolve().parents[1] / "configs" / "shakespeare_lm.yaml"
+    if "token_gkd" not in LOSSES:  # the GKD term arrives with the lm-cache branch
+        pytest.skip("token_gkd is not registered on this branch")
+    gkd = load_config(config, {"data.path": str(corpus), "distill.losses.1.name": "token_gkd",
+                               "tune.space": {"distill.losses.1.params.beta":
+                                              {"uniform": [0.1, 0.9]}}})
+    assert [d.key for d in check_tune_config(gkd)] == ["distill.losses.1.params.beta"]
