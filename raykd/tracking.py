@@ -292,11 +292,17 @@ def log_hf_model(uri: str, run_id: str, model, tokenizer_file: str, name: str) -
     (``text-generation``; weights as safetensors via save_pretrained, no pickle), so
     ``mlflow.transformers.load_model(uri)`` gives back a generation pipeline. Returns the
     logged model's URI, or None when logging failed (the reason is logged)."""
+    import logging
+
     import mlflow
+    from transformers.utils import logging as hf_logging
 
     from raykd.data.tokenizer import hf_tokenizer
     from raykd.models.hf import plain_forward
 
+    hf_logging.disable_progress_bar()  # save_pretrained's shard bar in the user's console
+    # MLflow looks for a hub model card and licence of a model that never came from the hub
+    logging.getLogger("mlflow.transformers").setLevel(logging.ERROR)
     prev = mlflow.get_tracking_uri()
     mlflow.set_tracking_uri(uri)
     try:
