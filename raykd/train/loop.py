@@ -18,6 +18,7 @@ from torch import nn
 
 from raykd.config import DistillConfig, LossTermConfig, ModelConfig, RaykdConfig, validate
 from raykd.train.collective import all_reduce_sum
+from raykd.train.evaluate import evaluate, evaluate_members, evaluate_split  # noqa: F401
 
 
 @dataclass(frozen=True)
@@ -59,11 +60,16 @@ class DistillStep(nn.Module):
                 t_topk=None):
         with self.precision.autocast():  # train.precision: see raykd/train/precision.py
             logits = self.student(x)
-        if t_topk is not None:  # language models: top-1 agreement with the cached teacher
+        # Language models: top-1 agreement with the teacher (its cached top-1, or its argmax
+        # in live mode), read by the loop after the step.
+        self.agreement = None
+        top1 = t_topk.ids[..., 0] if t_topk is not None else (
+            t_logits.argmax(-1) if t_logits is not None and t_logits.dim() == 3 else None)
+        if top1 is not None and mask is not None:
             from raykd.train.lm_eval import agreement_sums
 
             with torch.no_grad():
-                self.agreement = agreement_sums(logits, t_topk.ids[..., 0], mask)
+                self.agreement = agreement_sums(logits, top1, mask)
         s_feats = dict(self._hooks.features) if self._hooks else {}
         if self.precision.dtype is not None:  # the loss in float32
             from raykd.train.precision import to_float32
@@ -73,67 +79,6 @@ class DistillStep(nn.Module):
             total, parts = self.loss(logits, t_logits, y, s_feats, t_feats, mask=mask,
                                      epoch=epoch, pretrain=pretrain, teacher_topk=t_topk)
         return total, parts
-
-
-@torch.no_grad()
-def evaluate_split(model: nn.Module, dataset, device, rank: int = 0, world: int = 1,
-                   batch_size: int = 1024) -> tuple[float, float]:
-    """(accuracy, mean cross-entropy) over ``dataset``, each rank scoring its strided share.
-    Token logits [B, L, V] (language models) count real tokens: next-token accuracy and nats
-    per token (raykd.train.lm_eval)."""
-    from raykd.train.lm_eval import token_sums
-
-    was_training = model.training
-    model.eval()
-    correct = total = loss = 0.0
-    idx_all = torch.arange(len(dataset))[rank::world]  # empty for a rank past the end
-    for chunk in idx_all.split(batch_size):
-        _, x, y = dataset.get_batch(chunk)
-        logits = model(x.to(device))
-        y = y.to(logits.device)
-        if logits.dim() == 3:
-            c, n, nll = token_sums(logits, y)
-            correct, total, loss = correct + c, total + n, loss + nll
-            continue
-        correct += float((logits.argmax(-1) == y).sum())
-        loss += float(torch.nn.functional.cross_entropy(logits.float(), y, reduction="sum"))
-        total += len(y)
-    model.train(was_training)
-    correct, total, loss = all_reduce_sum([correct, total, loss], world)
-    return correct / max(total, 1), loss / max(total, 1)
-
-
-@torch.no_grad()
-def evaluate_members(cohort: nn.Module, dataset, device, rank: int = 0, world: int = 1,
-                     batch_size: int = 1024) -> dict[str, tuple[float, float]]:
-    """(accuracy, mean cross-entropy) of every member of a cohort and of its ensemble
-    (``cohort.members(x)``, see raykd.models.cohort), each rank scoring its strided share."""
-    was_training = cohort.training
-    cohort.eval()
-    names = list(cohort.members(dataset.get_batch(torch.arange(min(2, len(dataset))))[1]
-                                .to(device)))
-    sums: dict[str, list[float]] = {}
-    total = 0.0
-    for chunk in torch.arange(len(dataset))[rank::world].split(batch_size):
-        _, x, y = dataset.get_batch(chunk)
-        y = y.to(device)
-        for name, logits in cohort.members(x.to(device)).items():
-            acc_loss = sums.setdefault(name, [0.0, 0.0])
-            acc_loss[0] += float((logits.argmax(-1) == y).sum())
-            acc_loss[1] += float(torch.nn.functional.cross_entropy(logits.float(), y,
-                                                                   reduction="sum"))
-        total += len(y)
-    cohort.train(was_training)
-    flat = [total] + [v for n in names for v in sums.get(n, [0.0, 0.0])]
-    flat = all_reduce_sum(flat, world)
-    total = max(flat[0], 1)
-    return {n: (flat[1 + 2 * i] / total, flat[2 + 2 * i] / total) for i, n in enumerate(names)}
-
-
-def evaluate(model: nn.Module, dataset, device, rank: int = 0, world: int = 1,
-             batch_size: int = 1024) -> float:
-    """Accuracy over ``dataset``, each rank scoring its strided share."""
-    return evaluate_split(model, dataset, device, rank, world, batch_size)[0]
 
 
 def _topk_to(topk, device):
@@ -362,8 +307,9 @@ def run_phase(loop: dict[str, Any], phase_id: int, coordinator,
                 sums[f"loss_{k}"] = sums.get(f"loss_{k}", 0.0) + float(v) * n
             if mask is not None:  # language models: tokens, and agreement with the teacher
                 sums["_tokens"] = sums.get("_tokens", 0.0) + float(mask.sum())
-                if t_topk is not None:
-                    agree, tokens = getattr(step, "module", step).agreement
+                agreement = getattr(getattr(step, "module", step), "agreement", None)
+                if agreement is not None:
+                    agree, tokens = agreement
                     sums["_agree"] = sums.get("_agree", 0.0) + agree
                     sums["_agree_n"] = sums.get("_agree_n", 0.0) + tokens
         if scheduler:
