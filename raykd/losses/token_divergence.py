@@ -22,8 +22,11 @@ Divergences per position, over the buckets (or the vocabulary), p = teacher, q =
   gives about 1e-6·KL, β = 0 gives KL).
 
 Each is T²-scaled and averaged over real tokens (mask true). Zero-probability buckets (an empty
-tail, a -inf logit) contribute 0, not NaN: log-probabilities are floored at the dtype's minimum
-before they are subtracted, so 0·(floor − floor) = 0.
+tail, a -inf logit) contribute 0, not NaN: the logs inside the differences are floored (see
+``bucket_divergence``), the weights in front of them are not. Where the teacher's probability is
+exactly 0 but the student's is not (only -inf teacher logits do that: the encoder keeps any
+finite tail finite), the reverse KL would be +inf; the teacher's log is floored at log of
+float32's smallest normal (-87.3), so it is large but finite, with a finite gradient.
 
 Memory: positions are processed ``chunk`` at a time along L, and only the real tokens of each
 chunk (padding rows are never computed, so garbage there cannot produce NaN). The gradient of
@@ -48,25 +51,34 @@ if TYPE_CHECKING:
     from raykd.teacher.token_topk import TokenTopK
 
 KINDS = ("forward", "reverse", "gkd")
+# log of float32's smallest normal number (≈ -87.3): a teacher probability the cache cannot tell
+# from 0 counts as this small inside logs, which changes no finite value above ~1e-38.
+TEACHER_LOG_FLOOR = math.log(torch.finfo(torch.float32).tiny)
 
 
 def bucket_divergence(log_p: Tensor, log_q: Tensor, kind: str, beta: float = 0.5) -> Tensor:
-    """Per-position divergence [...] between log-probabilities [..., K] of the same buckets."""
+    """Per-position divergence [...] between log-probabilities [..., K] of the same buckets.
+
+    The weights p = e^{log p}, q = e^{log q} are exact (0 for -inf); only the logs inside the
+    differences are floored: the student's at its dtype's minimum (so 0·(floor − floor) = 0 for
+    an empty bucket, never 0·inf = NaN, while a confidently wrong student keeps its gradient), the
+    teacher's at TEACHER_LOG_FLOOR, so KL(q ‖ p) stays finite where the teacher's probability is
+    0 (a -inf teacher logit)."""
     floor = torch.finfo(log_q.dtype).min
-    lp, lq = log_p.clamp_min(floor), log_q.clamp_min(floor)
+    p, q = log_p.exp(), log_q.exp()
+    lp, lq = log_p.clamp_min(TEACHER_LOG_FLOOR), log_q.clamp_min(floor)
     if kind == "gkd" and beta == 0.0:
         kind = "forward"
     elif kind == "gkd" and beta == 1.0:
         kind = "reverse"
     if kind == "forward":
-        return (lp.exp() * (lp - lq)).sum(-1)
+        return (p * (lp - lq)).sum(-1)
     if kind == "reverse":
-        return (lq.exp() * (lq - lp)).sum(-1)
+        return (q * (lq - lp)).sum(-1)
     if kind != "gkd":
         raise ValueError(f"kind: must be one of {', '.join(KINDS)}, got {kind!r}")
     lm = torch.logsumexp(torch.stack((lp + math.log(beta), lq + math.log1p(-beta))), dim=0)
-    lm = lm.clamp_min(floor)
-    return beta * (lp.exp() * (lp - lm)).sum(-1) + (1 - beta) * (lq.exp() * (lq - lm)).sum(-1)
+    return beta * (p * (lp - lm)).sum(-1) + (1 - beta) * (q * (lq - lm)).sum(-1)
 
 
 def student_bucket_log_probs(scaled: Tensor, ids: Tensor | None) -> Tensor:
