@@ -333,3 +333,9 @@ def test_reverse_kl_against_a_teacher_with_zero_tail_mass_uses_the_documented_fl
                       + tail * (math.log(tail) - floor))
     got = loss("reverse", 1.0, topk=cache(teacher=peaked)).item()
     assert got == pytest.approx(sum(values) / len(values), rel=1e-6)
+
+
+def test_rows_move_between_devices_with_their_dtypes():
+    moved = cache(dtype=torch.bfloat16).to("cpu")
+    assert moved.ids.dtype == torch.uint8 and moved.values.dtype == torch.bfloat16
+    assert torch.equal(moved.values, cache(dtype=torch.bfloat16).values)

@@ -95,6 +95,11 @@ class TokenTopK:
         """The positions' shape, e.g. [B, L]."""
         return self.tail_logmass.shape
 
+    def to(self, device: torch.device | str) -> TokenTopK:
+        """The same rows on ``device`` (e.g. a batch's rows onto the student's GPU)."""
+        return TokenTopK(self.values.to(device), self.ids.to(device),
+                         self.tail_logmass.to(device), self.vocab_size)
+
 
 def index_dtype(vocab_size: int) -> torch.dtype:
     """Narrowest integer torch dtype holding every token id (the classification cache's rule)."""
