@@ -9,10 +9,10 @@ import pytest
 import torch
 from safetensors.torch import save_file
 
-from raykd.teacher.token_topk import (TokenTopK, bytes_per_token, dense_bytes_per_token,
-                                      encode_token_topk, index_dtype, load_token_topk,
-                                      payload_bytes, save_token_topk, slice_rows,
-                                      teacher_log_probs)
+from raykd.teacher.token_topk import (TokenTopK, bytes_per_token, cat_token_topk,
+                                      dense_bytes_per_token, encode_token_topk, index_dtype,
+                                      load_token_topk, payload_bytes, save_token_topk,
+                                      slice_rows, teacher_log_probs)
 
 # Two positions of a V = 6 vocabulary, logits chosen as logs so the softmax is easy by hand:
 #   row 0: e^z = [4, 2, 1, 1, 1, 1]      Z = 10: p = [.4, .2, .1, .1, .1, .1], a FLAT tail
@@ -185,3 +185,15 @@ def test_inconsistent_rows_and_foreign_files_are_refused(tmp_path):
     save_file({"logits": torch.zeros(2, 6)}, str(tmp_path / "dense.safetensors"))
     with pytest.raises(ValueError, match="not a per-token top-k cache"):
         load_token_topk(tmp_path / "dense.safetensors")
+
+
+def test_cat_joins_batches_as_one_encode_of_all_of_them():
+    logits = torch.randn(5, 3, 300, generator=torch.Generator().manual_seed(4))
+    whole = encode_token_topk(logits, 4, torch.float16)
+    joined = cat_token_topk([encode_token_topk(logits[:2], 4, torch.float16),
+                             encode_token_topk(logits[2:], 4, torch.float16)])
+    assert joined.shape == (5, 3) and joined.ids.dtype == torch.uint16
+    assert torch.equal(joined.ids, whole.ids) and torch.equal(joined.values, whole.values)
+    assert torch.equal(joined.tail_logmass, whole.tail_logmass)
+    with pytest.raises(ValueError, match=r"^parts: vocab_size differs"):
+        cat_token_topk([whole, encode_token_topk(logits[..., :299], 4, torch.float16)])

@@ -22,20 +22,22 @@ Bytes per token: k·(value bytes + id bytes) + 4. At vocab 50257, float16, k = 6
 character vocabulary (V = 65) cannot reach 30× at any k: dense float16 is only 130 B.
 
 Reading at temperature T (:func:`teacher_log_probs`) gives k + 1 buckets: the k ids and one tail
-bucket. At T = 1 both are exact (up to the value rounding of the cache dtype: half an ulp of the
-log-probability, e.g. ≤ 2^-11·|log p| relative in float16, 2^-8 in bfloat16). The top-k ratios
+bucket. At T = 1 both are exact: the tail's mass to float32, the top-k up to the rounding of
+their stored log-probabilities (half an ulp: a relative error in p of at most 2^-11·|log p| in
+float16, 2^-8·|log p| in bfloat16; about 0.05 % and 0.4 % at p = 0.37). The top-k ratios
 are exact at any T (a shared shift cancels). The tail is one number, so its mass at T ≠ 1 needs a
 rule. We treat the n = V − k tail logits as equal to their log-mean-exp z̄ = log S − log n, with
 S = Σ_tail e^z at T = 1, so the unnormalised tail at T is n·e^{z̄/T} = n^{1−1/T}·S^{1/T}. It is
 exact at T = 1 and whenever the tail is flat. Otherwise, with a = 1/T and x_j = e^{z_j}, the true
 Σ x_j^a against n·(mean x)^a is Jensen's inequality for the power a: for T > 1 (a < 1, concave)
-the rule OVERSTATES the tail's mass at T, for T < 1 it UNDERSTATES it. The overstatement at T > 1
-is at most a factor n^{1−a} (reached when one tail token holds all of S): at V = 50k, k = 64,
-T = 2 up to about 220× on the tail bucket. The tail bucket is both sides' mass outside the
-teacher's top-k, so the error only moves how much of the KL the tail bucket carries; with k large
-enough that the tail is small (or T = 1, GKD's and MiniLLM's default) it is negligible. The
+the rule OVERSTATES the tail's mass at T, for T < 1 it UNDERSTATES it. Since
+S^a ≤ Σ x_j^a ≤ n^{1−a}·S^a for a < 1 (reversed for a > 1), the rule is off by at most a factor
+n^{|1−a|}, reached when one tail token holds all of S: at V = 50k, k = 64, T = 2 up to about 220×
+too much tail mass (and correspondingly less on the top-k after normalisation). The error only
+moves how much of the divergence the tail bucket carries; it is negligible when k leaves little
+mass in the tail, and absent at T = 1, the usual setting for language-model distillation. The
 classification cache (``topk.py``) stores the tail's MEAN logit instead, which understates the
-tail at every T including T = 1; here T = 1 is exact, which the benchmark (T = 1) relies on.
+tail at every T, T = 1 included; here T = 1 is exact.
 
 k == vocab is the dense cache through the very same code: the ids are a permutation of the
 vocabulary, the tail bucket is empty (-inf) and the losses equal the dense ones.
@@ -216,6 +218,19 @@ def slice_rows(topk: TokenTopK, rows) -> TokenTopK:
         index = index.to(topk.values.device)
     return TokenTopK(topk.values[index], topk.ids[index], topk.tail_logmass[index],
                      topk.vocab_size)
+
+
+def cat_token_topk(parts) -> TokenTopK:
+    """Batches of rows (same k, vocabulary and trailing shape, e.g. [B_i, L]) joined along dim 0,
+    as the teacher encodes batch by batch and saves once (or once per shard)."""
+    parts = list(parts)
+    if not parts:
+        raise ValueError("parts: nothing to concatenate")
+    vocabs = {p.vocab_size for p in parts}
+    if len(vocabs) != 1:
+        raise ValueError(f"parts: vocab_size differs between parts: {sorted(vocabs)}")
+    return TokenTopK(torch.cat([p.values for p in parts]), torch.cat([p.ids for p in parts]),
+                     torch.cat([p.tail_logmass for p in parts]), parts[0].vocab_size)
 
 
 def gather_ids(topk: TokenTopK) -> Tensor:
