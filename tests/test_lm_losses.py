@@ -218,6 +218,28 @@ def test_bf16_students_empty_tails_and_zero_tail_mass_give_finite_values_and_gra
     assert torch.isneginf(cache(teacher=peaked).tail_logmass).all()
 
 
+class _OpNames(TorchDispatchMode):
+    def __init__(self):
+        super().__init__()
+        self.names = set()
+
+    def __torch_dispatch__(self, func, types, args=(), kwargs=None):
+        self.names.add(func.__name__.split(".")[0])
+        return func(*args, **(kwargs or {}))
+
+
+def test_no_gradient_work_under_no_grad():
+    s = S.clone().requires_grad_()
+    seen = {}
+    for grad_mode in (True, False):
+        spy = _OpNames()
+        with spy, torch.set_grad_enabled(grad_mode):
+            loss("forward", 2.0, s=s)
+        seen[grad_mode] = spy.names
+    assert "scatter_add" in seen[True]  # gather's backward, taken in the forward with grad
+    assert "scatter_add" not in seen[False]
+
+
 class _Float32Sizes(TorchDispatchMode):
     """The largest float32 tensor any aten op produces while active."""
 

@@ -109,6 +109,9 @@ class _Plan:
     chunk: int
     teacher_logits: Tensor | None
     teacher_topk: TokenTopK | None
+    # grad mode at the call: inside forward it is always off, and ctx.needs_input_grad is true
+    # under torch.no_grad too, which would take every evaluation step's gradient for nothing
+    grad_enabled: bool
 
 
 def _teacher_chunk(plan: _Plan, cols: slice, rows: Tensor, dtype: torch.dtype,
@@ -138,7 +141,7 @@ class _ChunkedDivergence(torch.autograd.Function):
     @staticmethod
     def forward(ctx, student: Tensor, plan: _Plan, real: int) -> Tensor:
         work = torch.promote_types(student.dtype, torch.float32)
-        need_grad = ctx.needs_input_grad[0]
+        need_grad = ctx.needs_input_grad[0] and plan.grad_enabled
         grad = torch.zeros_like(student) if need_grad else None
         total = torch.zeros((), dtype=torch.float64, device=student.device)
         length = student.shape[1]
@@ -190,7 +193,7 @@ def token_divergence(student: Tensor, *, kind: str, temperature: float,
     if teacher_logits is not None:
         teacher_logits = teacher_logits.detach()
     plan = _Plan(mask, float(temperature), kind, float(beta), int(chunk), teacher_logits,
-                 teacher_topk)
+                 teacher_topk, torch.is_grad_enabled())
     return _ChunkedDivergence.apply(student, plan, real)
 
 
