@@ -25,8 +25,9 @@ if TYPE_CHECKING:
     from raykd.teacher.token_topk import TokenTopK
 
 
-CHUNK = Param(128, "sequence positions per step of the divergence (memory: about 5 float32 "
-              "tensors of [batch·chunk, vocab] at a time)", "int", positive=True)
+CHUNK = Param(128, "sequence positions per step on a top-k cache and for the reverse/JSD terms "
+              "(dense token_kd runs in one pass); memory: about 7 float32 [batch·chunk, vocab] "
+              "tensors at a time", "int", positive=True)
 
 
 def _teacher(inp: LossInputs, key: str) -> tuple[Tensor, Tensor | None, TokenTopK | None]:

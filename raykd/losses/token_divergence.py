@@ -32,9 +32,10 @@ Memory: positions are processed ``chunk`` at a time along L, and only the real t
 chunk (padding rows are never computed, so garbage there cannot produce NaN). The gradient of
 each chunk is taken right away (autograd over that chunk only) and written into one buffer the
 shape and dtype of the student logits, which the backward returns scaled. So at most one chunk's
-float32 intermediates exist at a time — about 4–6 tensors of [B·chunk, V] float32 — never a
-[B, L, V] float32 tensor (for a float32 student the gradient buffer is that size: it is the
-gradient autograd would return anyway).
+float32 intermediates exist at a time, never a [B, L, V] float32 tensor (for a float32 student
+the gradient buffer is that size: it is the gradient autograd would return anyway). Measured on
+CPU (B = 4, L = 256, V = 50257, bfloat16 student, gkd): peak memory = the bfloat16 gradient
+buffer + about 7 float32 [B·chunk, V] tensors (276 MB at chunk 32, 1084 MB unchunked).
 """
 
 from __future__ import annotations
