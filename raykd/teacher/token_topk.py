@@ -1,7 +1,8 @@
 """Per-token teacher cache for language models: top-k log-probabilities, their token ids and the
 log-mass of the tail, per position (issue 19). The classification cache is ``topk.py``.
 
-Layout (one :class:`TokenTopK`, one safetensors file, no pickle):
+Layout (one :class:`TokenTopK`, one safetensors file, no pickle; safetensors stores bfloat16
+natively, so ``topk.py``'s bfloat16-as-uint16 bits, a numpy workaround, are not needed here):
 
 - ``values``       [..., k]  the teacher's log-probabilities at T = 1 of its k most likely tokens,
   largest first, in the cache dtype (float16/bfloat16; float32 allowed for exact tests). They are
@@ -11,7 +12,8 @@ Layout (one :class:`TokenTopK`, one safetensors file, no pickle):
 - ``ids``          [..., k]  their token ids in the narrowest integer type holding the vocabulary:
   ``topk.index_dtype`` (uint8 ≤ 256, uint16 ≤ 65536, else int32) as a torch dtype. torch 2.15 and
   safetensors store uint16 natively but torch cannot index or gather with it, so readers call
-  ``.long()`` (:func:`gather_ids`) first.
+  ``.long()`` (:func:`gather_ids`) first. Above 65536 ids: int32, not uint32 (torch's uint32
+  supports even fewer ops, and int32 holds any real vocabulary).
 - ``tail_logmass`` [...]     float32: log of the teacher's mass outside the top-k at T = 1,
   computed in float64 per row chunk (log Σ_tail e^z − log Σ e^z, each a logsumexp: no
   cancellation, no underflow, so a tail of 1e-40 is stored as about -92, not -inf); -inf when
