@@ -65,21 +65,17 @@ def bucket_divergence(log_p: Tensor, log_q: Tensor, kind: str, beta: float = 0.5
     an empty bucket, never 0·inf = NaN, while a confidently wrong student keeps its gradient), the
     teacher's at TEACHER_LOG_FLOOR, so KL(q ‖ p) stays finite where the teacher's probability is
     0 (a -inf teacher logit)."""
-    floor = torch.finfo(log_q.dtype).min
-    p, q = log_p.exp(), log_q.exp()
-    lp, lq = log_p.clamp_min(TEACHER_LOG_FLOOR), log_q.clamp_min(floor)
-    if kind == "gkd" and beta == 0.0:
-        kind = "forward"
-    elif kind == "gkd" and beta == 1.0:
-        kind = "reverse"
-    if kind == "forward":
-        return (p * (lp - lq)).sum(-1)
-    if kind == "reverse":
-        return (q * (lq - lp)).sum(-1)
-    if kind != "gkd":
+    if kind not in KINDS:
         raise ValueError(f"kind: must be one of {', '.join(KINDS)}, got {kind!r}")
+    lp = log_p.clamp_min(TEACHER_LOG_FLOOR)
+    lq = log_q.clamp_min(torch.finfo(log_q.dtype).min)
+    if kind == "forward" or (kind == "gkd" and beta == 0.0):
+        return (log_p.exp() * (lp - lq)).sum(-1)
+    if kind == "reverse" or (kind == "gkd" and beta == 1.0):
+        return (log_q.exp() * (lq - lp)).sum(-1)
     lm = torch.logsumexp(torch.stack((lp + math.log(beta), lq + math.log1p(-beta))), dim=0)
-    return beta * (p * (lp - lm)).sum(-1) + (1 - beta) * (q * (lq - lm)).sum(-1)
+    return (beta * (log_p.exp() * (lp - lm)).sum(-1)
+            + (1 - beta) * (log_q.exp() * (lq - lm)).sum(-1))
 
 
 def student_bucket_log_probs(scaled: Tensor, ids: Tensor | None) -> Tensor:
@@ -145,6 +141,7 @@ class _ChunkedDivergence(torch.autograd.Function):
         need_grad = ctx.needs_input_grad[0] and plan.grad_enabled
         grad = torch.zeros_like(student) if need_grad else None
         total = torch.zeros((), dtype=torch.float64, device=student.device)
+        scale = plan.temperature ** 2 / real
         length = student.shape[1]
         for start in range(0, length, plan.chunk):
             cols = slice(start, min(start + plan.chunk, length))
@@ -159,11 +156,11 @@ class _ChunkedDivergence(torch.autograd.Function):
                 value = bucket_divergence(log_p, log_q, plan.kind, plan.beta).sum()
             if need_grad:
                 (g,) = torch.autograd.grad(value, x)
-                grad[:, cols][rows] = g.to(grad.dtype)
+                # scaled before the cast: one rounding into a bfloat16 student's dtype, not two
+                grad[:, cols][rows] = (g * scale).to(grad.dtype)
             total += value.detach().double()
-        scale = plan.temperature ** 2 / real
         if need_grad:
-            ctx.save_for_backward(grad.mul_(scale))
+            ctx.save_for_backward(grad)
         return (total * scale).to(work)
 
     @staticmethod
