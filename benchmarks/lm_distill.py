@@ -30,11 +30,13 @@ import os
 os.environ.setdefault("TQDM_DISABLE", "1")  # before anything imports tqdm
 
 import argparse
+import hashlib
 import json
 import platform
 import shutil
 import statistics
 import sys
+import tempfile
 import time
 from pathlib import Path
 from typing import Any
@@ -82,6 +84,14 @@ def overrides(s: dict[str, Any], data: Path, work: Path, seed: int,
     return sets
 
 
+def teacher_key(s: dict[str, Any], data: Path) -> str:
+    """What a saved teacher depends on: the corpus bytes and the teacher's settings."""
+    h = hashlib.sha256(data.read_bytes())
+    keys = ("vocab_size", "block_size", "batch_size", "teacher", "teacher_epochs", "teacher_lr")
+    h.update(json.dumps({k: s[k] for k in keys}, sort_keys=True).encode())
+    return h.hexdigest()[:12]
+
+
 def fit_numbers(part: dict[str, Any]) -> dict[str, Any]:
     """A student or baseline fit of a run_distill summary: last epoch's validation loss, test
     loss, and tokens/s over its training epochs (tokens ÷ seconds, every epoch)."""
@@ -125,7 +135,8 @@ def main(argv: list[str] | None = None) -> int:
     p.add_argument("--data", type=Path, required=True, help="the corpus (a .txt file)")
     p.add_argument("--json", type=Path, required=True, help="where the results go")
     p.add_argument("--work", type=Path, default=None,
-                   help="caches, MLflow store, teacher weights (default: <json>.work)")
+                   help="caches, MLflow store, teacher weights (default: a folder under the "
+                        "system's temp dir; the teacher is reused from it by corpus + settings)")
     p.add_argument("--teacher", type=Path, default=None,
                    help="teacher weights (a raykd checkpoint of the same teacher settings)")
     p.add_argument("--seeds", type=int, default=None)
@@ -136,9 +147,10 @@ def main(argv: list[str] | None = None) -> int:
     if args.seeds:
         s["seeds"] = args.seeds
     data = args.data.resolve()
-    work = (args.work or args.json.with_suffix(".work")).resolve()
+    default = Path(tempfile.gettempdir()) / f"raykd_lm_distill{'_quick' if args.quick else ''}"
+    work = (args.work or default).resolve()
     work.mkdir(parents=True, exist_ok=True)
-    saved = work / "teacher" / "model.safetensors"
+    saved = work / f"teacher-{teacher_key(s, data)}" / "model.safetensors"
     teacher = args.teacher.resolve() if args.teacher else (saved if saved.is_file() else None)
 
     from raykd.config import load_config
