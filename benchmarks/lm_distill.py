@@ -172,6 +172,7 @@ def main(argv: list[str] | None = None) -> int:
         out["parts"][name] = {"seconds": round(time.perf_counter() - t0, 1),
                               "load_before": before, "load_after": load()}
         print(f"[lm_distill] {name}: {out['parts'][name]}", flush=True)
+        (work / f"summary-{name}.json").write_text(json.dumps(result, indent=1, default=str))
         return result
 
     # seed 0: the teacher (trained now unless given), the top-k cache, student and baseline
