@@ -49,6 +49,17 @@ class DataConfig(Section):
     # fraction in (0, 1), stratified and seeded by split_seed; the rest is an unlabelled pool
     # whose labels training never sees (teacher/baseline fits learn the labelled part alone).
     labelled: int | float | None = None
+    # Text (data.name: text, raykd/data/text.py): the corpus file (.txt, .jsonl, .parquet), the
+    # field holding the text in JSON lines / Parquet, the model's context (tokens per block), the
+    # tokenizer (a folder or tokenizer.json, e.g. the teacher's save_pretrained folder; unset: a
+    # byte-level BPE of vocab_size trained on the corpus, kept in tokenizer_dir, by default
+    # beside the teacher cache).
+    path: str | None = None
+    text_field: str = "text"
+    block_size: int = Field(128, ge=2)
+    tokenizer: str | None = None
+    vocab_size: int = Field(512, ge=260)  # 256 bytes + the end-of-text token + merges
+    tokenizer_dir: str | None = None
 
     @field_validator("labelled")
     @classmethod
@@ -84,6 +95,18 @@ class DataConfig(Section):
                     and not Path(self.root).expanduser().exists()):
                 raise ValueError(f"root: folder {self.root!r} does not exist; point data.root at "
                                  f"the dataset or set data.download=true")
+        if self.name == "text":
+            if not self.path:
+                raise ValueError("path: dataset 'text' needs a corpus file; set "
+                                 "--set data.path=FILE (.txt, .jsonl or .parquet)")
+            if _checks_files(info) and not Path(self.path).expanduser().is_file():
+                raise ValueError(f"path: file {self.path!r} does not exist; give a .txt, "
+                                 f".jsonl or .parquet corpus")
+            if (_checks_files(info) and self.tokenizer
+                    and not Path(self.tokenizer).expanduser().exists()):
+                raise ValueError(f"tokenizer: {self.tokenizer!r} does not exist; give a folder "
+                                 f"holding tokenizer.json (e.g. the teacher's save_pretrained "
+                                 f"folder) or leave it unset to train a BPE on the corpus")
         return self
 
 
@@ -109,9 +132,18 @@ def _checks_files(info: ValidationInfo) -> bool:
 def _check_source(value: str, info: ValidationInfo) -> str:
     if value.startswith(URI_SCHEMES):
         return value
-    if _checks_files(info) and not Path(value).expanduser().is_file():
-        raise ValueError(f"file {value!r} does not exist; give a checkpoint path or an MLflow "
-                         f"URI (runs:/RUN_ID/PATH, models:/NAME/VERSION)")
+    path = Path(value).expanduser()
+    if _checks_files(info) and path.is_dir():
+        if not (path / "config.json").is_file():  # Hugging Face save_pretrained folders only
+            raise ValueError(f"folder {value!r} holds no config.json; give a save_pretrained "
+                             f"folder of a transformers model, a checkpoint file or an MLflow "
+                             f"URI (runs:/RUN_ID/PATH, models:/NAME/VERSION)")
+        return str(path.resolve())
+    if _checks_files(info) and not path.is_file():
+        kind = "file" if path.suffix else "folder"  # a save_pretrained folder has no suffix
+        raise ValueError(f"{kind} {value!r} does not exist; give a checkpoint file, a "
+                         f"save_pretrained folder (transformers) or an MLflow URI "
+                         f"(runs:/RUN_ID/PATH, models:/NAME/VERSION)")
     return str(Path(value).expanduser().resolve())
 
 
@@ -371,6 +403,13 @@ class RaykdConfig(Section):
     noisy_student: NoisyStudentConfig | None = None
     online: OnlineConfig | None = None
 
+    @model_validator(mode="after")
+    def _text_modes(self) -> RaykdConfig:
+        if self.data.name == "text" and self.teacher.mode == "replay":
+            raise ValueError("teacher.mode: replay caches augmented image views; text has none, "
+                             "use teacher.mode=cached (per-token top-k cache) or live")
+        return self
+
     def to_dict(self) -> dict[str, Any]:
         return self.model_dump(mode="json")
 
@@ -382,6 +421,10 @@ class RaykdConfig(Section):
         data, teacher = raw["data"], raw["teacher"]
         if self.data.name != "synthetic":
             for key in ("num_samples", "channels", "num_classes"):
+                data.pop(key)
+        if self.data.name != "text":
+            for key in ("path", "text_field", "block_size", "tokenizer", "vocab_size",
+                        "tokenizer_dir"):
                 data.pop(key)
             if self.data.name != "imagefolder":
                 data.pop("image_size")

@@ -75,9 +75,14 @@ def preflight(cfg: RaykdConfig, roles: tuple[str, ...] = ("teacher", "student"))
         raise ConfigError("train.keep_checkpoint: 'best' chooses the epoch on the validation "
                           "split, which is empty (data.val_fraction=0); set "
                           "train.keep_checkpoint=last")
-    x = torch.zeros(2, *info.input_shape)
+    text = getattr(info, "vocab_size", None) is not None
+    x = torch.zeros(2, *info.input_shape, dtype=torch.long if text else torch.float32)
     teacher = _teacher_model(cfg, info)
     student = build_model(cfg.student, info, field="student")
+    if text:
+        from raykd.models.lm_checks import check_language_models
+
+        check_language_models(cfg, info, teacher, student, roles)
     if "student" not in roles:
         return
     terms = cfg.distill.terms()

@@ -287,10 +287,47 @@ def log_torch_model(uri: str, run_id: str, model, example, name: str) -> str | N
         mlflow.set_tracking_uri(prev)
 
 
-def _model_requirements() -> list[str]:
+def log_hf_model(uri: str, run_id: str, model, tokenizer_file: str, name: str) -> str | None:
+    """Log a Hugging Face causal LM with its tokenizer as an MLflow ``transformers`` model
+    (``text-generation``; weights as safetensors via save_pretrained, no pickle), so
+    ``mlflow.transformers.load_model(uri)`` gives back a generation pipeline. Returns the
+    logged model's URI, or None when logging failed (the reason is logged)."""
+    import logging
+
+    import mlflow
+    from transformers.utils import logging as hf_logging
+
+    from raykd.data.tokenizer import hf_tokenizer
+    from raykd.models.hf import plain_forward
+
+    hf_logging.disable_progress_bar()  # save_pretrained's shard bar in the user's console
+    # MLflow looks for a hub model card and licence of a model that never came from the hub
+    logging.getLogger("mlflow.transformers").setLevel(logging.ERROR)
+    prev = mlflow.get_tracking_uri()
+    mlflow.set_tracking_uri(uri)
+    try:
+        with plain_forward(model.eval().cpu()) as plain, \
+                mlflow.start_run(run_id=run_id, nested=True):
+            plain.config.use_cache = True  # generation reuses past keys
+            info = mlflow.transformers.log_model(
+                {"model": plain, "tokenizer": hf_tokenizer(tokenizer_file)}, name=name,
+                task="text-generation", pip_requirements=_model_requirements(
+                    ("transformers", "tokenizers", "safetensors")))
+        return info.model_uri
+    except Exception as err:  # keep the weights (logged beside) whatever MLflow thinks
+        with tempfile.TemporaryDirectory() as tmp:
+            note = Path(tmp) / f"{name}_export_error.txt"
+            note.write_text(f"{type(err).__name__}: {err}\n")
+            log_artifact(uri, run_id, note)
+        return None
+    finally:
+        mlflow.set_tracking_uri(prev)
+
+
+def _model_requirements(extra: tuple[str, ...] = ()) -> list[str]:
     from importlib.metadata import version
 
-    return [f"{pkg}=={version(pkg)}" for pkg in ("torch", "mlflow", "numpy")]
+    return [f"{pkg}=={version(pkg)}" for pkg in ("torch", "mlflow", "numpy", *extra)]
 
 
 def download(uri: str, artifact_uri: str) -> Path:

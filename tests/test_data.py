@@ -104,8 +104,10 @@ def assert_matches_source(ds: IndexedDataset, source_rows: torch.Tensor, source_
 
 def test_registry_names_and_roots():
     assert set(DATASETS) == {"digits", "mnist", "fashion_mnist", "cifar10", "cifar100",
-                             "imagefolder", "synthetic"}
-    assert {n for n, s in DATASETS.items() if not s.needs_root} == {"digits", "synthetic"}
+                             "imagefolder", "synthetic", "text"}
+    # text needs data.path (a file), not data.root
+    assert {n for n, s in DATASETS.items() if not s.needs_root} == {"digits", "synthetic",
+                                                                     "text"}
     assert all(spec.name == name and spec.description for name, spec in DATASETS.items())
 
 

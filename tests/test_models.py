@@ -49,7 +49,9 @@ def test_registry_lists_the_contract_models():
     assert not is_known_model("resnet9000")
 
 
-@pytest.mark.parametrize("name", model_names())
+# hf_causal_lm needs a source (a folder or a model_type) and emits token logits [B, L, V]:
+# tests/test_lm_models.py covers it.
+@pytest.mark.parametrize("name", [n for n in model_names() if n != "hf_causal_lm"])
 def test_every_model_builds_and_returns_logits(name):
     dataset = info(channels=3, size=16, num_classes=7)
     model = build(name, dataset)

@@ -30,6 +30,9 @@ class DatasetSpec:
     needs_root: bool  # read by config validation: data.root must be set (and exist)
     description: str
     builder: Callable[[DataConfig], RawSplits]  # loads and splits; limit/hashing happen here
+    # The builder returns (info, {split: dataset}) itself, limit and identity included (text:
+    # token blocks are not [N, C, H, W] images).
+    ready_splits: bool = False
 
 
 def _lazy(module: str, function: str) -> Callable[[DataConfig], RawSplits]:
@@ -58,6 +61,9 @@ DATASETS: dict[str, DatasetSpec] = {spec.name: spec for spec in (
     DatasetSpec("synthetic", False, "seeded class-mean-plus-noise images (data.num_samples, "
                 "image_size, channels, num_classes); no files",
                 _lazy("raykd.data.builtin", "load_synthetic_splits")),
+    DatasetSpec("text", False, "a local corpus (data.path: .txt, .jsonl, .parquet) as blocks of "
+                "data.block_size token ids for causal language models",
+                _lazy("raykd.data.text", "load_text"), ready_splits=True),
 )}
 
 
@@ -82,7 +88,11 @@ def _identity(cfg: DataConfig, raw: RawSplits, splits: dict[str, IndexedDataset]
 def _load(cfg: DataConfig, resolved_root: str | None) -> _Loaded:
     # resolved_root is part of the cache key only: a relative root means another folder once the
     # working directory changes.
-    raw = DATASETS[cfg.name].builder(cfg)
+    spec = DATASETS[cfg.name]
+    if spec.ready_splits:
+        info, ready = spec.builder(cfg)
+        return _Loaded(info, ready)
+    raw = spec.builder(cfg)
     splits = {}
     for split in SPLITS:
         inputs, labels = raw.inputs[split], raw.labels[split]
@@ -104,6 +114,11 @@ def _loaded(cfg: DataConfig) -> _Loaded:
 
         require(cfg.root, "data.root", "folder")  # on a worker's node: names the node
     root = str(Path(cfg.root).expanduser().resolve()) if cfg.root else None
+    if cfg.path:
+        from raykd.node_files import require
+
+        require(cfg.path, "data.path")  # a corpus missing on a worker's node names the node
+        root = str(Path(cfg.path).expanduser().resolve())
     return _load(cfg, root)
 
 

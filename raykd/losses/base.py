@@ -10,12 +10,15 @@ from __future__ import annotations
 import math
 from collections.abc import Sequence
 from dataclasses import dataclass, field
-from typing import Any, ClassVar
+from typing import TYPE_CHECKING, Any, ClassVar
 
 import torch
 from torch import Tensor, nn
 
 from raykd.config import ConfigError
+
+if TYPE_CHECKING:  # the teacher package imports torch models; the losses need only the type
+    from raykd.teacher.token_topk import TokenTopK
 
 NEEDS = frozenset({"labels", "logits", "features", "pairs"})
 
@@ -31,6 +34,9 @@ class LossInputs:
     teacher_feats: list[Tensor] = field(default_factory=list)
     mask: Tensor | None = None  # [B, L], true/1 on real tokens, false/0 on padding
     epoch: int = 0  # 0-based; in pretrain mode it counts the pretrain epochs
+    # A per-token top-k cache's rows for this batch ([B, L] positions); the language terms read
+    # it instead of teacher_logits (one or the other, not both).
+    teacher_topk: TokenTopK | None = None
 
 
 @dataclass(frozen=True)
@@ -41,6 +47,7 @@ class Param:
     help: str
     kind: str = "float"
     minimum: float | None = None  # inclusive
+    maximum: float | None = None  # inclusive
     positive: bool = False  # strictly > 0
     choices: tuple[str, ...] = ()
 
@@ -74,6 +81,8 @@ class Param:
             raise ConfigError(f"{where}: must be > 0, got {value!r}")
         if self.minimum is not None and value < self.minimum:
             raise ConfigError(f"{where}: must be >= {self.minimum:g}, got {value!r}")
+        if self.maximum is not None and value > self.maximum:
+            raise ConfigError(f"{where}: must be <= {self.maximum:g}, got {value!r}")
         return value
 
 

@@ -21,6 +21,7 @@ Decisions:
 from __future__ import annotations
 
 from collections.abc import Mapping
+from typing import TYPE_CHECKING
 
 import torch
 from torch import Tensor, nn
@@ -28,6 +29,9 @@ from torch import Tensor, nn
 from raykd.config import ConfigError, DistillConfig
 from raykd.losses.base import LossInputs
 from raykd.losses.registry import LOSSES, build_term, term_field
+
+if TYPE_CHECKING:
+    from raykd.teacher.token_topk import TokenTopK
 
 
 def _shapes(shapes: Mapping[str, torch.Size], paths: list[str], side: str, where: str,
@@ -84,8 +88,11 @@ class DistillLoss(nn.Module):
     def forward(self, student_logits: Tensor | None, teacher_logits: Tensor | None,
                 labels: Tensor | None, s_feats: Mapping[str, Tensor],
                 t_feats: Mapping[str, Tensor], mask: Tensor | None = None, epoch: int = 0,
-                pretrain: bool = False) -> tuple[Tensor, dict[str, float]]:
-        """(total, {name: unweighted value}); teacher tensors are detached here and in terms."""
+                pretrain: bool = False, teacher_topk: TokenTopK | None = None
+                ) -> tuple[Tensor, dict[str, float]]:
+        """(total, {name: unweighted value}); teacher tensors are detached here and in terms.
+        ``teacher_topk``: a per-token top-k cache's rows for this batch, read by the language
+        terms in place of ``teacher_logits``."""
         if teacher_logits is not None:
             teacher_logits = teacher_logits.detach()
         total: Tensor | None = None
@@ -100,7 +107,7 @@ class DistillLoss(nn.Module):
                 student_logits=student_logits, teacher_logits=teacher_logits, labels=labels,
                 student_feats=[s_feats[p] for p in self.term_student_layers[i]],
                 teacher_feats=[t_feats[p].detach() for p in self.term_teacher_layers[i]],
-                mask=mask, epoch=epoch)
+                mask=mask, epoch=epoch, teacher_topk=teacher_topk)
             value = term.pretrain_loss(inp) if pretrain else term(inp)
             contribution = value if pretrain else weight * value
             total = contribution if total is None else total + contribution

@@ -1,44 +1,104 @@
 """Language-model terms: token-level soft targets and transformer-internal matching.
 
 Token tensors are [B, L, ...] with a padding mask [B, L] (true/1 = real token) passed as
-``LossInputs.mask``; every term here averages over real tokens only. Hidden states are
+``LossInputs.mask``; every term here averages over real tokens only. The soft-target terms
+(``token_kd``, ``token_rkl``, ``token_gkd``) read dense teacher logits or a per-token top-k cache
+(``LossInputs.teacher_topk``); their math is in ``token_divergence.py``. Hidden states are
 [B, L, H] (or pooled [B, H]); attention scores [B, heads, L, L].
 """
 
 from __future__ import annotations
 
-from typing import Any
+from typing import TYPE_CHECKING, Any
 
 import torch
 import torch.nn.functional as F
 from torch import Tensor, nn
 
-from raykd.losses.base import (TEMPERATURE, BuildContext, LossInputs, LossTerm,
-                               check_rank, connector_param, masked_mean, require_logits)
+from raykd.losses.base import (TEMPERATURE, BuildContext, LossInputs, LossTerm, Param,
+                               check_rank, connector_param, masked_mean)
 from raykd.losses.connectors import make_connector
 from raykd.losses.response import soft_kl
+from raykd.losses.token_divergence import token_divergence
+
+if TYPE_CHECKING:
+    from raykd.teacher.token_topk import TokenTopK
+
+
+CHUNK = Param(128, "sequence positions per step on a top-k cache and for the reverse/JSD terms "
+              "(dense token_kd runs in one pass); memory: about 7 float32 [batch·chunk, vocab] "
+              "tensors at a time", "int", positive=True)
+
+
+def _teacher(inp: LossInputs, key: str) -> tuple[Tensor, Tensor | None, TokenTopK | None]:
+    """(student logits [B, L, V], dense teacher logits or None, top-k cache rows or None)."""
+    if inp.student_logits is None:
+        raise ValueError(f"{key}: needs student logits")
+    s = inp.student_logits
+    if s.dim() != 3:
+        raise ValueError(f"{key}: expects logits [B, L, V], got {list(s.shape)}")
+    if (inp.teacher_logits is None) == (inp.teacher_topk is None):
+        raise ValueError(f"{key}: needs teacher_logits or teacher_topk (exactly one), got "
+                         + ("both" if inp.teacher_logits is not None else "neither"))
+    t = None if inp.teacher_logits is None else inp.teacher_logits.detach()
+    return s, t, inp.teacher_topk
 
 
 class TokenKD(LossTerm):
     """Per-token T²·KL(softmax(t/T) ‖ softmax(s/T)) over the vocabulary, averaged over real
-    tokens: DistilBERT's L_ce (arXiv 1910.01108) and the usual sequence-model KD."""
+    tokens: DistilBERT's L_ce (arXiv 1910.01108) and the usual sequence-model KD. With a top-k
+    cache (``LossInputs.teacher_topk``) the KL is over its k ids plus one tail bucket
+    (``token_divergence.py``), chunked along the sequence; dense logits take ``soft_kl``."""
 
     key = "token_kd"
     family = "language"
     paper = "token-level KD: Hinton et al. arXiv 1503.02531 applied per token, as DistilBERT's " \
             "L_ce (Sanh et al. 2019, arXiv 1910.01108)"
     needs = ("logits",)
-    params = {"temperature": TEMPERATURE}
+    params = {"temperature": TEMPERATURE, "chunk": CHUNK}
+    kind = "forward"
 
     def __init__(self, ctx: BuildContext, params: dict[str, Any]):
         super().__init__(ctx, params)
         self.temperature = params["temperature"] or ctx.temperature
+        self.chunk = int(params["chunk"])
+        self.beta = float(params.get("beta", 0.5))
 
     def forward(self, inp: LossInputs) -> Tensor:
-        s, t = require_logits(inp, self.key)
-        if s.dim() != 3:
-            raise ValueError(f"token_kd: expects logits [B, L, V], got {list(s.shape)}")
-        return soft_kl(s, t, self.temperature, inp.mask)
+        s, t, cache = _teacher(inp, self.key)
+        if t is not None and self.kind == "forward":
+            if t.shape != s.shape:
+                raise ValueError(f"{self.key}: teacher logits {list(t.shape)} vs student "
+                                 f"{list(s.shape)}")
+            return soft_kl(s, t, self.temperature, inp.mask)
+        return token_divergence(s, kind=self.kind, temperature=self.temperature,
+                                teacher_logits=t, teacher_topk=cache, mask=inp.mask,
+                                beta=self.beta, chunk=self.chunk)
+
+
+class TokenRKL(TokenKD):
+    """Per-token T²·KL(softmax(s/T) ‖ softmax(t/T)), the reverse (mode-seeking) KL, averaged
+    over real tokens; dense logits or the top-k cache's k + 1 buckets, chunked."""
+
+    key = "token_rkl"
+    paper = "reverse KL per token: Gu et al. 2024, MiniLLM: Knowledge Distillation of Large " \
+            "Language Models, arXiv 2306.08543"
+    kind = "reverse"
+
+
+class TokenGKD(TokenKD):
+    """Per-token T²·JSD_β(p_T, p_S) = β·KL(p_T ‖ m) + (1−β)·KL(p_S ‖ m), m = β·p_T + (1−β)·p_S,
+    averaged over real tokens. β = 0 is forward KL and β = 1 reverse KL (the formula itself is 0
+    there; TRL's convention, see ``token_divergence.py``). Supervised (fixed-data) GKD only: the
+    on-policy part, training on the student's own samples, belongs to the train loop."""
+
+    key = "token_gkd"
+    paper = "generalised JSD: Agarwal et al. 2024, On-Policy Distillation of Language Models: " \
+            "Learning from Self-Generated Mistakes (GKD), arXiv 2306.13649"
+    params = {"temperature": TEMPERATURE, "chunk": CHUNK,
+              "beta": Param(0.5, "JSD interpolation β: 0 = forward KL, 1 = reverse KL",
+                            minimum=0.0, maximum=1.0)}
+    kind = "gkd"
 
 
 def _token_mask(inp: LossInputs, feat: Tensor) -> Tensor | None:
@@ -142,4 +202,5 @@ class TinyBERTAttention(LossTerm):
         return total
 
 
-TERMS = (TokenKD, DistilBERTCosine, TinyBERTHidden, TinyBERTEmbedding, TinyBERTAttention)
+TERMS = (TokenKD, TokenRKL, TokenGKD, DistilBERTCosine, TinyBERTHidden, TinyBERTEmbedding,
+         TinyBERTAttention)

@@ -3,8 +3,11 @@
 A path is what ``model.named_modules()`` lists (``layer2``, ``layers.0.linear``,
 ``encoder.layer.3``); ``""`` is the model itself. A trailing ``:input`` takes the module's first
 input instead of its output — e.g. ``layer1.0.relu2:input`` is a pre-activation feature for
-Activation Boundaries. A module that runs several times in one forward (a shared ReLU) keeps
-the value of its last call.
+Activation Boundaries. A trailing ``:attention`` takes the attention probabilities
+``[B, heads, L, L]`` that a Hugging Face attention module returns as its second output under
+eager attention (``transformer.h.3.attn:attention``, ``model.layers.3.self_attn:attention``):
+TinyBERT's attention loss on transformers models. A module that runs several times in one
+forward (a shared ReLU) keeps the value of its last call.
 """
 
 from __future__ import annotations
@@ -19,15 +22,18 @@ from torch import nn
 from raykd.config import ConfigError
 
 INPUT_SUFFIX = ":input"
+ATTENTION_SUFFIX = ":attention"
 
 
 def split_path(path: str, field: str) -> tuple[str, bool]:
-    """``"a.b:input"`` → ``("a.b", True)``; ``"a.b"`` → ``("a.b", False)``."""
+    """``"a.b:input"`` → ``("a.b", True)``; ``"a.b"`` (or ``"a.b:attention"``) →
+    ``("a.b", False)``."""
     module_path, sep, suffix = path.partition(":")
-    if sep and suffix != INPUT_SUFFIX[1:]:
+    if sep and f":{suffix}" not in (INPUT_SUFFIX, ATTENTION_SUFFIX):
         raise ConfigError(f"{field}: module path {path!r} has an unknown suffix ':{suffix}'; "
-                          f"allowed: a module path, optionally ending in {INPUT_SUFFIX}")
-    return module_path, bool(sep)
+                          f"allowed: a module path, optionally ending in {INPUT_SUFFIX} or "
+                          f"{ATTENTION_SUFFIX}")
+    return module_path, suffix == INPUT_SUFFIX[1:]
 
 
 def resolve_module(model: nn.Module, path: str, field: str) -> nn.Module:
@@ -99,6 +105,8 @@ class FeatureHooks:
                 # A pre-hook sees the input before the module runs (an inplace module would
                 # overwrite it); kwargs too, since some modules are called as f(src=x).
                 handle = module.register_forward_pre_hook(self._input_hook(path), with_kwargs=True)
+            elif path.endswith(ATTENTION_SUFFIX):
+                handle = module.register_forward_hook(self._attention_hook(path))
             else:
                 handle = module.register_forward_hook(self._output_hook(path))
             self._handles.append(handle)
@@ -112,6 +120,15 @@ class FeatureHooks:
     def _output_hook(self, path: str):
         def hook(module: nn.Module, args: tuple, output: Any) -> None:
             self.features[path] = _keep(_first_tensor(output))
+        return hook
+
+    def _attention_hook(self, path: str):
+        def hook(module: nn.Module, args: tuple, output: Any) -> None:
+            weights = output[1] if isinstance(output, (tuple, list)) and len(output) > 1 \
+                else None
+            # None (e.g. sdpa attention, which never forms the probabilities) fails in
+            # probe_shapes with the path named.
+            self.features[path] = _keep(weights) if isinstance(weights, torch.Tensor) else None
         return hook
 
     def _input_hook(self, path: str):
@@ -140,6 +157,10 @@ def probe_shapes(model: nn.Module, paths: Iterable[str], example_x: torch.Tensor
     shapes = {}
     for path in hooks.paths:
         value = hooks.features.get(path)
+        if value is None and path in hooks.features and path.endswith(ATTENTION_SUFFIX):
+            raise ConfigError(f"{field}: module path {path!r} returned no attention "
+                              f"probabilities; allowed: an attention module of a transformers "
+                              f"model built with args.attn_implementation: eager")
         if not isinstance(value, torch.Tensor):
             raise ConfigError(f"{field}: module path {path!r} "
                               + ("did not run during a forward pass" if value is None

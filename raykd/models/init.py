@@ -22,7 +22,9 @@ def init_student_from_teacher(student: nn.Module, teacher: nn.Module) -> list[st
     """Copy matching teacher weights into ``student`` in place; returns the copied parameter
     names (student names). ``ConfigError`` if nothing could be copied."""
     pairs: list[tuple[str, str]] = []  # (student prefix, teacher prefix)
-    if isinstance(student, TinyTransformer) and isinstance(teacher, TinyTransformer):
+    if _is_hf(student) and _is_hf(teacher):
+        pairs = _hf_pairs(student, teacher)
+    elif isinstance(student, TinyTransformer) and isinstance(teacher, TinyTransformer):
         pairs.append(("embeddings.", "embeddings."))
         pairs += _layer_pairs("encoder.layer.", len(student.encoder.layer),
                               len(teacher.encoder.layer))
@@ -37,6 +39,28 @@ def init_student_from_teacher(student: nn.Module, teacher: nn.Module) -> list[st
                           f"family and matching widths; student {_describe(student)} vs teacher "
                           f"{_describe(teacher)}")
     return copied
+
+
+def _is_hf(model: nn.Module) -> bool:
+    return hasattr(model, "config") and hasattr(model.config, "model_type")
+
+
+def _hf_pairs(student: nn.Module, teacher: nn.Module) -> list[tuple[str, str]]:
+    """Hugging Face causal LMs of one model type: student block i ← teacher block i·stride,
+    and every module outside the blocks (embeddings, final norm, output head) by its own
+    path — DistilBERT's initialisation for any architecture."""
+    from raykd.models.hf import block_list
+
+    if student.config.model_type != teacher.config.model_type:
+        return []
+    s_blocks, t_blocks = block_list(student), block_list(teacher)
+    if s_blocks is None or t_blocks is None or s_blocks[0] != t_blocks[0]:
+        return []
+    prefix = f"{s_blocks[0]}."
+    # The blocks first (_mapped_path takes the first matching prefix); blocks past the mapped
+    # ones go to a path no teacher has (they keep their init); "" maps the rest to itself.
+    return [*_layer_pairs(prefix, len(s_blocks[1]), len(t_blocks[1])), (prefix, "<unmapped>."),
+            ("", "")]
 
 
 def _layer_pairs(prefix: str, student_layers: int, teacher_layers: int) -> list[tuple[str, str]]:
@@ -76,5 +100,9 @@ def _mapped_path(path: str, pairs: list[tuple[str, str]]) -> str | None:
 
 
 def _describe(model: nn.Module) -> str:
+    if _is_hf(model):
+        from raykd.models.hf import describe_hf
+
+        return describe_hf(model)
     describe = getattr(model, "describe", None)
     return describe() if callable(describe) else type(model).__name__

@@ -20,6 +20,7 @@ from raykd.config import ConfigError, ModelConfig
 from raykd.models.args import BadArgs, check_args
 from raykd.models.cifar_resnet import CIFAR_RESNETS, build_cifar_resnet
 from raykd.models.cnn import build_cnn
+from raykd.models.hf import HF_MODEL, build_hf_causal_lm
 from raykd.models.mlp import build_mlp
 from raykd.models.torchvision_models import PREFIX, build_torchvision, is_torchvision_model
 from raykd.models.transformer import build_tiny_transformer
@@ -40,6 +41,9 @@ def _registry() -> dict[str, ModelSpec]:
         ModelSpec("cnn", build_cnn, "small conv net for 8x8..32x32 images"),
         ModelSpec("tiny_transformer", build_tiny_transformer,
                   "tiny BERT-shaped token classifier / LM (input: token ids [B, L])"),
+        ModelSpec(HF_MODEL, build_hf_causal_lm,
+                  "Hugging Face transformers causal LM: a save_pretrained folder (pretrained) "
+                  "or built from model_type + config; token ids [B, L] → logits [B, L, V]"),
     ]
     for name, (depth, filters) in CIFAR_RESNETS.items():
         specs.append(ModelSpec(name, build_cifar_resnet, f"CIFAR ResNet-{depth}, filters {filters}",
@@ -89,5 +93,7 @@ def count_params(model: nn.Module) -> int:
 def example_input(model: nn.Module, info, batch_size: int = 2) -> torch.Tensor:
     """A zero batch the model accepts, for shape probes: token ids for token models, else images."""
     if getattr(model, "takes_tokens", False):
-        return torch.zeros(batch_size, model.max_len, dtype=torch.long)
+        shape = tuple(getattr(info, "input_shape", ()))  # token blocks: (block_size,)
+        length = shape[0] if len(shape) == 1 else model.max_len
+        return torch.zeros(batch_size, length, dtype=torch.long)
     return torch.zeros(batch_size, *info.input_shape)

@@ -49,6 +49,22 @@ def evaluate_checkpoints(sources: list[str], cfg: RaykdConfig, tracking_uri: str
     return float((logits.mean(0).argmax(-1) == labels).float().mean()) if len(labels) else 0.0
 
 
+def language_model_report(cfg: RaykdConfig, sources: list[str], student: dict[str, Any],
+                          tracking_uri: str) -> dict[str, Any]:
+    """Test split, in the driver: the teacher's and the student's accuracy, nats per token and
+    perplexity, and the student's top-1 agreement with the teacher (raykd.train.lm_eval)."""
+    from raykd.data import build_dataset
+    from raykd.teacher.loading import local_checkpoint
+    from raykd.train.checkpoint import load_model
+    from raykd.train.lm_eval import lm_test_report
+
+    test = build_dataset(cfg.data, "test")
+    teacher = load_model(local_checkpoint(sources[0], tracking_uri), cfg.teacher, test.info)
+    model = load_model(local_checkpoint(student["checkpoint"], tracking_uri), cfg.student,
+                       test.info, field="student")
+    return lm_test_report(teacher, model, test)
+
+
 def count_checkpoint_params(source: str, tracking_uri: str) -> int:
     from raykd.teacher.loading import local_checkpoint
     from raykd.train.checkpoint import read_checkpoint
@@ -145,6 +161,12 @@ def run_student(cfg: RaykdConfig, role: str, uri: str, parent: str, teacher=None
         acc = result.test_accuracy
         final = {"test_accuracy": acc, "params": result.params, "best_epoch": result.best_epoch,
                  "train_seconds": time.perf_counter() - start}
+        if result.test_loss is not None:
+            final["test_loss"] = result.test_loss  # language models: nats per token
+            if cfg.data.name == "text":
+                from raykd.train.lm_eval import perplexity
+
+                final["test_perplexity"] = perplexity(result.test_loss)
         tracking.log_metrics(uri, run_id, final)
         tracking.log_artifact(uri, run_id, weights, "checkpoint")
         model_uri = _log_model(cfg, uri, run_id, weights, dataset_info(cfg.data), role)
@@ -153,7 +175,7 @@ def run_student(cfg: RaykdConfig, role: str, uri: str, parent: str, teacher=None
                           {"raykd.checkpoint": f"runs:/{run_id}/checkpoint/model.safetensors",
                            "raykd.model_uri": model_uri or ""})
     return {"accuracy": acc, "model_uri": model_uri, "params": result.params, "run_id": run_id,
-            "checkpoint": weights,
+            "checkpoint": weights, "test_loss": result.test_loss,
             **_fit_part(result),
             "history": result.history, "transfer_size": result.transfer_size,
             "transfer": result.transfer,
@@ -166,6 +188,10 @@ def _log_model(cfg: RaykdConfig, uri: str, run_id: str, weights: str, info, role
     from raykd.train.checkpoint import load_model
 
     model = load_model(weights, cfg.student, info, field="student")
+    if cfg.data.name == "text":  # a causal LM: MLflow's transformers flavour, with its tokenizer
+        if not hasattr(model, "config"):
+            return None  # raykd's own token models have no transformers form
+        return tracking.log_hf_model(uri, run_id, model, info.tokenizer_file, role)
     # A batch of 2, not 1: torch.export would specialise the batch dimension to a size-1 example.
     return tracking.log_torch_model(uri, run_id, model, torch.zeros(2, *info.input_shape), role)
 
@@ -256,7 +282,11 @@ def run_distill(cfg: RaykdConfig, *, baseline: bool = False, config_path: str | 
             finally:  # one actor per job; the cache on disk and the driver-owned shards
                 # outlive it. Killed AND its name released: a next run starts afresh.
                 stop_teacher(service)
-        if teacher.get("accuracy") is None:  # a given teacher: measured here, once
+        if cfg.data.name == "text":  # teacher, student and their agreement on the test split
+            summary_lm = language_model_report(cfg, sources, student, uri)
+            teacher["accuracy"] = summary_lm["teacher"]["accuracy"]
+            teacher["test_loss"] = summary_lm["teacher"]["loss_nats_per_token"]
+        elif teacher.get("accuracy") is None:  # a given teacher: measured here, once
             teacher["accuracy"] = evaluate_checkpoints(sources, cfg, uri)
         if not teacher.get("params"):
             teacher["params"] = count_checkpoint_params(sources[0], uri)
@@ -266,6 +296,11 @@ def run_distill(cfg: RaykdConfig, *, baseline: bool = False, config_path: str | 
                                    else run_student(cfg, "baseline", uri, parent))
         final = {f"{k}_test_accuracy": v["accuracy"] for k, v in summary.items()}
         final.update({f"{k}_params": v["params"] for k, v in summary.items()})
+        if cfg.data.name == "text":
+            summary["language_model"] = summary_lm
+            final.update(teacher_test_perplexity=summary_lm["teacher"]["perplexity"],
+                         student_test_perplexity=summary_lm["student"]["perplexity"],
+                         student_teacher_agreement=summary_lm["student_teacher_agreement"])
         tracking.log_metrics(uri, parent, final)
         if cfg.tracking.register_as:
             summary["registered"] = register_student(cfg, uri, student, teacher, "offline")

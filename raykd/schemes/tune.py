@@ -36,7 +36,8 @@ from raykd.schemes.tune_trial import tune_trial
 
 STATE_FILE = "raykd_search.json"
 DEFAULT_STORAGE = Path(".raykd") / "tune"
-KNOWN_METRICS = ("val_accuracy", "train_loss")
+# val_perplexity and teacher_agreement: language models (raykd.train.lm_eval)
+KNOWN_METRICS = ("val_accuracy", "train_loss", "val_loss", "val_perplexity", "teacher_agreement")
 
 
 # -- checks and sizing ------------------------------------------------------------------------

@@ -86,7 +86,7 @@ class TeacherActor:
 
     def __init__(self, config: dict[str, Any], sources: list[str], tracking_uri: str):
         from raykd.data import build_dataset
-        from raykd.teacher.cache import CacheSpec, TeacherCache, check_cache, teacher_fingerprint
+        from raykd.teacher.cache import CacheSpec, teacher_fingerprint
         from raykd.teacher.loading import load_teacher_models
 
         started = time.perf_counter()
@@ -103,20 +103,27 @@ class TeacherActor:
         self.cache_event: dict[str, Any] = {"status": "live"}
         self._lock = threading.RLock()  # the actor is threaded: one cache build, one counter
         self.batcher = self._live_batcher()
+        # Token blocks (data.name: text): the per-token top-k cache (raykd.teacher.token_cache)
+        self.per_token = getattr(self.dataset.info, "vocab_size", None) is not None
         if self.cfg.teacher.mode != "live":
             self.root = default_cache_dir(self.cfg)
             info = self.dataset.info
-            self.spec = CacheSpec(
-                teacher_fingerprint=self.fingerprint, dataset_identity=info.identity,
-                split="train", preprocessing=info.preprocessing, views=teacher_views(self.cfg),
-                dtype=self.cfg.teacher.cache_dtype, topk=self.cfg.teacher.topk,
-                augment=augment_description(self.cfg), num_samples=len(self.dataset),
-                num_classes=info.num_classes)
+            if self.per_token:
+                from raykd.teacher.token_cache import token_spec
+
+                self.spec = token_spec(self.cfg, info, self.fingerprint, len(self.dataset))
+            else:
+                self.spec = CacheSpec(
+                    teacher_fingerprint=self.fingerprint, dataset_identity=info.identity,
+                    split="train", preprocessing=info.preprocessing,
+                    views=teacher_views(self.cfg), dtype=self.cfg.teacher.cache_dtype,
+                    topk=self.cfg.teacher.topk, augment=augment_description(self.cfg),
+                    num_samples=len(self.dataset), num_classes=info.num_classes)
             # One full verification (sha256 of every array) per start, restarts included: a
             # restarted actor serves what is on disk only after re-checking it.
-            status = check_cache(self.root, self.spec, verify=True)
+            status = self._check(verify=True)
             if status.state == "fresh":
-                self.cache = TeacherCache.open(self.root, self.spec, verify=False)
+                self.cache = self._open()
                 self.cache_event = {"status": "reused", "reason": "fingerprint matches; "
                                     + status.reason}
             else:
@@ -129,23 +136,46 @@ class TeacherActor:
         with self._lock:  # concurrent callers (Tune trials' drivers) wait for one build
             return self._ensure_cache()
 
-    def _ensure_cache(self) -> dict[str, Any]:
-        from raykd.teacher.cache import TeacherCache, build_cache, check_cache
+    def _check(self, verify: bool):
+        from raykd.teacher.cache import check_cache
+        from raykd.teacher.token_cache import check_token_cache
 
+        return (check_token_cache if self.per_token else check_cache)(self.root, self.spec,
+                                                                      verify=verify)
+
+    def _open(self):
+        from raykd.teacher.cache import TeacherCache
+        from raykd.teacher.token_cache import TokenCache
+
+        return (TokenCache if self.per_token else TeacherCache).open(self.root, self.spec,
+                                                                     verify=False)
+
+    def _build(self) -> None:
+        if self.per_token:
+            from raykd.teacher.token_cache import build_token_cache
+
+            build_token_cache(self.root, self.spec, lambda a, b: self._produce(a, b, 0),
+                              self.cfg.teacher.batch_size)
+            return
+        from raykd.teacher.cache import build_cache
+
+        build_cache(self.root, self.spec, self._produce, self.cfg.teacher.batch_size,
+                    progress=True)
+
+    def _ensure_cache(self) -> dict[str, Any]:
         if self.cfg.teacher.mode == "live":
             return self.stats()
         if self.cache is None:
-            before = check_cache(self.root, self.spec, verify=True)
+            before = self._check(verify=True)
             if before.fresh:  # another process published it meanwhile
-                self.cache = TeacherCache.open(self.root, self.spec, verify=False)
+                self.cache = self._open()
                 self.cache_event = {"status": "reused", "reason": str(before)}
                 return self.stats()
             prior = previous_cache(self.root, self.spec) if before.state == "missing" else None
             start = time.perf_counter()
-            build_cache(self.root, self.spec, self._produce, self.cfg.teacher.batch_size,
-                        progress=True)
+            self._build()
             seconds = time.perf_counter() - start
-            self.cache = TeacherCache.open(self.root, self.spec, verify=False)
+            self.cache = self._open()
             rows = self.spec.num_samples * self.spec.views
             event: dict[str, Any] = {"reason": str(before), "seconds": round(seconds, 3),
                                      "samples_per_s": round(rows / max(seconds, 1e-9), 1)}
@@ -178,7 +208,9 @@ class TeacherActor:
                        bytes_per_sample=self.cache.bytes_per_sample,
                        num_samples=self.cache.num_samples, num_classes=self.spec.num_classes,
                        topk=self.spec.topk, views=self.spec.views, dtype=self.spec.dtype,
-                       shard_size=self.cfg.teacher.shard_size)
+                       shard_size=self.cfg.teacher.shard_size, per_token=self.per_token)
+            if self.per_token:
+                out["bytes_per_token"] = self.cache.manifest["bytes_per_token"]
         return out
 
     def cache_spec(self):
@@ -199,6 +231,10 @@ class TeacherActor:
             raise IndexError(f"shard {i} is outside the cache ({cache.num_samples} samples, "
                              f"{size} per shard)")
         end = min(start + size, cache.num_samples)
+        if self.per_token:
+            from raykd.teacher.token_cache import shard_arrays
+
+            return shard_arrays(cache.topk, start, end)
         out = {name: np.ascontiguousarray(arr[start:end]) for name, arr in cache.arrays.items()}
         out["num_classes"] = np.array([cache.num_classes], dtype=np.int64)
         return out
@@ -208,7 +244,7 @@ class TeacherActor:
 
         idx = torch.arange(start, end)
         _, x, _ = self.dataset.get_batch(idx)
-        if self.spec.augment:  # replay: view `view` of each sample, as the student will see it
+        if getattr(self.spec, "augment", ""):  # replay: view `view` of each sample, as seen
             t = self.cfg.train
             x = replay_inputs(x, idx, view, t.seed, t.jitter, t.flip)
         return self._logits(x)

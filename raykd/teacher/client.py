@@ -40,6 +40,7 @@ class TeacherHandoff:
     actor: Any = None  # live mode
     feature_shapes: dict[str, list[int]] = field(default_factory=dict)
     max_resident_bytes: int = field(default_factory=_resident_budget)
+    per_token: bool = False  # language models: shards of TokenTopK (raykd.teacher.token_cache)
 
 
 # -- replay ----------------------------------------------------------------------------------
@@ -206,6 +207,35 @@ class CachedTeacher:
     def close(self) -> None:
         if self.pool:
             self.pool.shutdown(wait=False, cancel_futures=True)
+
+
+class TokenCachedTeacher:
+    """The per-token top-k cache of a language-model teacher, every shard fetched once (zero-copy
+    from the node's object store) and indexed locally: ``topk(idx)`` gives the rows of a batch
+    as a ``TokenTopK`` [B, L, k]. The whole cache is resident (no LRU as for image caches: a
+    corpus that outgrows the workers' memory is not supported yet)."""
+
+    all_resident = True  # shard_local_order leaves the epoch's order alone
+
+    def __init__(self, handoff: TeacherHandoff):
+        import ray
+
+        from raykd.teacher.token_cache import topk_from_shards
+
+        self.handoff = handoff
+        self.table = topk_from_shards(ray.get(list(handoff.refs)))
+        self.fetches = len(handoff.refs)
+
+    def topk(self, idx: torch.Tensor):
+        from raykd.teacher.token_topk import slice_rows
+
+        return slice_rows(self.table, torch.as_tensor(idx, dtype=torch.int64))
+
+    def prefetch(self, upcoming: torch.Tensor) -> None:
+        return None
+
+    def close(self) -> None:
+        return None
 
 
 # -- live ------------------------------------------------------------------------------------

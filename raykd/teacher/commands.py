@@ -37,17 +37,24 @@ def cache_command(args) -> dict[str, Any]:
     if args.action == "build":
         return build(args)
     folders = _cache_folders(args.path, args.action)
+    from raykd.teacher.token_cache import (inspect_token_cache, is_token_cache,
+                                           verify_token_cache)
+
     if args.action == "inspect":
         out = []
         for folder in folders:
-            info = inspect_cache(folder)
-            info["state"] = str(verify_cache(folder, verify=False))
+            if is_token_cache(folder):  # a language model's per-token top-k cache
+                info = inspect_token_cache(folder)
+                info["state"] = str(verify_token_cache(folder, verify=False))
+            else:
+                info = inspect_cache(folder)
+                info["state"] = str(verify_cache(folder, verify=False))
             out.append(info)
         print(json.dumps(out[0] if len(out) == 1 else out, indent=2, default=str))
         return {"caches": out}
     results = []
     for folder in folders:
-        status = verify_cache(folder)
+        status = verify_token_cache(folder) if is_token_cache(folder) else verify_cache(folder)
         print(f"{folder}: {status.state}" + (f" ({status.reason})" if status.reason else ""))
         results.append({"path": str(folder), "state": status.state, "reason": status.reason})
     bad = [r for r in results if r["state"] != "fresh"]

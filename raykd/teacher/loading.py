@@ -13,9 +13,13 @@ def local_checkpoint(source: str, tracking_uri: str) -> str:
         from raykd.tracking import download
 
         return str(download(tracking_uri, source))
+    from pathlib import Path
+
     from raykd.node_files import require
 
-    return str(require(source, "teacher.checkpoint"))  # a missing file names this node
+    # a save_pretrained folder (transformers) or a checkpoint file; a missing one names this node
+    kind = "file" if Path(source).suffix else "folder"
+    return str(require(source, "teacher.checkpoint", kind))
 
 
 def load_teacher_models(sources: list[str], cfg: RaykdConfig, info, tracking_uri: str

@@ -68,7 +68,8 @@ def serve_teacher(cfg: RaykdConfig, sources: list[str], tracking_uri: str,
     bounds, spec = ray.get([actor.shard_bounds.remote(), actor.cache_spec.remote()])
     refs = [actor.shard.remote(i) for i in range(len(bounds))]
     handoff = TeacherHandoff(mode=cfg.teacher.mode, bounds=bounds, refs=refs, spec=spec,
-                             bytes_per_row=int(cache["bytes_per_sample"]) * spec.views)
+                             bytes_per_row=int(cache["bytes_per_sample"]) * spec.views,
+                             per_token=bool(cache.get("per_token")))
     if max_resident_bytes is not None:
         handoff.max_resident_bytes = int(max_resident_bytes)
     return TeacherService(actor, handoff, cache, name)

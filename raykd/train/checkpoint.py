@@ -24,7 +24,36 @@ def _metadata(spec: dict, info) -> dict[str, str]:
 
 
 def _cpu_state(state: dict[str, torch.Tensor]) -> dict[str, torch.Tensor]:
-    return {k: v.detach().cpu().contiguous() for k, v in state.items()}
+    # Tied weights (a language model's input embedding and output head) are one tensor under
+    # two names; safetensors refuses shared memory, so each storage is written once, under its
+    # first name, and load_weights re-ties it.
+    out, seen = {}, set()
+    for k, v in state.items():
+        ptr = (v.device, v.data_ptr(), v.shape) if v.numel() else None
+        if ptr is not None and ptr in seen:
+            continue
+        seen.add(ptr)
+        out[k] = v.detach().cpu().contiguous()
+    return out
+
+
+def tied_aliases(model: nn.Module) -> set[str]:
+    """State-dict names that share their tensor with an earlier name (tied weights)."""
+    seen, aliases = set(), set()
+    for k, v in model.state_dict().items():
+        ptr = (v.device, v.data_ptr(), v.shape) if v.numel() else None
+        if ptr is not None and ptr in seen:
+            aliases.add(k)
+        seen.add(ptr)
+    return aliases
+
+
+def load_weights(model: nn.Module, state: dict[str, torch.Tensor]) -> tuple[list, list]:
+    """``model.load_state_dict(state, strict=False)`` → (missing, unexpected), not counting the
+    tied aliases :func:`_cpu_state` leaves out."""
+    missing, unexpected = model.load_state_dict(state, strict=False)
+    aliases = tied_aliases(model)
+    return [k for k in missing if k not in aliases], list(unexpected)
 
 
 def save_checkpoint(model: nn.Module | dict, spec: dict, info, path: str | Path) -> Path:
@@ -93,13 +122,30 @@ def load_model(path: str | Path, fallback_spec, info, field: str = "teacher") ->
     """Rebuild the model a checkpoint describes (or ``fallback_spec`` for bare state dicts)."""
     from raykd.config import ConfigError, ModelConfig
     from raykd.models import build_model
+    from raykd.models.hf import find_hf_folder
 
+    hf_folder = find_hf_folder(path)
+    if hf_folder is not None:  # a save_pretrained folder (or an MLflow artifact holding one)
+        return _load_hf(hf_folder, fallback_spec, field)
     state, spec, _ = read_checkpoint(path)
     model_cfg = ModelConfig(**spec) if spec else fallback_spec
     model = build_model(model_cfg, info, field=field)
-    missing, unexpected = model.load_state_dict(state, strict=False)
+    missing, unexpected = load_weights(model, state)
     if missing or unexpected:
         raise ConfigError(f"{field}.checkpoint: {path} does not fit model {model_cfg.name} "
                           f"{model_cfg.args}: missing {list(missing)[:3]}, unexpected "
                           f"{list(unexpected)[:3]}; give the matching {field}.name/args")
     return model.eval()
+
+
+def _load_hf(folder: Path, fallback_spec, field: str) -> nn.Module:
+    from raykd.config import ConfigError
+    from raykd.models.args import BadArgs
+    from raykd.models.hf import load_hf_folder
+
+    args = getattr(fallback_spec, "args", {}) or {}
+    try:
+        return load_hf_folder(folder, attn_implementation=args.get("attn_implementation",
+                                                                   "eager")).eval()
+    except BadArgs as err:
+        raise ConfigError(f"{field}.checkpoint: {err}") from None

@@ -32,6 +32,7 @@ class FitResult:
     transfer_size: int
     init_copied: list[str]
     test_accuracy: float | None = None  # of the selected (best or last) weights
+    test_loss: float | None = None  # its mean cross-entropy (language models: nats per token)
     best_epoch: int | None = None
     checkpoints: list[int] = field(default_factory=list)  # epochs checkpointed to Ray Train
     wall_seconds: float = 0.0
@@ -232,7 +233,8 @@ def fit(cfg: RaykdConfig, role: str, *, tracking_uri: str | None = None,
                      transfer=ret.get("transfer", {}), members=ret.get("members", {}),
                      exports=exports,
                      init_copied=ret.get("init_copied", []),
-                     test_accuracy=ret.get("test_accuracy"), best_epoch=ret.get("best_epoch"),
+                     test_accuracy=ret.get("test_accuracy"), test_loss=ret.get("test_loss"),
+                     best_epoch=ret.get("best_epoch"),
                      checkpoints=ret.get("checkpoints", []),
                      recoveries=ret.get("recoveries", []),
                      worker_nodes=ret.get("worker_nodes", []),

@@ -18,6 +18,7 @@ from torch import nn
 
 from raykd.config import DistillConfig, LossTermConfig, ModelConfig, RaykdConfig, validate
 from raykd.train.collective import all_reduce_sum
+from raykd.train.evaluate import evaluate, evaluate_members, evaluate_split  # noqa: F401
 
 
 @dataclass(frozen=True)
@@ -55,71 +56,37 @@ class DistillStep(nn.Module):
         self.precision = precision or Precision("fp32", "cpu")
         self._hooks = FeatureHooks(student, paths, "student").__enter__() if paths else None
 
-    def forward(self, x, t_logits, y, t_feats, epoch: int, pretrain: bool):
+    def forward(self, x, t_logits, y, t_feats, epoch: int, pretrain: bool, mask=None,
+                t_topk=None):
         with self.precision.autocast():  # train.precision: see raykd/train/precision.py
             logits = self.student(x)
+        # Language models: top-1 agreement with the teacher (its cached top-1, or its argmax
+        # in live mode), read by the loop after the step.
+        self.agreement = None
+        top1 = t_topk.ids[..., 0] if t_topk is not None else (
+            t_logits.argmax(-1) if t_logits is not None and t_logits.dim() == 3 else None)
+        if top1 is not None and mask is not None:
+            from raykd.train.lm_eval import agreement_sums
+
+            with torch.no_grad():
+                self.agreement = agreement_sums(logits, top1, mask)
         s_feats = dict(self._hooks.features) if self._hooks else {}
         if self.precision.dtype is not None:  # the loss in float32
             from raykd.train.precision import to_float32
 
             logits, s_feats = to_float32(logits), to_float32(s_feats)
         with self.precision.full():
-            total, parts = self.loss(logits, t_logits, y, s_feats, t_feats, epoch=epoch,
-                                     pretrain=pretrain)
+            total, parts = self.loss(logits, t_logits, y, s_feats, t_feats, mask=mask,
+                                     epoch=epoch, pretrain=pretrain, teacher_topk=t_topk)
         return total, parts
 
 
-@torch.no_grad()
-def evaluate_split(model: nn.Module, dataset, device, rank: int = 0, world: int = 1,
-                   batch_size: int = 1024) -> tuple[float, float]:
-    """(accuracy, mean cross-entropy) over ``dataset``, each rank scoring its strided share."""
-    was_training = model.training
-    model.eval()
-    correct = total = loss = 0.0
-    idx_all = torch.arange(len(dataset))[rank::world]  # empty for a rank past the end
-    for chunk in idx_all.split(batch_size):
-        _, x, y = dataset.get_batch(chunk)
-        logits = model(x.to(device))
-        y = y.to(logits.device)
-        correct += float((logits.argmax(-1) == y).sum())
-        loss += float(torch.nn.functional.cross_entropy(logits.float(), y, reduction="sum"))
-        total += len(y)
-    model.train(was_training)
-    correct, total, loss = all_reduce_sum([correct, total, loss], world)
-    return correct / max(total, 1), loss / max(total, 1)
+def _topk_to(topk, device):
+    """A batch's TokenTopK on the training device."""
+    import dataclasses
 
-
-@torch.no_grad()
-def evaluate_members(cohort: nn.Module, dataset, device, rank: int = 0, world: int = 1,
-                     batch_size: int = 1024) -> dict[str, tuple[float, float]]:
-    """(accuracy, mean cross-entropy) of every member of a cohort and of its ensemble
-    (``cohort.members(x)``, see raykd.models.cohort), each rank scoring its strided share."""
-    was_training = cohort.training
-    cohort.eval()
-    names = list(cohort.members(dataset.get_batch(torch.arange(min(2, len(dataset))))[1]
-                                .to(device)))
-    sums: dict[str, list[float]] = {}
-    total = 0.0
-    for chunk in torch.arange(len(dataset))[rank::world].split(batch_size):
-        _, x, y = dataset.get_batch(chunk)
-        y = y.to(device)
-        for name, logits in cohort.members(x.to(device)).items():
-            acc_loss = sums.setdefault(name, [0.0, 0.0])
-            acc_loss[0] += float((logits.argmax(-1) == y).sum())
-            acc_loss[1] += float(torch.nn.functional.cross_entropy(logits.float(), y,
-                                                                   reduction="sum"))
-        total += len(y)
-    cohort.train(was_training)
-    flat = [total] + [v for n in names for v in sums.get(n, [0.0, 0.0])]
-    flat = all_reduce_sum(flat, world)
-    total = max(flat[0], 1)
-    return {n: (flat[1 + 2 * i] / total, flat[2 + 2 * i] / total) for i, n in enumerate(names)}
-
-
-def evaluate(model: nn.Module, dataset, device, rank: int = 0, world: int = 1,
-             batch_size: int = 1024) -> float:
-    """Accuracy over ``dataset``, each rank scoring its strided share."""
-    return evaluate_split(model, dataset, device, rank, world, batch_size)[0]
+    return dataclasses.replace(topk, values=topk.values.to(device), ids=topk.ids.to(device),
+                               tail_logmass=topk.tail_logmass.to(device))
 
 
 def _make_optimizer(params, cfg: RaykdConfig, lr: float) -> torch.optim.Optimizer:
@@ -256,6 +223,10 @@ def run_phase(loop: dict[str, Any], phase_id: int, coordinator,
     cached = live = None
     if handoff is not None and handoff.mode == "live":
         live = LiveTeacher(handoff, plan.distill.layer_paths("teacher"))
+    elif handoff is not None and handoff.per_token:  # language models: per-token top-k
+        from raykd.teacher.client import TokenCachedTeacher
+
+        cached = TokenCachedTeacher(handoff)
     elif handoff is not None:
         cached = CachedTeacher(handoff)
     replay = handoff is not None and handoff.mode == "replay"
@@ -310,8 +281,10 @@ def run_phase(loop: dict[str, Any], phase_id: int, coordinator,
 
                 x = apply_transform(x, torch.randint(0, 2**62, (len(idx),), generator=gen),
                                     augment_v2)
-            t_logits, t_feats = None, {}
-            if cached is not None:
+            t_logits, t_feats, t_topk = None, {}, None
+            if cached is not None and handoff.per_token:
+                t_topk = _topk_to(cached.topk(idx), device)
+            elif cached is not None:
                 t_logits = cached.logits(idx, view)
                 if b + 1 < len(batches):
                     cached.prefetch(batches[b + 1])
@@ -323,7 +296,8 @@ def run_phase(loop: dict[str, Any], phase_id: int, coordinator,
             t_feats = {k: v.to(device) for k, v in t_feats.items()}
             if codistill is not None:
                 t_logits = codistill.targets(x, global_step)
-            total, parts = step(x, t_logits, y, t_feats, epoch, pretrain)
+            mask = (y != -100) if y.dim() == 2 else None  # token blocks: padding is -100
+            total, parts = step(x, t_logits, y, t_feats, epoch, pretrain, mask, t_topk)
             optimizer.zero_grad(set_to_none=True)
             precision.backward_step(total, optimizer)  # total.backward(); optimizer.step()
             global_step += 1
@@ -334,6 +308,13 @@ def run_phase(loop: dict[str, Any], phase_id: int, coordinator,
             sums["n"] += n
             for k, v in parts.items():
                 sums[f"loss_{k}"] = sums.get(f"loss_{k}", 0.0) + float(v) * n
+            if mask is not None:  # language models: tokens, and agreement with the teacher
+                sums["_tokens"] = sums.get("_tokens", 0.0) + float(mask.sum())
+                agreement = getattr(getattr(step, "module", step), "agreement", None)
+                if agreement is not None:
+                    agree, tokens = agreement
+                    sums["_agree"] = sums.get("_agree", 0.0) + agree
+                    sums["_agree_n"] = sums.get("_agree_n", 0.0) + tokens
         if scheduler:
             scheduler.step()
         last = epoch + 1 == plan.epochs
@@ -346,7 +327,7 @@ def run_phase(loop: dict[str, Any], phase_id: int, coordinator,
                            strict=True))
         seconds = time.perf_counter() - t0
         metrics = {("train_loss" if k == "loss" else k): v / max(reduced["n"], 1)
-                   for k, v in reduced.items() if k not in ("n", "_due")}
+                   for k, v in reduced.items() if not k.startswith("_") and k != "n"}
         t1 = time.perf_counter()
         val_acc, val_loss = evaluate_split(model, val_ds, device, rank, world)
         if cohort:  # each member's curve, for its own MLflow run
@@ -355,6 +336,13 @@ def run_phase(loop: dict[str, Any], phase_id: int, coordinator,
         metrics.update(val_accuracy=val_acc, val_loss=val_loss, epoch=epoch,
                        epoch_seconds=seconds, eval_seconds=time.perf_counter() - t1,
                        samples_per_s=reduced["n"] / max(seconds, 1e-9), pretrain=float(pretrain))
+        if "_tokens" in reduced:  # language models: val_loss is in nats per token
+            from raykd.train.lm_eval import perplexity
+
+            metrics.update(val_perplexity=perplexity(val_loss),
+                           tokens_per_s=reduced["_tokens"] / max(seconds, 1e-9))
+            if "_agree_n" in reduced:
+                metrics["teacher_agreement"] = reduced["_agree"] / max(reduced["_agree_n"], 1)
         if keep_best and _better(metrics, best):  # "last" needs no copy: it is the model
             best = {"epoch": epoch, "val_accuracy": val_acc, "val_loss": val_loss,
                     "state": {k: v.detach().clone() for k, v in model.state_dict().items()}}
@@ -380,11 +368,13 @@ def run_phase(loop: dict[str, Any], phase_id: int, coordinator,
     if best is not None:
         model.load_state_dict(best["state"])
         kept_epoch = best["epoch"]
-    test_acc = evaluate(model, build_dataset(cfg.data, "test"), device, rank, world)
+    test_acc, test_loss = evaluate_split(model, build_dataset(cfg.data, "test"), device, rank,
+                                         world)
     result = {"history": history, "params": count_params(model), "role": role,
               "transfer_size": len(transfer), "transfer": tset.counts, "init_copied": copied,
               "best_epoch": kept_epoch,
-              "test_accuracy": test_acc, "checkpoints": checkpoints, "started_at": started_at}
+              "test_accuracy": test_acc, "test_loss": test_loss, "checkpoints": checkpoints,
+              "started_at": started_at}
     if cohort:
         test_ds = build_dataset(cfg.data, "test")
         result["members"] = {n: acc for n, (acc, _) in

@@ -107,7 +107,12 @@ def read_state(folder: str | Path, *, rank: int, model: nn.Module, loss: nn.Modu
     """Load a folder written by :func:`write_state` into the given modules (in place)."""
     folder = Path(folder)
     state = json.loads((folder / STATE).read_text())
-    model.load_state_dict(load_file(str(folder / "model.safetensors")))
+    from raykd.train.checkpoint import load_weights
+
+    missing, unexpected = load_weights(model, load_file(str(folder / "model.safetensors")))
+    if missing or unexpected:  # strict, apart from tied weights stored once
+        raise RuntimeError(f"checkpoint {folder} does not fit the model: missing {missing[:3]}, "
+                           f"unexpected {unexpected[:3]}")
     if (folder / "loss.safetensors").is_file():
         loss.load_state_dict(load_file(str(folder / "loss.safetensors")))
     optimizer.load_state_dict(torch.load(folder / "optimizer.pt", weights_only=True))

@@ -62,6 +62,12 @@ def resolve_config(cfg):
                           f"is memory-mapped from a folder; give a local or shared folder")
     update = {"train": cfg.train.model_copy(update={"storage_path": train_storage(cfg)}),
               "teacher": cfg.teacher.model_copy(update={"cache_dir": str(cache_dir(cfg))})}
+    if cfg.data.name == "text":  # the corpus, its tokenizer and where a trained one is kept
+        update["data"] = cfg.data.model_copy(update={
+            "path": resolve(cfg.data.path, "data"),
+            "tokenizer": resolve(cfg.data.tokenizer, "") if cfg.data.tokenizer else None,
+            "tokenizer_dir": (resolve(cfg.data.tokenizer_dir, "") if cfg.data.tokenizer_dir
+                              else str(cache_dir(cfg) / "tokenizers"))})
     if cfg.tune is not None:
         update["tune"] = cfg.tune.model_copy(
             update={"storage_path": resolve(cfg.tune.storage_path, "tune")})

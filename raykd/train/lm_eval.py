@@ -1,0 +1,67 @@
+"""Language-model evaluation: next-token accuracy and loss in nats per real token (padding,
+label -100, left out), perplexity, and top-1 agreement of a student with its teacher.
+
+``token_sums`` is what the one evaluation helper (raykd.train.loop.evaluate_split) adds up for
+token logits; ``agreement_sums`` what the training loop adds up against the cached teacher, and
+:func:`lm_test_report` what the driver measures on the test split once a distillation is done.
+"""
+
+from __future__ import annotations
+
+import math
+from typing import Any
+
+import torch
+from torch import Tensor
+
+IGNORE = -100
+
+
+def token_sums(logits: Tensor, labels: Tensor) -> tuple[float, float, float]:
+    """(correct, real tokens, summed cross-entropy in nats) of logits [B, L, V] vs labels
+    [B, L] (label -100: padding, not counted)."""
+    rows, y = logits.reshape(-1, logits.shape[-1]).float(), labels.reshape(-1)
+    keep = y != IGNORE
+    correct = float((rows.argmax(-1)[keep] == y[keep]).sum())
+    nll = float(torch.nn.functional.cross_entropy(rows, y, ignore_index=IGNORE, reduction="sum"))
+    return correct, float(keep.sum()), nll
+
+
+def agreement_sums(student_logits: Tensor, teacher_top1: Tensor, mask: Tensor | None
+                   ) -> tuple[float, float]:
+    """(tokens where the student's argmax is the teacher's, real tokens)."""
+    same = student_logits.argmax(-1) == teacher_top1.to(torch.int64)
+    if mask is not None:
+        same = same[mask]
+    return float(same.sum()), float(same.numel())
+
+
+def perplexity(nats_per_token: float) -> float:
+    return math.exp(min(nats_per_token, 700.0))  # exp overflows past ~709
+
+
+@torch.no_grad()
+def lm_test_report(teacher, student, dataset, batch_size: int = 64) -> dict[str, Any]:
+    """Teacher and student on ``dataset`` (the test split), in this process: each one's
+    accuracy, nats per token and perplexity, and the student's top-1 agreement with the
+    teacher over real tokens."""
+    sums = {"t_correct": 0.0, "s_correct": 0.0, "tokens": 0.0, "t_nll": 0.0, "s_nll": 0.0,
+            "agree": 0.0}
+    teacher.eval()
+    student.eval()
+    for chunk in torch.arange(len(dataset)).split(batch_size):
+        _, x, y = dataset.get_batch(chunk)
+        t_logits, s_logits = teacher(x), student(x)
+        tc, n, tn = token_sums(t_logits, y)
+        sc, _, sn = token_sums(s_logits, y)
+        agree, _ = agreement_sums(s_logits, t_logits.argmax(-1), y != IGNORE)
+        for key, value in (("t_correct", tc), ("s_correct", sc), ("tokens", n), ("t_nll", tn),
+                           ("s_nll", sn), ("agree", agree)):
+            sums[key] += value
+    n = max(sums["tokens"], 1.0)
+    return {"tokens": int(sums["tokens"]),
+            "teacher": {"accuracy": sums["t_correct"] / n, "loss_nats_per_token": sums["t_nll"] / n,
+                        "perplexity": perplexity(sums["t_nll"] / n)},
+            "student": {"accuracy": sums["s_correct"] / n, "loss_nats_per_token": sums["s_nll"] / n,
+                        "perplexity": perplexity(sums["s_nll"] / n)},
+            "student_teacher_agreement": sums["agree"] / n}
