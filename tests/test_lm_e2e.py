@@ -60,7 +60,9 @@ def distilled(ray_session, teacher_files):
 
 
 def test_student_learns_from_the_per_token_cache(distilled):
-    summary, _, _ = distilled
+    summary, _, root = distilled
+    console = (root / "console.txt").read_text()
+    assert "test ppl" in console and "Writing model shards" not in console
     cache = summary["teacher"]["cache"]
     assert cache["status"] == "built" and cache["per_token"] is True
     assert cache["topk"] == K
@@ -97,6 +99,14 @@ def test_mlflow_metrics_and_generation(distilled):
     parent = client.get_run(summary["mlflow"]["run_id"]).data.metrics
     assert parent["student_teacher_agreement"] == pytest.approx(
         summary["language_model"]["student_teacher_agreement"])
+    # the logged student serves as a teacher by its models:/ URI (raykd's teacher loader)
+    import torch
+
+    from raykd.teacher.loading import local_checkpoint
+    from raykd.train.checkpoint import load_model
+
+    as_teacher = load_model(local_checkpoint(summary["student"]["model_uri"], uri), None, None)
+    assert as_teacher(torch.tensor([[1, 2, 3]])).shape == (1, 3, VOCAB)
     mlflow.set_tracking_uri(uri)
     pipe = mlflow.transformers.load_model(summary["student"]["model_uri"])
     text = pipe("the king", max_new_tokens=5, do_sample=False)[0]["generated_text"]
