@@ -100,9 +100,15 @@ def print_table(summary: dict[str, Any]) -> None:
             if isinstance(v, dict) and "accuracy" in v and v["accuracy"] is not None]
     if not rows:
         return
-    print("\n  model       test acc    params")
+    lm = "language_model" in summary  # token accuracy, and perplexity (nats per token → exp)
+    print("\n  model       test acc    params" + ("    test ppl" if lm else ""))
     for name, part in rows:
-        print(f"  {name:<10} {part['accuracy'] * 100:8.2f}%  {part.get('params', 0):>8,}")
+        line = f"  {name:<10} {part['accuracy'] * 100:8.2f}%  {part.get('params', 0):>8,}"
+        if lm and part.get("test_loss") is not None:
+            import math
+
+            line += f"  {math.exp(min(part['test_loss'], 700.0)):10.2f}"
+        print(line)
     if "mlflow" in summary:
         run = summary["mlflow"]
         print(f"\n  MLflow run {run['run_id']} at {redact(run['tracking_uri'])}")

@@ -11,6 +11,10 @@ from pathlib import Path
 
 import pytest
 
+# The per-token format and the token losses come with the lm-cache branch (issue 19's split):
+# until it is merged there is nothing to build the cache with.
+pytest.importorskip("raykd.teacher.token_topk", reason="raykd.teacher.token_topk (lm-cache)")
+
 K = 16
 VOCAB = 300
 STUDENT = "{model_type: gpt2, config: {n_layer: 1, n_embd: 32, n_head: 2, n_positions: 64}}"
@@ -60,7 +64,9 @@ def distilled(ray_session, teacher_files):
 
 
 def test_student_learns_from_the_per_token_cache(distilled):
-    summary, _, _ = distilled
+    summary, _, root = distilled
+    console = (root / "console.txt").read_text()
+    assert "test ppl" in console and "Writing model shards" not in console
     cache = summary["teacher"]["cache"]
     assert cache["status"] == "built" and cache["per_token"] is True
     assert cache["topk"] == K
@@ -97,6 +103,14 @@ def test_mlflow_metrics_and_generation(distilled):
     parent = client.get_run(summary["mlflow"]["run_id"]).data.metrics
     assert parent["student_teacher_agreement"] == pytest.approx(
         summary["language_model"]["student_teacher_agreement"])
+    # the logged student serves as a teacher by its models:/ URI (raykd's teacher loader)
+    import torch
+
+    from raykd.teacher.loading import local_checkpoint
+    from raykd.train.checkpoint import load_model
+
+    as_teacher = load_model(local_checkpoint(summary["student"]["model_uri"], uri), None, None)
+    assert as_teacher(torch.tensor([[1, 2, 3]])).shape == (1, 3, VOCAB)
     mlflow.set_tracking_uri(uri)
     pipe = mlflow.transformers.load_model(summary["student"]["model_uri"])
     text = pipe("the king", max_new_tokens=5, do_sample=False)[0]["generated_text"]

@@ -152,3 +152,13 @@ def test_cli_errors_before_ray(teacher_folder, workdir, cli_stderr):
         assert err.startswith(f"raykd: error: {start}"), err
         assert "\n" not in err and "Traceback" not in err, err
     assert ray.is_initialized() == started  # nothing started a cluster
+
+
+def test_teacher_folder_tokenizer_is_the_default(teacher_folder, tmp_path):
+    folder, corpus = teacher_folder
+    cfg = load_config(None, ["data.name=text", f"data.path={corpus}", "data.block_size=16",
+                             "teacher.name=hf_causal_lm", f"teacher.checkpoint={folder}"])
+    assert cfg.data.tokenizer == str(folder)
+    assert dataset_info(cfg.data).tokenizer_file == str(folder / "tokenizer.json")
+    trained = load_config(None, ["data.name=text", f"data.path={corpus}"])
+    assert trained.data.tokenizer is None  # no teacher folder: a BPE is trained on the corpus

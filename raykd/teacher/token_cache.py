@@ -236,11 +236,14 @@ def topk_from_shards(shards: list[dict[str, np.ndarray]]):
 
     from raykd.teacher.token_topk import TokenTopK
 
+    def joined(name: str) -> torch.Tensor:
+        parts = [torch.from_numpy(s[name]) for s in shards]
+        # one shard: the object store's (node-shared) memory itself, no copy
+        return parts[0] if len(parts) == 1 else torch.cat(parts)
+
     with warnings.catch_warnings():  # object-store arrays are read-only; they are only read
         warnings.simplefilter("ignore", UserWarning)
-        values = torch.cat([torch.from_numpy(s["values"]) for s in shards])
-        ids = torch.cat([torch.from_numpy(s["ids"]) for s in shards])
-        tail = torch.cat([torch.from_numpy(s["tail_logmass"]) for s in shards])
+        values, ids, tail = joined("values"), joined("ids"), joined("tail_logmass")
     if bool(shards[0]["bfloat16"][0]):
         values = values.view(torch.bfloat16)
     return TokenTopK(values, ids, tail, int(shards[0]["vocab_size"][0]))

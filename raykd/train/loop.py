@@ -224,8 +224,14 @@ def run_phase(loop: dict[str, Any], phase_id: int, coordinator,
     if handoff is not None and handoff.mode == "live":
         live = LiveTeacher(handoff, plan.distill.layer_paths("teacher"))
     elif handoff is not None and handoff.per_token:  # language models: per-token top-k
+        from raykd.config import ConfigError
         from raykd.teacher.client import TokenCachedTeacher
 
+        if handoff.spec.dataset_identity != info.identity:  # other tokens than the cache's
+            raise ConfigError(f"data.tokenizer_dir: this worker's token blocks ({info.identity}) "
+                              f"are not the teacher cache's ({handoff.spec.dataset_identity}); "
+                              f"on several nodes put data.tokenizer_dir (or data.tokenizer) "
+                              f"on storage every node reads")
         cached = TokenCachedTeacher(handoff)
     elif handoff is not None:
         cached = CachedTeacher(handoff)

@@ -65,13 +65,24 @@ def resolve_config(cfg):
     if cfg.data.name == "text":  # the corpus, its tokenizer and where a trained one is kept
         update["data"] = cfg.data.model_copy(update={
             "path": resolve(cfg.data.path, "data"),
-            "tokenizer": resolve(cfg.data.tokenizer, "") if cfg.data.tokenizer else None,
+            "tokenizer": _text_tokenizer(cfg),
             "tokenizer_dir": (resolve(cfg.data.tokenizer_dir, "") if cfg.data.tokenizer_dir
                               else str(cache_dir(cfg) / "tokenizers"))})
     if cfg.tune is not None:
         update["tune"] = cfg.tune.model_copy(
             update={"storage_path": resolve(cfg.tune.storage_path, "tune")})
     return cfg.model_copy(update=update)
+
+
+def _text_tokenizer(cfg) -> str | None:
+    """``data.tokenizer`` made absolute; unset, the teacher's own when its checkpoint is a
+    save_pretrained folder that holds a tokenizer.json (a trained BPE otherwise)."""
+    if cfg.data.tokenizer:
+        return resolve(cfg.data.tokenizer, "")
+    source = cfg.teacher.checkpoint
+    if source and not is_uri(source) and (Path(source) / "tokenizer.json").is_file():
+        return resolve(source, "")
+    return None
 
 
 def train_storage(cfg) -> str:
