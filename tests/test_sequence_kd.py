@@ -178,9 +178,12 @@ def test_bad_config_values_fail_with_one_line(override, field):
 
 
 def test_cli_rejects_more_prompts_than_blocks_before_ray(lm, tmp_path, capsys):
+    import ray
+
     from raykd.cli import main
 
     corpus, teacher, _ = lm
+    ray_before = ray.is_initialized()
     rc = main(["seq-kd", "--config", str(_CONFIG), "--set", f"data.path={corpus}",
                "--set", f"data.tokenizer={teacher}", "--set", f"teacher.checkpoint={teacher}",
                "--set", f"data.block_size={BLOCK}", "--set", f"student.args={STUDENT}",
@@ -189,9 +192,7 @@ def test_cli_rejects_more_prompts_than_blocks_before_ray(lm, tmp_path, capsys):
     err = capsys.readouterr().err.strip()
     assert rc == 2 and err.startswith("raykd: error: sequence_kd.prompts:"), err
     assert len(err.splitlines()) == 1
-    import ray
-
-    assert not ray.is_initialized()
+    assert ray.is_initialized() == ray_before  # stopped before any cluster was started
 
 
 _CONFIG = Path(__file__).resolve().parents[1] / "configs" / "shakespeare_seqkd.yaml"
@@ -271,26 +272,41 @@ def test_seq_kd_end_to_end(seq_kd, lm):
     assert metrics["student_test_perplexity"] == pytest.approx(student["test_perplexity"])
 
 
-def test_seq_kd_reuses_the_dataset_and_combines_with_token_kd(seq_kd, lm):
-    """A second run with the same generation settings reuses the dataset; with token_kd the
-    teacher's per-token cache is built on the generated rows (plus the corpus's blocks with
-    mix_original): Kim & Rush's word + sequence-level combination."""
-    pytest.importorskip("raykd.teacher.token_topk", reason="the per-token cache's encoding "
-                        "(raykd.teacher.token_topk) arrives with the lm-cache branch")
+def _per_token_cache_ready() -> bool:
+    """The teacher's per-token top-k cache reaches the losses: its encoding module and the
+    losses' ``teacher_topk`` input arrive with the lm-cache branch."""
+    import dataclasses
+    import importlib.util
+
+    from raykd.losses.base import LossInputs
+
+    return (importlib.util.find_spec("raykd.teacher.token_topk") is not None
+            and "teacher_topk" in {f.name for f in dataclasses.fields(LossInputs)})
+
+
+def test_seq_kd_reuses_the_dataset_and_mixes_the_corpus(seq_kd, lm):
+    """A second run with the same generation settings reuses the dataset; mix_original adds the
+    corpus's train blocks. Where the per-token cache is available, token_kd joins: the teacher's
+    cache is built on the generated rows — Kim & Rush's word + sequence-level combination."""
     from raykd.data import build_dataset
 
-    first, _ = seq_kd("pure", "--set", "train.epochs=3") if not (
-        lm[2] / "pure.json").is_file() else (json.loads((lm[2] / "pure.json").read_text()), "")
-    summary, log = seq_kd("combined", "--set", "train.epochs=1",
+    pure = lm[2] / "pure.json"
+    first = (json.loads(pure.read_text()) if pure.is_file()
+             else seq_kd("pure", "--set", "train.epochs=3")[0])
+    combined = _per_token_cache_ready()
+    losses = "[{name: ce}, {name: token_kd}]" if combined else "[{name: ce}]"
+    summary, log = seq_kd("mixed", "--set", "train.epochs=1",
                           "--set", "sequence_kd.mix_original=true",
-                          "--set", "distill.losses=[{name: ce}, {name: token_kd}]")
+                          "--set", f"distill.losses={losses}")
     seq, student = summary["sequences"], summary["student"]
     assert "sequence-level KD dataset reused" in log
     assert seq["status"] == "reused" and seq["key"] == first["sequences"]["key"]
     corpus_blocks = len(build_dataset(_config(lm, lm[2]).data, "train"))
     assert student["transfer_size"] == seq["rows"] + corpus_blocks
-    cache = summary["teacher"]["cache"]
-    assert cache["status"] == "built" and cache["per_token"]
-    assert cache["num_samples"] == seq["rows"] + corpus_blocks
-    last = student["history"][-1]
-    assert "loss_token_kd" in last and last["teacher_agreement"] > 0
+    assert student["test_perplexity"] < VOCAB
+    if combined:
+        cache = summary["teacher"]["cache"]
+        assert cache["status"] == "built" and cache["per_token"]
+        assert cache["num_samples"] == seq["rows"] + corpus_blocks
+        last = student["history"][-1]
+        assert "loss_token_kd" in last and last["teacher_agreement"] > 0
