@@ -128,7 +128,7 @@ def run_sequence_kd(cfg: RaykdConfig, *, config_path: str | None = None) -> dict
             "sequences": generated["rows"]})
         tracking.set_tags(uri, parent, {"raykd.sequences_key": generated["key"]})
         summary: dict[str, Any] = {
-            "teacher": teacher, "sequences": {k: v for k, v in generated.items()},
+            "teacher": teacher, "sequences": generated,
             "student": student, "language_model": lm,
             "mlflow": {"tracking_uri": uri, "run_id": parent,
                        "experiment": cfg.tracking.experiment},
