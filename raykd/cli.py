@@ -73,6 +73,9 @@ def build_parser() -> ArgumentParser:
     p.add_argument("--peers", type=int, metavar="K", help="DML peers / ONE branches (online.peers)")
     p.add_argument("--baseline", action="store_true",
                    help="also train each member's model alone, same budget")
+    p = verbs.add_parser("seq-kd", help="sequence-level KD: the teacher generates continuations "
+                                        "of train prompts, the student learns them")
+    _config_args(p)
     verbs.add_parser("losses", help="list the distillation loss terms")
     p = verbs.add_parser("tune", help="Ray Tune search over temperature and loss weights")
     _config_args(p)
@@ -194,6 +197,12 @@ def cmd_online(args) -> dict[str, Any]:
     return run_online_command(args)
 
 
+def cmd_seq_kd(args) -> dict[str, Any]:
+    from raykd.schemes.sequence_kd import run_sequence_kd_command
+
+    return run_sequence_kd_command(args)
+
+
 def cmd_report(args) -> dict[str, Any]:
     from raykd.report import run_report
 
@@ -209,7 +218,7 @@ def cmd_hinton(args) -> dict[str, Any]:
 COMMANDS = {"distill": cmd_distill, "train-teacher": cmd_train_teacher, "losses": cmd_losses,
             "cache": cmd_cache, "tune": cmd_tune, "report": cmd_report,
             "hinton-mnist": cmd_hinton, "born-again": cmd_born_again,
-            "noisy-student": cmd_noisy_student, "online": cmd_online}
+            "noisy-student": cmd_noisy_student, "online": cmd_online, "seq-kd": cmd_seq_kd}
 
 
 def _sigterm_as_interrupt():
@@ -253,7 +262,7 @@ def _main(argv: list[str] | None) -> int:
     except KeyboardInterrupt:
         print("raykd: interrupted", file=sys.stderr)
         return 130
-    if args.verb not in ("losses", "cache", "born-again", "noisy-student", "online"):
+    if args.verb not in ("losses", "cache", "born-again", "noisy-student", "online", "seq-kd"):
         print_table(summary)
     _write_summary(summary, getattr(args, "summary", None))
     return int(summary.get("exit_code", 0)) if isinstance(summary, dict) else 0

@@ -60,6 +60,11 @@ class DataConfig(Section):
     tokenizer: str | None = None
     vocab_size: int = Field(512, ge=260)  # 256 bytes + the end-of-text token + merges
     tokenizer_dir: str | None = None
+    # Sequence-level KD (raykd seq-kd sets these for its student): the train split is the
+    # teacher's generated sequences in this folder (raykd.data.sequences), with the corpus's own
+    # train blocks after them when sequences_with_original; val and test stay the corpus's.
+    sequences: str | None = None
+    sequences_with_original: bool = False
 
     @field_validator("labelled")
     @classmethod
@@ -391,6 +396,37 @@ class OnlineConfig(Section):
     burn_in_steps: int = Field(0, ge=0)
 
 
+class SequenceKDConfig(Section):
+    """Sequence-level KD (Kim & Rush 2016): the teacher continues prompts from the train split,
+    the student learns the generated sequences (``raykd seq-kd``, raykd.schemes.sequence_kd)."""
+
+    prompts: int | None = Field(None, ge=1)  # how many train blocks give a prompt; None: all
+    prompt_tokens: int = Field(8, ge=1)  # the first tokens of each chosen block
+    new_tokens: int | None = Field(None, ge=1)  # None: fill the block (block_size + 1 − prompt)
+    decoding: Literal["greedy", "sample"] = "greedy"
+    temperature: float = Field(1.0, gt=0.0)  # sample only
+    top_k: int | None = Field(None, ge=1)  # sample only; None: the whole vocabulary
+    seed: int = 0  # sample only: the draws of the batch starting at row r use seed and r
+    batch_size: int = Field(64, ge=1)  # prompts per generate call
+    mix_original: bool = False  # the student also learns the corpus's own train blocks
+    log_samples: int = Field(4, ge=0)  # decoded sequences logged as an MLflow artifact
+
+    @model_validator(mode="after")
+    def _sampling_only(self) -> SequenceKDConfig:
+        if self.decoding == "greedy":
+            if self.temperature != 1.0:
+                raise ValueError("temperature: applies to decoding: sample only; remove it or "
+                                 "set sequence_kd.decoding=sample")
+            if self.top_k is not None:
+                raise ValueError("top_k: applies to decoding: sample only; remove it or set "
+                                 "sequence_kd.decoding=sample")
+        return self
+
+    def width(self, block_size: int) -> int:
+        """Tokens per generated sequence: the prompt and its continuation."""
+        return self.prompt_tokens + (self.new_tokens or block_size + 1 - self.prompt_tokens)
+
+
 class RaykdConfig(Section):
     data: DataConfig = Field(default_factory=DataConfig)
     teacher: TeacherConfig = Field(default_factory=TeacherConfig)
@@ -402,12 +438,26 @@ class RaykdConfig(Section):
     born_again: BornAgainConfig | None = None
     noisy_student: NoisyStudentConfig | None = None
     online: OnlineConfig | None = None
+    sequence_kd: SequenceKDConfig | None = None
 
     @model_validator(mode="after")
     def _text_modes(self) -> RaykdConfig:
         if self.data.name == "text" and self.teacher.mode == "replay":
             raise ValueError("teacher.mode: replay caches augmented image views; text has none, "
                              "use teacher.mode=cached (per-token top-k cache) or live")
+        seq, block = self.sequence_kd, self.data.block_size
+        if seq is not None and self.data.name != "text":
+            raise ValueError(f"sequence_kd: sequence-level KD generates text; it needs "
+                             f"data.name: text, not {self.data.name!r}")
+        if seq is not None and seq.prompt_tokens >= block:
+            raise ValueError(f"sequence_kd.prompt_tokens: {seq.prompt_tokens} leaves no room "
+                             f"to generate in a block of data.block_size={block}; give fewer "
+                             f"than {block}")
+        if seq is not None and seq.width(block) > block + 1:
+            raise ValueError(f"sequence_kd.new_tokens: prompt_tokens + new_tokens = "
+                             f"{seq.width(block)} tokens do not fit a training block of "
+                             f"data.block_size={block} (at most {block + 1}); lower it or "
+                             f"leave it unset to fill the block")
         return self
 
     def to_dict(self) -> dict[str, Any]:
@@ -424,10 +474,13 @@ class RaykdConfig(Section):
                 data.pop(key)
         if self.data.name != "text":
             for key in ("path", "text_field", "block_size", "tokenizer", "vocab_size",
-                        "tokenizer_dir"):
+                        "tokenizer_dir", "sequences", "sequences_with_original"):
                 data.pop(key)
             if self.data.name != "imagefolder":
                 data.pop("image_size")
+        if self.data.sequences is None:  # only sequence-level KD's student has them
+            data.pop("sequences", None)
+            data.pop("sequences_with_original", None)
         if self.teacher.mode != "replay":
             teacher.pop("views")
         if self.teacher.checkpoint or self.teacher.ensemble:
@@ -435,7 +488,7 @@ class RaykdConfig(Section):
                 teacher.pop(key)
         if self.train.checkpoint_seconds is None:
             raw["train"].pop("checkpoint_seconds")
-        for section in ("tune", "born_again", "noisy_student", "online"):
+        for section in ("tune", "born_again", "noisy_student", "online", "sequence_kd"):
             if raw.get(section) is None:
                 raw.pop(section, None)
         if self.data.labelled is None:

@@ -193,12 +193,17 @@ def load_text(cfg: DataConfig) -> tuple[TextInfo, dict[str, TokenBlocks]]:
             inputs, labels = inputs[:cfg.limit], labels[:cfg.limit]
         splits[split] = TokenBlocks(inputs, labels)
         tokens[split] = splits[split].num_tokens()
+    generated = ""
+    if cfg.sequences:  # sequence-level KD's student: the teacher's sequences are its train split
+        splits["train"], generated = _generated_train(cfg, splits["train"], pad)
+        tokens["train"] = splits["train"].num_tokens()
     tok_sha = file_sha256(tok_file)
     vocab = tok.get_vocab_size(with_added_tokens=True)
     identity = "|".join([
         "text", f"corpus_sha256={corpus_sha[:16]}", f"tokenizer_sha256={tok_sha[:16]}",
         f"block_size={L}", f"val_fraction={cfg.val_fraction}", f"limit={cfg.limit}",
-        f"text_field={cfg.text_field if _reader(path) != 'text' else ''}"])
+        f"text_field={cfg.text_field if _reader(path) != 'text' else ''}"] + (
+            [generated] if generated else []))
     info = TextInfo(name="text", input_shape=(L,), num_classes=vocab,
                     sizes={s: len(splits[s]) for s in SPLITS}, identity=identity,
                     preprocessing=f"tokens of {tok_file.name} ({vocab} ids), blocks of {L}, "
@@ -209,3 +214,22 @@ def load_text(cfg: DataConfig) -> tuple[TextInfo, dict[str, TokenBlocks]]:
     for ds in splits.values():
         ds.info = info
     return info, splits
+
+
+def _generated_train(cfg: DataConfig, train: TokenBlocks, pad: int) -> tuple[TokenBlocks, str]:
+    """The generated sequences of ``data.sequences`` as train blocks (then the corpus's own
+    train blocks with ``data.sequences_with_original``), and the identity part naming them."""
+    from raykd.data.sequences import read_sequences, sequence_blocks
+    from raykd.node_files import require
+
+    require(cfg.sequences, "data.sequences", "folder")  # missing on a worker's node: says which
+    arrays, manifest = read_sequences(cfg.sequences)
+    if manifest["spec"]["block_size"] != cfg.block_size:
+        raise ConfigError(f"data.sequences: {cfg.sequences} was generated for blocks of "
+                          f"{manifest['spec']['block_size']} tokens, data.block_size is "
+                          f"{cfg.block_size}; generate it again for this block size")
+    inputs, labels = sequence_blocks(arrays["tokens"], arrays["lengths"], cfg.block_size, pad)
+    if cfg.sequences_with_original:
+        inputs, labels = torch.cat([inputs, train.inputs]), torch.cat([labels, train.labels])
+    mixed = "+original" if cfg.sequences_with_original else ""
+    return TokenBlocks(inputs, labels), f"sequences={manifest['sha256'][:16]}{mixed}"

@@ -310,6 +310,16 @@ class TeacherActor:
     def stats(self) -> dict[str, Any]:
         return {**self.cache_event, **self.describe()}
 
+    def generate_sequences(self) -> dict[str, Any]:
+        """Sequence-level KD: the teacher's continuations of train prompts as a fingerprinted
+        dataset beside the cache, reused when one of the same settings exists
+        (raykd.teacher.generate). The first model generates: an ensemble has no one sequence."""
+        from raykd.teacher.generate import ensure_sequences
+
+        with self._lock:
+            return ensure_sequences(self.cfg, self.models[0], self.dataset, self.fingerprint,
+                                    default_cache_dir(self.cfg), self.device)
+
 
 def _was_reconstructed() -> bool:
     import ray

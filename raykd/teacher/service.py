@@ -40,6 +40,26 @@ def ensure_teacher(cfg: RaykdConfig, sources: list[str], tracking_uri: str, atte
     raise AssertionError("unreachable")
 
 
+def generate_with_teacher(cfg: RaykdConfig, sources: list[str], tracking_uri: str
+                          ) -> dict[str, Any]:
+    """Sequence-level KD: the job's teacher actor generates (or finds) the dataset of
+    ``cfg.sequence_kd``; the actor is stopped afterwards (the dataset stays on disk)."""
+    import ray
+
+    from raykd.teacher.actor import actor_name, start_teacher_actor
+
+    actor = start_teacher_actor(cfg, sources, tracking_uri)
+    try:
+        return ray.get(actor.generate_sequences.remote())
+    except (ray.exceptions.RayActorError, ray.exceptions.RayTaskError) as err:
+        bad_input = _config_error(str(err))
+        if bad_input:  # e.g. more prompts than train blocks: one line
+            raise ConfigError(bad_input) from None
+        raise
+    finally:  # killed and its name released: the next run's actor starts afresh
+        stop_teacher(TeacherService(actor, None, {}, actor_name(cfg, sources)))
+
+
 def _config_error(text: str) -> str | None:
     """The ConfigError an actor's ``__init__`` raised, from the actor error's text (Ray keeps
     the creation task's error only as text there)."""

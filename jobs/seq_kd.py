@@ -1,0 +1,16 @@
+"""Ray Jobs entrypoint for `raykd seq-kd` (sequence-level knowledge distillation).
+
+    ray job submit --address http://HEAD:8265 --working-dir . -- python jobs/seq_kd.py [ARGS]
+
+ARGS are those of `raykd seq-kd` (--config, --set KEY=VALUE, --summary PATH). Inside a job
+RAY_ADDRESS is set, so raykd joins the cluster instead of starting a local one. On a multi-node
+cluster give an MLflow server (--set tracking.uri=http://MLFLOW:5000) and a teacher.cache_dir on
+storage every node shares: the workers read the generated dataset from there.
+"""
+
+import sys
+
+from raykd.cli import main
+
+if __name__ == "__main__":
+    sys.exit(main(["seq-kd", *sys.argv[1:]]))

@@ -1,0 +1,153 @@
+"""Sequence-level knowledge distillation (Kim & Rush 2016, arXiv 1606.07947): the student learns
+the teacher's own sequences instead of (or beside) the corpus.
+
+config → teacher (checkpoint, or trained now) → the teacher actor generates continuations of
+train prompts (``sequence_kd``: greedy or seeded sampling) into a fingerprinted dataset beside
+its cache, or finds the one of the same settings → the student fits on it through the ordinary
+``fit`` path (``data.sequences``: the generated rows are its train split; val and test stay the
+corpus's) → test loss, perplexity and agreement with the teacher → MLflow + summary.
+
+The loss is ``distill`` as configured: ``ce`` alone is sequence-level KD; with ``token_kd`` (or
+another term that reads the teacher), the teacher's per-token cache is built on the generated
+rows too — Kim & Rush's word + sequence-level combination, which beat either alone for them.
+With ``sequence_kd.mix_original`` the corpus's own train blocks are learned as well.
+
+MLflow: a parent run ``sequence-kd`` holding nested runs ``teacher`` (when trained here),
+``generation`` (its settings as params, rows / tokens / seconds as metrics, decoded samples as
+``samples.md``) and ``student``.
+"""
+
+from __future__ import annotations
+
+import time
+from typing import Any
+
+from raykd import tracking
+from raykd.config import ConfigError, RaykdConfig, SequenceKDConfig
+
+SCHEME = "sequence-kd"
+
+
+def settings(cfg: RaykdConfig) -> SequenceKDConfig:
+    return cfg.sequence_kd or SequenceKDConfig()
+
+
+def needs_teacher(cfg: RaykdConfig) -> bool:
+    """Whether a loss term reads the teacher (the combined word + sequence-level variant)."""
+    from raykd.losses.registry import LOSSES
+
+    return any(set(LOSSES[t.name].needs) - {"labels"} for t in cfg.distill.terms())
+
+
+def student_config(cfg: RaykdConfig, folder: str) -> RaykdConfig:
+    """The config the student fits with: the generated rows are its train split."""
+    return cfg.with_overrides({"data.sequences": folder,
+                               "data.sequences_with_original": settings(cfg).mix_original})
+
+
+def preflight_sequence_kd(cfg: RaykdConfig) -> None:
+    """Models, losses and prompts checked in the driver, before Ray starts."""
+    from raykd.data import build_dataset
+    from raykd.preflight import _teacher_model, preflight
+    from raykd.teacher.generate import prompt_rows
+
+    if cfg.data.name != "text":
+        raise ConfigError(f"data.name: sequence-level KD generates text; it needs data.name: "
+                          f"text, not {cfg.data.name!r}")
+    if cfg.teacher.ensemble:
+        raise ConfigError("teacher.ensemble: sequence-level KD generates with one teacher; "
+                          "give teacher.checkpoint (or neither, to train it)")
+    preflight(cfg)
+    train = build_dataset(cfg.data, "train")
+    if not hasattr(_teacher_model(cfg, train.info), "generate"):
+        raise ConfigError(f"teacher.name: sequence-level KD generates with a Hugging Face causal "
+                          f"LM; {cfg.teacher.name!r} has no generate (use hf_causal_lm)")
+    seq = settings(cfg)
+    prompt_rows(train.labels, seq.prompts, seq.prompt_tokens)  # enough blocks for the prompts
+
+
+def log_generation(uri: str, cfg: RaykdConfig, parent: str, generated: dict[str, Any]
+                   ) -> str:
+    """The generation as a nested run: settings, size, timing and decoded samples."""
+    with tracking.tracked_run(uri, cfg.tracking.experiment, "generation", parent,
+                              {"raykd.role": "generation",
+                               "raykd.sequences_key": generated["key"]}) as run_id:
+        tracking.log_params(uri, run_id, {f"sequence_kd.{k}": v for k, v in
+                                          settings(cfg).model_dump().items()})
+        tracking.log_metrics(uri, run_id, {k: generated[k] for k in (
+            "rows", "tokens", "seconds", "tokens_per_s") if k in generated} | {
+            "reused": float(generated["status"] == "reused")})
+        lines = [f"# {generated['rows']} sequences ({generated['status']}, key "
+                 f"{generated['key']})", ""]
+        for i, s in enumerate(generated["samples"]):
+            lines += [f"## {i}", "", f"**prompt** {s['prompt']!r}", "",
+                      f"**teacher** {s['continuation']!r}", ""]
+        tracking.log_text(uri, run_id, "\n".join(lines), "samples.md")
+    return run_id
+
+
+def run_sequence_kd(cfg: RaykdConfig, *, config_path: str | None = None) -> dict[str, Any]:
+    from raykd.schemes.offline import (_json_safe, language_model_report, log_config,
+                                       obtain_teacher, run_student)
+    from raykd.teacher.service import generate_with_teacher, serve_teacher, stop_teacher
+    from raykd.train.fit import RAY_START, ensure_ray, fit_session
+
+    uri = tracking.resolve_tracking_uri(cfg.tracking.uri)
+    ensure_ray()
+    started = time.perf_counter()
+    with fit_session(cfg, SCHEME, start=True), tracking.tracked_run(
+            uri, cfg.tracking.experiment, SCHEME, None, {"raykd.scheme": SCHEME}) as parent:
+        log_config(uri, parent, cfg, config_path)
+        sources, teacher = obtain_teacher(cfg, uri, parent)
+        generated = generate_with_teacher(cfg, sources, uri)
+        print(f"raykd: sequence-level KD dataset {generated['status']} ({generated['reason']})",
+              flush=True)
+        generated["run_id"] = log_generation(uri, cfg, parent, generated)
+        student_cfg = student_config(cfg, generated["path"])
+        init_from = sources[0] if cfg.student.init_from_teacher else None
+        service = serve_teacher(student_cfg, sources, uri) if needs_teacher(cfg) else None
+        try:
+            student = run_student(student_cfg, "student", uri, parent,
+                                  service.handoff if service else None, init_from=init_from)
+        finally:
+            if service is not None:
+                teacher["cache"] = service.cache
+                stop_teacher(service)
+        lm = language_model_report(cfg, sources, student, uri)  # the corpus's test split
+        best = next((h for h in student["history"] if h["epoch"] == student["best_epoch"]), {})
+        student.update(val_loss=best.get("val_loss"), val_perplexity=best.get("val_perplexity"),
+                       test_perplexity=lm["student"]["perplexity"])
+        teacher.update(accuracy=lm["teacher"]["accuracy"],
+                       test_loss=lm["teacher"]["loss_nats_per_token"],
+                       test_perplexity=lm["teacher"]["perplexity"])
+        tracking.log_metrics(uri, parent, {
+            "student_test_loss": lm["student"]["loss_nats_per_token"],
+            "student_test_perplexity": lm["student"]["perplexity"],
+            "teacher_test_perplexity": lm["teacher"]["perplexity"],
+            "student_teacher_agreement": lm["student_teacher_agreement"],
+            "sequences": generated["rows"]})
+        tracking.set_tags(uri, parent, {"raykd.sequences_key": generated["key"]})
+        summary: dict[str, Any] = {
+            "teacher": teacher, "sequences": generated,
+            "student": student, "language_model": lm,
+            "mlflow": {"tracking_uri": uri, "run_id": parent,
+                       "experiment": cfg.tracking.experiment},
+            "seconds": round(time.perf_counter() - started, 1),
+            "ray_start_seconds": RAY_START.get("seconds")}
+        tracking.log_dict(uri, parent, _json_safe(summary), "summary.json")
+    return summary
+
+
+def run_sequence_kd_command(args) -> dict[str, Any]:
+    from raykd.config import load_config, parse_overrides
+
+    cfg = load_config(args.config, parse_overrides(args.overrides))
+    if cfg.sequence_kd is None:  # the command itself asks for it: defaults
+        cfg = cfg.with_overrides({"sequence_kd": {}})
+    preflight_sequence_kd(cfg)
+    summary = run_sequence_kd(cfg, config_path=args.config)
+    seq, student = summary["sequences"], summary["student"]
+    print(f"\n  sequences  {seq['rows']} × {seq['width']} tokens, {seq['status']} "
+          f"(key {seq['key']})\n  student    test loss {student['test_loss']:.4f} nats/token, "
+          f"perplexity {student['test_perplexity']:.3f}")
+    return summary
