@@ -11,9 +11,6 @@ from pathlib import Path
 
 import pytest
 
-# The per-token format and the token losses come with the lm-cache branch (issue 19's split):
-# until it is merged there is nothing to build the cache with.
-pytest.importorskip("raykd.teacher.token_topk", reason="raykd.teacher.token_topk (lm-cache)")
 
 K = 16
 VOCAB = 300

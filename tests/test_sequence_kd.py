@@ -272,29 +272,16 @@ def test_seq_kd_end_to_end(seq_kd, lm):
     assert metrics["student_test_perplexity"] == pytest.approx(student["test_perplexity"])
 
 
-def _per_token_cache_ready() -> bool:
-    """The teacher's per-token top-k cache reaches the losses: its encoding module and the
-    losses' ``teacher_topk`` input arrive with the lm-cache branch."""
-    import dataclasses
-    import importlib.util
-
-    from raykd.losses.base import LossInputs
-
-    return (importlib.util.find_spec("raykd.teacher.token_topk") is not None
-            and "teacher_topk" in {f.name for f in dataclasses.fields(LossInputs)})
-
-
 def test_seq_kd_reuses_the_dataset_and_mixes_the_corpus(seq_kd, lm):
     """A second run with the same generation settings reuses the dataset; mix_original adds the
-    corpus's train blocks. Where the per-token cache is available, token_kd joins: the teacher's
-    cache is built on the generated rows — Kim & Rush's word + sequence-level combination."""
+    corpus's train blocks. token_kd joins: the teacher's per-token cache is built on the
+    generated rows — Kim & Rush's word + sequence-level combination."""
     from raykd.data import build_dataset
 
     pure = lm[2] / "pure.json"
     first = (json.loads(pure.read_text()) if pure.is_file()
              else seq_kd("pure", "--set", "train.epochs=3")[0])
-    combined = _per_token_cache_ready()
-    losses = "[{name: ce}, {name: token_kd}]" if combined else "[{name: ce}]"
+    losses = "[{name: ce}, {name: token_kd}]"
     summary, log = seq_kd("mixed", "--set", "train.epochs=1",
                           "--set", "sequence_kd.mix_original=true",
                           "--set", f"distill.losses={losses}")
@@ -304,9 +291,8 @@ def test_seq_kd_reuses_the_dataset_and_mixes_the_corpus(seq_kd, lm):
     corpus_blocks = len(build_dataset(_config(lm, lm[2]).data, "train"))
     assert student["transfer_size"] == seq["rows"] + corpus_blocks
     assert student["test_perplexity"] < VOCAB
-    if combined:
-        cache = summary["teacher"]["cache"]
-        assert cache["status"] == "built" and cache["per_token"]
-        assert cache["num_samples"] == seq["rows"] + corpus_blocks
-        last = student["history"][-1]
-        assert "loss_token_kd" in last and last["teacher_agreement"] > 0
+    cache = summary["teacher"]["cache"]
+    assert cache["status"] == "built" and cache["per_token"]
+    assert cache["num_samples"] == seq["rows"] + corpus_blocks
+    last = student["history"][-1]
+    assert "loss_token_kd" in last and last["teacher_agreement"] > 0

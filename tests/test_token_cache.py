@@ -9,9 +9,6 @@ import json
 import pytest
 import torch
 
-# The per-token format and the token losses come with the lm-cache branch (issue 19's split):
-# until it is merged there is nothing to build the cache with.
-pytest.importorskip("raykd.teacher.token_topk", reason="raykd.teacher.token_topk (lm-cache)")
 
 from raykd.teacher.token_cache import (TokenCache, TokenCacheSpec, build_token_cache,
                                        check_token_cache, inspect_token_cache, shard_arrays,
