@@ -278,13 +278,18 @@ def log_torch_model(uri: str, run_id: str, model, example, name: str) -> str | N
                                             pip_requirements=_model_requirements())
         return info.model_uri
     except Exception as err:  # export can fail for exotic models: keep the weights regardless
-        with tempfile.TemporaryDirectory() as tmp:
-            note = Path(tmp) / f"{name}_export_error.txt"
-            note.write_text(f"{type(err).__name__}: {err}\n")
-            log_artifact(uri, run_id, note)
+        _log_export_error(uri, run_id, name, err)
         return None
     finally:
         mlflow.set_tracking_uri(prev)
+
+
+def _log_export_error(uri: str, run_id: str, name: str, err: Exception) -> None:
+    """Why a model could not be logged, as an artifact beside the weights."""
+    with tempfile.TemporaryDirectory() as tmp:
+        note = Path(tmp) / f"{name}_export_error.txt"
+        note.write_text(f"{type(err).__name__}: {err}\n")
+        log_artifact(uri, run_id, note)
 
 
 def log_hf_model(uri: str, run_id: str, model, tokenizer_file: str, name: str) -> str | None:
@@ -315,10 +320,7 @@ def log_hf_model(uri: str, run_id: str, model, tokenizer_file: str, name: str) -
                     ("transformers", "tokenizers", "safetensors")))
         return info.model_uri
     except Exception as err:  # keep the weights (logged beside) whatever MLflow thinks
-        with tempfile.TemporaryDirectory() as tmp:
-            note = Path(tmp) / f"{name}_export_error.txt"
-            note.write_text(f"{type(err).__name__}: {err}\n")
-            log_artifact(uri, run_id, note)
+        _log_export_error(uri, run_id, name, err)
         return None
     finally:
         mlflow.set_tracking_uri(prev)

@@ -30,6 +30,7 @@ from typing import Any
 import numpy as np
 import torch
 
+from raykd.data.text import file_sha256
 from raykd.teacher.cache import CacheError, CacheStatus
 
 FORMAT_VERSION = 1
@@ -79,14 +80,6 @@ def token_spec(cfg, info, fingerprint: str, num_blocks: int) -> TokenCacheSpec:
         dtype=cfg.teacher.cache_dtype)
 
 
-def _sha256(path: Path) -> str:
-    h = hashlib.sha256()
-    with open(path, "rb") as fh:
-        while chunk := fh.read(8 << 20):
-            h.update(chunk)
-    return h.hexdigest()
-
-
 def is_token_cache(path: str | Path) -> bool:
     try:
         return json.loads((Path(path) / MANIFEST).read_text()).get("kind") == KIND
@@ -111,7 +104,7 @@ def _check_folder(path: Path, spec_dict: dict[str, Any] | None, verify: bool) ->
     if (path / DATA_FILE).stat().st_size != manifest.get("data_bytes"):
         return CacheStatus("truncated", f"{DATA_FILE} has {(path / DATA_FILE).stat().st_size} "
                                         f"bytes, the manifest says {manifest.get('data_bytes')}")
-    if verify and _sha256(path / DATA_FILE) != manifest.get("sha256"):
+    if verify and file_sha256(path / DATA_FILE) != manifest.get("sha256"):
         return CacheStatus("corrupt", f"{DATA_FILE} does not match its sha256 checksum")
     checked = " verified" if verify else ""
     return CacheStatus("fresh", f"{path.name}: {recorded['num_samples']} blocks × "
@@ -153,7 +146,7 @@ def build_token_cache(root: str | Path, spec: TokenCacheSpec,
         save_token_topk(tmp / DATA_FILE, topk)
         manifest = {"kind": KIND, "format_version": FORMAT_VERSION, "key": spec.key(),
                     "spec": spec.to_dict(), "dtype": spec.dtype,
-                    "sha256": _sha256(tmp / DATA_FILE),
+                    "sha256": file_sha256(tmp / DATA_FILE),
                     "data_bytes": (tmp / DATA_FILE).stat().st_size,
                     "tokens": spec.num_samples * spec.block_size,
                     "bytes_per_token": bytes_per_token(spec.topk, spec.num_classes, dtype),
