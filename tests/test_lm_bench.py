@@ -40,6 +40,9 @@ def test_quick_run_writes_every_key(ray_session, tmp_path):
     assert result["dense_bytes_per_token"] == 2 * result["vocab_size"]
     assert result["cached_over_plain"] > 0 and result["online_over_plain"] > 0
     assert [row["seed"] for row in result["seeds"]] == [0]
+    rates = result["throughput_interleaved"]["tokens_per_s"]  # one round in --quick
+    assert {k: len(v) for k, v in rates.items()} == {"plain": 1, "cached": 1, "live": 1}
+    assert result["cached_over_plain"] == result["throughput_interleaved"]["cached_over_plain"]
     assert result["teacher_trained_this_run"] is True
     for name, part in result["parts"].items():
         assert len(part["load_before"]) == 3 and len(part["load_after"]) == 3, name
