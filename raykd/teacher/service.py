@@ -63,7 +63,7 @@ def generate_with_teacher(cfg: RaykdConfig, sources: list[str], tracking_uri: st
 def _config_error(text: str) -> str | None:
     """The ConfigError an actor's ``__init__`` raised, from the actor error's text (Ray keeps
     the creation task's error only as text there)."""
-    marker = "raykd.config.ConfigError: "
+    marker = f"{ConfigError.__module__}.{ConfigError.__qualname__}: "  # how Ray prints it
     return next((line.split(marker, 1)[1].strip() for line in text.splitlines()
                  if marker in line), None)
 
