@@ -163,9 +163,13 @@ def test_a_node_removed_mid_fit_is_survived(two_nodes, one_node):
     lost = two_nodes["node_loss"]
     assert lost.get("paused") == ["ckpt-0"] and "error" not in lost, lost
     assert lost["epochs"] == [0, 1, 2]
+    # SPREAD put a worker on the node that was removed (else there was nothing to survive)
+    assert lost["removed_node"] in lost["workers_before"], lost
     assert len(lost["recoveries"]) == 1, lost
     [recovery] = lost["recoveries"]
-    assert recovery["resumed_epoch"] == 1
+    # from the first checkpoint, or the second when the workers, which do not wait for the
+    # paused controller, had finished epoch 1 before they were frozen
+    assert recovery["resumed_epoch"] in (1, 2), recovery
     # Restarted on the node that is left (the head) with both workers.
     assert lost["worker_nodes"] == [two_nodes["head_node"]] * 2
     assert two_nodes["alive_nodes_after"] == 1

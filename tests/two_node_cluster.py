@@ -33,6 +33,57 @@ def teacher_actor_nodes() -> list[str]:
                                                  limit=100)})
 
 
+def wait_for_free_cpus(total: float, timeout_s: float = 180.0) -> float:
+    """Wait until every CPU of the cluster is free again (the previous fit's placement group is
+    removed by Ray Train's cleaner, which lags on a loaded machine); returns the seconds waited.
+    Until then SPREAD would place both workers on the head, and removing the other node would
+    test nothing."""
+    import ray
+
+    started = time.monotonic()
+    while ray.available_resources().get("CPU", 0) < total \
+            and time.monotonic() - started < timeout_s:
+        time.sleep(0.5)
+    return round(time.monotonic() - started, 1)
+
+
+def freeze_train_workers() -> list[int]:
+    """SIGSTOP every Ray Train worker process on this machine (both nodes run here) and return
+    their PIDs. Train V2's workers do not wait for the controller that the pause holds: left
+    running, they finished the fit's last epochs before the node was gone (seen under load), and
+    there was no failure left to survive."""
+    import signal
+
+    stopped = []
+    for entry in Path("/proc").iterdir():
+        if not entry.name.isdigit():
+            continue
+        try:
+            if b"RayTrainWorker" in (entry / "cmdline").read_bytes():
+                os.kill(int(entry.name), signal.SIGSTOP)
+                stopped.append(int(entry.name))
+        except (OSError, ProcessLookupError):  # gone meanwhile, or not ours to read
+            continue
+    return stopped
+
+
+def thaw(pids: list[int]) -> None:
+    import signal
+
+    for pid in pids:
+        try:
+            os.kill(pid, signal.SIGCONT)
+        except ProcessLookupError:  # the removed node's worker: killed with its node
+            pass
+
+
+def train_worker_nodes() -> list[str]:
+    from ray.util.state import list_actors
+
+    return sorted(a.node_id for a in list_actors(
+        filters=[("class_name", "=", "RayTrainWorker"), ("state", "=", "ALIVE")], limit=100))
+
+
 def remove_node_mid_fit(cluster, node, cfg, workdir: Path) -> dict:
     from fault_marks import pause_at_first_checkpoint, release, wait_for_pause
 
@@ -52,16 +103,22 @@ def remove_node_mid_fit(cluster, node, cfg, workdir: Path) -> dict:
     thread = threading.Thread(target=train, daemon=True)
     thread.start()
     paused = wait_for_pause(marks, thread.is_alive)
+    frozen = freeze_train_workers() if paused else []
+    workers_before = train_worker_nodes() if paused else []
     removed_at = time.time()
     if paused:
         cluster.remove_node(node, allow_graceful=False)
+    thaw(frozen)
     release(marks)
     thread.join(timeout=900)
     if "error" in box or "result" not in box:
-        return {"paused": paused, "error": box.get("error", "the fit did not end")}
+        return {"paused": paused, "workers_before": workers_before,
+                "error": box.get("error", "the fit did not end")}
     result = box["result"]
-    resumed = [h for h in result.history if h["epoch"] == 1]
-    return {"paused": paused, "epochs": [h["epoch"] for h in result.history],
+    at = result.recoveries[0]["resumed_epoch"] if result.recoveries else 1
+    resumed = [h for h in result.history if h["epoch"] == at]
+    return {"paused": paused, "workers_before": workers_before, "removed_node": node.node_id,
+            "epochs": [h["epoch"] for h in result.history],
             "test_accuracy": result.test_accuracy, "recoveries": result.recoveries,
             "worker_nodes": result.worker_nodes,
             "removed_to_resumed_epoch_end": round(resumed[0]["_ended_at"] - removed_at, 2)
@@ -102,6 +159,7 @@ def main() -> int:
             report["summary"] = json.loads((workdir / "summary.json").read_text())
             report["teacher_actor_nodes"] = teacher_actor_nodes()
             cfg = load_config(None, [a for a in args if a != "--set"])
+            report["waited_for_free_cpus_s"] = wait_for_free_cpus(3)
             report["node_loss"] = remove_node_mid_fit(cluster, second, cfg, workdir)
             report["alive_nodes_after"] = sum(1 for n in ray.nodes() if n.get("Alive"))
     finally:
