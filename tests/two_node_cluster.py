@@ -77,6 +77,19 @@ def thaw(pids: list[int]) -> None:
             pass
 
 
+def alive_nodes_once_settled(expected: int, timeout_s: float = 90.0) -> int:
+    """The cluster's live nodes, once the GCS has caught up with a removal (its health checks
+    lag on a loaded machine: a removed node was still listed alive right after the fit)."""
+    import ray
+
+    deadline = time.monotonic() + timeout_s
+    while True:
+        alive = sum(1 for n in ray.nodes() if n.get("Alive"))
+        if alive <= expected or time.monotonic() > deadline:
+            return alive
+        time.sleep(1.0)
+
+
 def train_worker_nodes() -> list[str]:
     from ray.util.state import list_actors
 
@@ -161,7 +174,7 @@ def main() -> int:
             cfg = load_config(None, [a for a in args if a != "--set"])
             report["waited_for_free_cpus_s"] = wait_for_free_cpus(3)
             report["node_loss"] = remove_node_mid_fit(cluster, second, cfg, workdir)
-            report["alive_nodes_after"] = sum(1 for n in ray.nodes() if n.get("Alive"))
+            report["alive_nodes_after"] = alive_nodes_once_settled(expected=1)
     finally:
         out.write_text(json.dumps(report, default=str))
         ray.shutdown()
