@@ -51,7 +51,7 @@ FULL = {"vocab_size": 1024, "topk": 16, "block_size": 128, "batch_size": 8,
         "teacher_lr": 1e-3,
         "student": {"n_layer": 2, "n_embd": 128, "n_head": 4}, "epochs": 2, "lr": 2e-3,
         "live_epochs": 1, "seeds": 3,
-        "throughput_rounds": 2}
+        "throughput_rounds": 2, "topk_sweep": [64, 256]}
 QUICK = {"vocab_size": 300, "topk": 16, "block_size": 32, "batch_size": 8,
          "teacher": {"n_layer": 2, "n_embd": 32, "n_head": 2}, "teacher_epochs": 1,
          "teacher_lr": 3e-3,
@@ -192,8 +192,10 @@ def part_of(fn, name: str = "") -> dict[str, Any]:
 
 
 def analyse(out: dict[str, Any], s: dict[str, Any], summaries: dict[int, dict[str, Any]],
-            dense: dict[str, Any], live: dict[str, Any], cfg0) -> None:
-    """The JSON's measured keys from the run_distill summaries of the run's parts."""
+            dense: dict[str, Any], live: dict[str, Any], cfg0,
+            sweep: dict[int, dict[str, Any]] | None = None) -> None:
+    """The JSON's measured keys from the run_distill summaries of the run's parts (``sweep``:
+    the --topk-sweep fits by k)."""
     val_chars = chars_per_token(cfg0, "val")
     test_chars = chars_per_token(cfg0, "test")
     check = teacher_val_loss(cfg0, out["teacher_path"], summaries[0]["student"]["checkpoint"])
@@ -251,6 +253,17 @@ def analyse(out: dict[str, Any], s: dict[str, Any], summaries: dict[int, dict[st
         "teacher_test_loss": t_test,
         "student_val_loss_driver_check": check["student"]["loss_nats_per_token"],
         "val_text": val_chars, "test_text": test_chars})
+    # the top-k cost curve: seed 0's student at each cache size against the dense cache's
+    curve = {int(cache["topk"]): (summaries[0], first["student"]["val_loss"])}
+    curve.update({k: (summ, fit_numbers(summ["student"])["val_loss"])
+                  for k, summ in (sweep or {}).items()})
+    curve[vocab] = (dense, dense_fit["val_loss"])
+    out["topk_curve"] = [
+        {"topk": k, "bytes_per_token": float(summ["teacher"]["cache"]["bytes_per_token"]),
+         "dense_fp16_over_cache": 2 * vocab / float(summ["teacher"]["cache"]["bytes_per_token"]),
+         "tail_mass": tail_mass(summ["teacher"]["cache"]["path"]) if k < vocab else None,
+         "student_val_loss": val, "loss_cost": val - dense_fit["val_loss"]}
+        for k, (summ, val) in sorted(curve.items())]
     tp = out.get("throughput_interleaved")
     for key in ("cached_over_plain", "online_over_plain"):  # interleaved fits when measured
         out[key] = tp[key] if tp else out[f"{key}_from_seed_fits"]
@@ -290,6 +303,10 @@ def main(argv: list[str] | None = None) -> int:
                         "--work (its run.json: parts, timings and load as measured then)")
     p.add_argument("--throughput-rounds", type=int, default=None,
                    help="rounds of the interleaved throughput fits (default 2; --quick 1)")
+    p.add_argument("--topk-sweep", default=None,
+                   help="more cache sizes k for the top-k cost curve, comma-separated (default "
+                        f"{','.join(map(str, FULL['topk_sweep']))}; --quick: none; 0: none): "
+                        "one seed-0 student per k, beside the main top-k and the dense one")
     p.add_argument("--throughput-only", action="store_true",
                    help="only the interleaved plain/cached/live throughput fits, added to the "
                         "JSON of a finished run (its teacher and caches in --work)")
@@ -300,6 +317,8 @@ def main(argv: list[str] | None = None) -> int:
         s["seeds"] = args.seeds
     if args.throughput_rounds is not None:
         s["throughput_rounds"] = args.throughput_rounds
+    if args.topk_sweep is not None:
+        s["topk_sweep"] = [int(k) for k in args.topk_sweep.split(",") if int(k)]
     data = args.data.resolve()
     default = Path(tempfile.gettempdir()) / f"raykd_lm_distill{'_quick' if args.quick else ''}"
     work = (args.work or default).resolve()
@@ -327,7 +346,9 @@ def main(argv: list[str] | None = None) -> int:
                      for i in range(s["seeds"])}
         dense, live = (json.loads((work / f"summary-{n}.json").read_text())
                        for n in ("dense_cache", "live"))
-        analyse(out, s, summaries, dense, live, cfg_of(0, Path(out["teacher_path"])))
+        sweep = {k: json.loads((work / f"summary-topk{k}.json").read_text())
+                 for k in out["settings"].get("topk_sweep", [])}
+        analyse(out, s, summaries, dense, live, cfg_of(0, Path(out["teacher_path"])), sweep)
         out["reanalysed"] = time.strftime("%Y-%m-%dT%H:%M:%SZ", time.gmtime())
         return write(args.json, out)
 
@@ -361,6 +382,9 @@ def main(argv: list[str] | None = None) -> int:
     out["teacher_trained_this_run"] = "teacher_fit" in out
     dense = part("dense_cache", lambda: run_distill(
         cfg_of(0, teacher, **{"teacher.topk": s["vocab_size"]}), run_name="dense"))
+    for k in s["topk_sweep"]:  # the cost curve: the same seed-0 student at more cache sizes
+        part(f"topk{k}", lambda k=k: run_distill(cfg_of(0, teacher, **{"teacher.topk": k}),
+                                                 run_name=f"topk{k}"))
     live = part("live", lambda: run_distill(
         cfg_of(0, teacher, **{"teacher.mode": "live", "train.epochs": s["live_epochs"]}),
         run_name="live"))
@@ -370,9 +394,14 @@ def main(argv: list[str] | None = None) -> int:
     out["teacher_path"] = str(teacher)
     out["fits_seconds"] = round(time.perf_counter() - started, 1)
     (work / "run.json").write_text(json.dumps(out, indent=1, default=str))
-    analyse(out, s, summaries, dense, live, cfg_of(0, teacher))
+    sweep = {k: json.loads((work / f"summary-topk{k}.json").read_text())
+             for k in s["topk_sweep"]}
+    analyse(out, s, summaries, dense, live, cfg_of(0, teacher), sweep)
     out["wall_seconds"] = round(time.perf_counter() - started, 1)
     out["load_end"] = load()
+    run = json.loads((work / "run.json").read_text())  # kept for --reanalyse/--throughput-only
+    run.update(wall_seconds=out["wall_seconds"], load_end=out["load_end"])
+    (work / "run.json").write_text(json.dumps(run, indent=1, default=str))
     return write(args.json, out)
 
 

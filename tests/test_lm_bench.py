@@ -27,7 +27,8 @@ def test_quick_run_writes_every_key(ray_session, tmp_path):
            "PYTHONPATH": str(REPO)}
     proc = subprocess.run(
         [sys.executable, str(REPO / "benchmarks" / "lm_distill.py"), "--quick",
-         "--data", str(corpus), "--json", str(out), "--work", str(tmp_path / "work")],
+         "--data", str(corpus), "--json", str(out), "--work", str(tmp_path / "work"),
+         "--topk-sweep", "32"],
         cwd=tmp_path, env=env, capture_output=True, text=True, timeout=900)
     assert proc.returncode == 0, (proc.stdout + proc.stderr)[-4000:]
     result = json.loads(out.read_text())
@@ -46,6 +47,11 @@ def test_quick_run_writes_every_key(ray_session, tmp_path):
     assert result["teacher_trained_this_run"] is True
     for name, part in result["parts"].items():
         assert len(part["load_before"]) == 3 and len(part["load_after"]) == 3, name
+    curve = result["topk_curve"]  # the main k, the swept one, the dense cache
+    assert [row["topk"] for row in curve] == [16, 32, result["vocab_size"]]
+    assert curve[0]["loss_cost"] == result["topk_loss_cost"] and curve[-1]["loss_cost"] == 0.0
+    assert curve[0]["tail_mass"]["mean"] > curve[1]["tail_mass"]["mean"] > 0
+    assert curve[1]["bytes_per_token"] == 32 * 4 + 4
     chars = result["nats_per_char"]["val"]
     assert chars["student"] < result["student_val_loss"]  # a BPE token spans several chars
     assert set(result["goals"]) == {

@@ -12,8 +12,12 @@ from torch.utils._python_dispatch import TorchDispatchMode
 
 from raykd.config import ConfigError, DistillConfig, LossTermConfig
 from raykd.losses import DistillLoss, LossInputs, build_term
-from raykd.losses.token_divergence import token_divergence
-from raykd.teacher.token_topk import encode_token_topk
+from raykd.losses.token_divergence import (
+    bucket_divergence,
+    student_bucket_log_probs,
+    token_divergence,
+)
+from raykd.teacher.token_topk import encode_token_topk, teacher_log_probs
 
 MASK = torch.tensor([[1, 1, 1, 0, 0], [1, 1, 1, 1, 0]])  # two sequences of length 5, padded
 REAL = [(b, l) for b in range(2) for l in range(5) if MASK[b, l]]
@@ -236,8 +240,11 @@ def test_no_gradient_work_under_no_grad():
         with spy, torch.set_grad_enabled(grad_mode):
             loss("forward", 2.0, s=s)
         seen[grad_mode] = spy.names
-    assert "scatter_add" in seen[True]  # gather's backward, taken in the forward with grad
-    assert "scatter_add" not in seen[False]
+    # the hand-written gradient: e scaled by each row's tail coefficient (mul_), written into
+    # the student-shaped buffer (index_put_); autograd's seed for the bucket part (ones_like)
+    grad_ops = {"mul_", "index_put_", "ones_like"}
+    assert grad_ops <= seen[True]
+    assert not grad_ops & seen[False]
 
 
 class _Float32Sizes(TorchDispatchMode):
@@ -361,3 +368,126 @@ def test_rows_move_between_devices_with_their_dtypes():
     moved = cache(dtype=torch.bfloat16).to("cpu")
     assert moved.ids.dtype == torch.uint8 and moved.values.dtype == torch.bfloat16
     assert torch.equal(moved.values, cache(dtype=torch.bfloat16).values)
+
+
+@pytest.mark.parametrize("kind, beta", CASES[:5])
+@pytest.mark.parametrize("dtype, confident", [(torch.float64, 0.0), (torch.float64, 2000.0),
+                                              (torch.float32, 0.0), (torch.float32, 300.0)])
+def test_hand_written_gradient_equals_autograd_through_the_logsumexp_buckets(kind, beta, dtype,
+                                                                             confident):
+    """No padding and one chunk (the gradient is the buffer itself); ``confident`` puts the
+    student that far above its tail on the teacher's top-k at some positions, so the tail sum
+    underflows there (at T = 2: e^-1000 in float64, e^-150 in float32) and those rows take the
+    logsumexp path; without it the forward KL there is off by float32's largest number."""
+    topk = cache(teacher=rand(3, 4, V, seed=8))
+    s = rand(3, 4, V, seed=7)
+    ids = topk.ids.long()
+    s[:2].scatter_add_(-1, ids[:2], torch.full_like(ids[:2], confident, dtype=s.dtype))
+    s = s.to(dtype)
+    got = s.clone().requires_grad_()
+    value = token_divergence(got, kind=kind, temperature=2.0, teacher_topk=topk, beta=beta,
+                             chunk=4)
+    value.backward()
+    ref = s.clone().requires_grad_()
+    log_top, log_tail = teacher_log_probs(topk, 2.0)
+    log_p = torch.cat((log_top, log_tail.unsqueeze(-1)), -1).to(dtype)
+    log_q = student_bucket_log_probs(ref / 2.0, ids)
+    expected = 4.0 * bucket_divergence(log_p, log_q, kind, beta).mean()
+    expected.backward()
+    tol = {"rtol": 1e-9, "atol": 1e-12} if dtype == torch.float64 else {"rtol": 1e-4,
+                                                                          "atol": 1e-6}
+    assert value.item() == pytest.approx(expected.item(), rel=tol["rtol"], abs=tol["atol"])
+    assert torch.isfinite(got.grad).all()
+    assert torch.allclose(got.grad, ref.grad, **tol)
+
+
+def test_agreement_counts_real_tokens_where_the_students_top_is_the_teachers():
+    from raykd.train.lm_eval import agreement_sums
+
+    logits = rand(2, 5, V, seed=11)
+    teacher_top1 = logits.argmax(-1).to(torch.int16)  # the stored ids' narrow type
+    teacher_top1[0, 0] = (teacher_top1[0, 0] + 1) % V  # two disagreements, one on padding
+    teacher_top1[1, 4] = (teacher_top1[1, 4] + 1) % V
+    mask = MASK.bool()
+    expected = int(((logits.argmax(-1) == teacher_top1.long()) & mask).sum())
+    assert agreement_sums(logits, teacher_top1, mask) == (expected, int(mask.sum()))
+    assert agreement_sums(logits, teacher_top1, None) == (8.0, 10.0)
+
+
+def test_a_second_backward_through_the_same_loss_is_a_clear_error():
+    s = S.clone().requires_grad_()
+    value = loss("forward", 1.0, s=s)
+    value.backward(retain_graph=True)
+    first = s.grad.clone()
+    with pytest.raises(RuntimeError, match="token_divergence: its gradient was already taken"):
+        value.backward()
+    assert torch.equal(s.grad, first)  # nothing added by the refused call
+
+
+# ---------------------------------------------------------------- ce fused with the divergence
+
+LABELS = torch.tensor([[3, 0, -100, 1, 2], [5, 4, 4, 2, -100]])  # -100 on a real token too
+
+
+def fused_and_apart(losses, temperature=1.0, labels=LABELS, topk=None, chunk=2, kind_ops=None):
+    """(total, values, gradient) of one DistillLoss step fused, then with the fusion off, and
+    the aten ops the fused step ran."""
+    results = []
+    for fuse in (True, False):
+        distill = DistillConfig(temperature=temperature, losses=losses)
+        loss = DistillLoss(distill, {}, {})
+        for term in loss.terms:
+            if hasattr(term, "chunk"):
+                term.chunk = chunk
+        if not fuse:
+            loss.fused_ce = None
+        s = S.clone().requires_grad_()
+        spy = _OpNames()
+        with spy:
+            total, values = loss(s, None, labels, {}, {}, mask=MASK,
+                                 teacher_topk=cache() if topk is None else topk)
+        total.backward()
+        results.append((total.item(), values, s.grad, spy.names))
+    return results
+
+
+@pytest.mark.parametrize("token", [{"name": "token_kd", "weight": 0.7},
+                                   {"name": "token_rkl", "weight": 0.7},
+                                   {"name": "token_gkd", "weight": 0.7, "params": {"beta": 0.3}}])
+@pytest.mark.parametrize("chunk", [2, 5])
+def test_ce_fused_with_a_token_divergence_equals_the_two_apart(token, chunk):
+    (f_total, f_values, f_grad, f_ops), (total, values, grad, ops) = fused_and_apart(
+        [{"name": "ce", "weight": 0.3}, token], chunk=chunk)
+    assert "_log_softmax" in ops and "_log_softmax" not in f_ops  # CE had no pass of its own
+    assert f_values.keys() == values.keys() == {"ce", token["name"]}
+    for name in values:
+        assert f_values[name] == pytest.approx(values[name], rel=1e-12)
+    keep = MASK.bool() & (LABELS != -100)  # F.cross_entropy's mean, independently
+    ce = F.cross_entropy(S[keep], LABELS[keep]).item()
+    assert f_values["ce"] == pytest.approx(ce, rel=1e-12)
+    assert f_total == pytest.approx(total, rel=1e-12)
+    assert f_total == pytest.approx(0.3 * ce + 0.7 * values[token["name"]], rel=1e-12)
+    assert torch.allclose(f_grad, grad, rtol=1e-9, atol=1e-14)
+    assert (f_grad[~MASK.bool()] == 0).all()
+
+
+@pytest.mark.parametrize("case", ["temperature", "smoothing", "no labels", "no cache"])
+def test_ce_stays_apart_where_the_fusion_does_not_apply(case):
+    ce = {"name": "ce", "weight": 0.5,
+          "params": {"label_smoothing": 0.1} if case == "smoothing" else {}}
+    losses = [ce, {"name": "token_kd", "weight": 0.5}]
+    distill = DistillConfig(temperature=2.0 if case == "temperature" else 1.0, losses=losses)
+    loss = DistillLoss(distill, {}, {})
+    labels = torch.full_like(LABELS, -100) if case == "no labels" else LABELS
+    spy = _OpNames()
+    with spy:
+        if case == "no cache":
+            total, values = loss(S, T_LOGITS, labels, {}, {}, mask=MASK)
+        else:
+            total, values = loss(S, None, labels, {}, {}, mask=MASK, teacher_topk=cache())
+    assert "_log_softmax" in spy.names  # F.cross_entropy ran
+    assert set(values) == {"ce", "token_kd"}
+    if case == "no labels":  # as F.cross_entropy: no label, no mean
+        assert math.isnan(values["ce"])
+    else:
+        assert math.isfinite(total.item())

@@ -16,6 +16,10 @@ Decisions:
   otherwise scale the reconstruction loss). ``epoch`` counts the pretrain epochs from 0. The
   weight belongs to the distillation stage only, so ``weight: 0`` with ``pretrain_epochs: 30``
   is AB/FSP used purely as initialisation, RepDistiller's setup for both.
+- ``ce`` beside a per-token divergence on a top-k cache at T = 1 (the usual language-model mix)
+  is computed with it in one pass (``token_divergence_and_ce``): both need the student's
+  softmax over the vocabulary, which costs more than the rest of a small student's loss. Same
+  values, same gradient, each still reported under its own name.
 """
 
 from __future__ import annotations
@@ -84,6 +88,7 @@ class DistillLoss(nn.Module):
         self.needs_teacher_logits = any("logits" in LOSSES[cfgs[i].name].needs for i in active)
         self.needs_labels = any("labels" in LOSSES[cfgs[i].name].needs for i in active)
         self.pretrain_epochs = max((self.terms[i].pretrain_epochs for i in staged), default=0)
+        self.fused_ce = _fusable_ce(self.terms, self.weights)
 
     def forward(self, student_logits: Tensor | None, teacher_logits: Tensor | None,
                 labels: Tensor | None, s_feats: Mapping[str, Tensor],
@@ -97,8 +102,21 @@ class DistillLoss(nn.Module):
             teacher_logits = teacher_logits.detach()
         total: Tensor | None = None
         values: dict[str, float] = {}
+        fused = None
+        if self.fused_ce and not pretrain and teacher_topk is not None and labels is not None:
+            ce_i, token_i = self.fused_ce
+            fused = self.terms[token_i].forward_with_ce(
+                LossInputs(student_logits=student_logits, teacher_logits=None, labels=labels,
+                           mask=mask, epoch=epoch, teacher_topk=teacher_topk),
+                self.weights[token_i], self.weights[ce_i])
         for i, term in enumerate(self.terms):
             weight = self.weights[i]
+            if fused is not None and i in self.fused_ce:  # both terms' values, one total
+                _, divergence, ce = fused
+                values[self.names[i]] = float((ce if i == self.fused_ce[0] else divergence))
+                if i == min(self.fused_ce):
+                    total = fused[0] if total is None else total + fused[0]
+                continue
             if pretrain and not (term.has_pretrain and epoch < term.pretrain_epochs):
                 continue
             if not pretrain and weight <= 0:
@@ -123,6 +141,19 @@ class DistillLoss(nn.Module):
         for feat in s_feats.values():
             return feat.sum() * 0.0
         return torch.zeros((), requires_grad=True)
+
+
+def _fusable_ce(terms, weights: list[float]) -> tuple[int, int] | None:
+    """(index of ``ce``, index of the per-token divergence) when the two can share one pass:
+    the first unsmoothed ``ce`` and the first token term at T = 1, both weighted above 0."""
+    from raykd.losses.language import TokenKD
+    from raykd.losses.response import CrossEntropy
+
+    ce = [i for i, t in enumerate(terms) if type(t) is CrossEntropy and weights[i] > 0
+          and t.label_smoothing == 0]
+    token = [i for i, t in enumerate(terms) if isinstance(t, TokenKD) and weights[i] > 0
+             and t.temperature == 1]
+    return (ce[0], token[0]) if ce and token else None
 
 
 def feature_paths(distill: DistillConfig) -> tuple[list[str], list[str]]:

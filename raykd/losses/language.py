@@ -19,7 +19,7 @@ from raykd.losses.base import (TEMPERATURE, BuildContext, LossInputs, LossTerm, 
                                check_rank, connector_param, masked_mean)
 from raykd.losses.connectors import make_connector
 from raykd.losses.response import soft_kl
-from raykd.losses.token_divergence import token_divergence
+from raykd.losses.token_divergence import token_divergence, token_divergence_and_ce
 
 if TYPE_CHECKING:
     from raykd.teacher.token_topk import TokenTopK
@@ -74,6 +74,18 @@ class TokenKD(LossTerm):
         return token_divergence(s, kind=self.kind, temperature=self.temperature,
                                 teacher_logits=t, teacher_topk=cache, mask=inp.mask,
                                 beta=self.beta, chunk=self.chunk)
+
+    def forward_with_ce(self, inp: LossInputs, weight: float, ce_weight: float
+                        ) -> tuple[Tensor, Tensor, Tensor] | None:
+        """(weight·this + ce_weight·CE, this, CE) in one pass over the top-k cache, for
+        ``DistillLoss`` (see ``token_divergence_and_ce``); None where that does not apply."""
+        s = inp.student_logits
+        if (inp.teacher_topk is None or s is None or s.dim() != 3 or self.temperature != 1
+                or inp.labels is None or inp.labels.shape != s.shape[:2]):
+            return None
+        return token_divergence_and_ce(s, inp.labels, kind=self.kind, weight=weight,
+                                       ce_weight=ce_weight, teacher_topk=inp.teacher_topk,
+                                       mask=inp.mask, beta=self.beta, chunk=self.chunk)
 
 
 class TokenRKL(TokenKD):

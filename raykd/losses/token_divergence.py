@@ -30,8 +30,14 @@ float32's smallest normal (-87.3), so it is large but finite, with a finite grad
 
 Memory: positions are processed ``chunk`` at a time along L, and only the real tokens of each
 chunk (padding rows are never computed, so garbage there cannot produce NaN). The gradient of
-each chunk is taken right away (autograd over that chunk only) and written into one buffer the
-shape and dtype of the student logits, which the backward returns scaled. So at most one chunk's
+each chunk is taken right away and written into one buffer the shape and dtype of the student
+logits (with no padding and one chunk, the chunk's gradient is that buffer), which the backward
+returns scaled. With the top-k cache the [n, V] part of that gradient is written by hand
+(``bucket_divergence_and_grad``; autograd only over the k + 1 buckets); dense teachers use
+autograd over the chunk. ``token_divergence_and_ce`` adds the cross-entropy of the labels in
+the same pass at T = 1 (``DistillLoss`` uses it for ``ce`` + a token term): its value is
+logsumexp − the label's logit and its gradient softmax − one-hot, both from the same e^{z − max}
+(timings: README, language-model benchmark). So at most one chunk's
 float32 intermediates exist at a time, never a [B, L, V] float32 tensor (for a float32 student
 the gradient buffer is that size: it is the gradient autograd would return anyway). Measured on
 CPU (B = 4, L = 256, V = 50257, bfloat16 student, gkd): peak memory = the bfloat16 gradient
@@ -95,6 +101,74 @@ def student_bucket_log_probs(scaled: Tensor, ids: Tensor | None) -> Tensor:
     return torch.cat((top, tail), dim=-1)
 
 
+# A row whose student tail sum Σ_tail e^{z - max} falls below this (its tail share < 1e-30) has
+# lost tail logits to float32 underflow; its buckets are recomputed with logsumexps instead.
+_TAIL_UNDERFLOW = 1e-30
+
+
+def bucket_divergence_and_grad(scaled: Tensor, log_p: Tensor, ids: Tensor, kind: str,
+                               beta: float, need_grad: bool, grad_scale: float = 1.0,
+                               softmax_weight: Tensor | None = None
+                               ) -> tuple[Tensor, Tensor | None, Tensor]:
+    """(Σ over rows of the bucket divergence D, grad_scale·∂D/∂scaled + softmax_weight·
+    softmax(scaled) [n, V] or None, logsumexp(scaled) [n, 1]) against the teacher's buckets
+    ``log_p`` [n, k + 1] on ``ids`` [n, k]. ``softmax_weight`` ([n, 1] or None) is the share of a
+    cross-entropy fused into the same pass (its -1 at the labels is the caller's). The value is
+    the same as
+    ``bucket_divergence(log_p, student_bucket_log_probs(scaled, ids))``, with the [n, V] part of
+    the gradient written out by hand, so that one chunk costs about six passes over [n, V]
+    (autograd through two logsumexps, a scatter and a gather takes about twenty).
+
+    With e = exp(z − max z), Z = Σ e, E_T = Σ_tail e and G = ∂D/∂(log q) over the k + 1 buckets
+    (autograd on the small [n, k + 1] tensor only), the chain rule through log q_i = z_i − log Z
+    and log Q_T = log E_T − log Z gives ∂D/∂z_j = G_j − q_j·ΣG for a top-k id j and
+    e_j·(G_T / E_T − ΣG / Z) for a tail id. Z and E_T are sums of non-negative terms, never a
+    difference, so the tail has no cancellation; rows whose tail underflowed take the
+    logsumexp path (``student_bucket_log_probs``)."""
+    m = scaled.amax(dim=-1, keepdim=True)  # float32 work dtype from here on
+    e = torch.sub(scaled, m).exp_()
+    e_top = e.gather(-1, ids)
+    e.scatter_(-1, ids, 0.0)
+    e_tail = e.sum(-1, keepdim=True)
+    total = e_tail + e_top.sum(-1, keepdim=True)
+    log_total = total.log()
+    log_q = torch.cat((scaled.gather(-1, ids) - m - log_total, e_tail.log() - log_total), -1)
+    k_is_v = ids.shape[-1] == scaled.shape[-1]
+    slow = None if k_is_v else (e_tail.squeeze(-1) < _TAIL_UNDERFLOW).nonzero().squeeze(-1)
+    if slow is not None and slow.numel():
+        log_q[slow] = student_bucket_log_probs(scaled[slow], ids[slow])
+    log_q.requires_grad_(need_grad)
+    with torch.enable_grad() if need_grad else nullcontext():
+        per_row = bucket_divergence(log_p, log_q, kind, beta)
+        value = per_row.sum()
+    lse = m + log_total
+    if not need_grad:
+        return value.detach(), None, lse
+    (g,) = torch.autograd.grad(value, log_q)
+    g_top, g_tail, g_sum = g[:, :-1], g[:, -1:], g.sum(-1, keepdim=True)
+    share = g_sum / total
+    # per row: the factor of e_j on the tail ids, and the top-k ids' values; every scale is
+    # folded in here, on [n, 1] and [n, k], so the [n, V] buffer is written once
+    tail_coef = torch.where(e_tail > 0, g_tail / e_tail, torch.zeros_like(e_tail)) - share
+    top = g_top - e_top * share
+    if grad_scale != 1.0:
+        tail_coef, top = tail_coef * grad_scale, top * grad_scale
+    if softmax_weight is not None:
+        w = softmax_weight / total
+        tail_coef, top = tail_coef + w, top + e_top * w
+    grad = e.mul_(tail_coef)  # the tail ids; the top-k ids are 0 here and set next
+    grad.scatter_(-1, ids, top)
+    if slow is not None and slow.numel():
+        x = scaled[slow].detach().requires_grad_(True)
+        with torch.enable_grad():
+            d = bucket_divergence(log_p[slow], student_bucket_log_probs(x, ids[slow]), kind,
+                                  beta).sum()
+        grad[slow] = torch.autograd.grad(d, x)[0] * grad_scale
+        if softmax_weight is not None:
+            grad[slow] += softmax_weight[slow] * torch.softmax(x.detach(), -1)
+    return value.detach(), grad, lse
+
+
 @dataclass
 class _Plan:
     """Everything but the student logits, for the autograd Function."""
@@ -109,6 +183,13 @@ class _Plan:
     # grad mode at the call: inside forward it is always off, and ctx.needs_input_grad is true
     # under torch.no_grad too, which would take every evaluation step's gradient for nothing
     grad_enabled: bool
+    weight: float = 1.0  # of the divergence in the output
+    # a cross-entropy fused into the same pass (token_divergence_and_ce): labels [B, L] (-100 =
+    # none), its weight, its token count; the forward leaves both unweighted means in ``parts``
+    labels: Tensor | None = None
+    ce_weight: float = 0.0
+    ce_count: int = 0
+    parts: tuple[Tensor, Tensor] | None = None
 
 
 def _teacher_chunk(plan: _Plan, cols: slice, rows: Tensor, dtype: torch.dtype,
@@ -139,9 +220,11 @@ class _ChunkedDivergence(torch.autograd.Function):
     def forward(ctx, student: Tensor, plan: _Plan, real: int) -> Tensor:
         work = torch.promote_types(student.dtype, torch.float32)
         need_grad = ctx.needs_input_grad[0] and plan.grad_enabled
-        grad = torch.zeros_like(student) if need_grad else None
+        grad = None  # zeros where no chunk writes (padding), made on the first write
         total = torch.zeros((), dtype=torch.float64, device=student.device)
-        scale = plan.temperature ** 2 / real
+        ce_total = torch.zeros((), dtype=torch.float64, device=student.device)
+        fused = plan.labels is not None
+        scale = plan.weight * plan.temperature ** 2 / real
         length = student.shape[1]
         for start in range(0, length, plan.chunk):
             cols = slice(start, min(start + plan.chunk, length))
@@ -149,27 +232,65 @@ class _ChunkedDivergence(torch.autograd.Function):
             if not bool(rows.any()):
                 continue
             log_p, ids = _teacher_chunk(plan, cols, rows, work, student.device)
-            x = student[:, cols][rows].detach().to(work).requires_grad_(need_grad)
-            with torch.enable_grad() if need_grad else nullcontext():
+            every = bool(rows.all())  # no padding here: a view, not a gathered copy
+            x = (student[:, cols].reshape(-1, student.shape[-1]) if every
+                 else student[:, cols][rows]).detach().to(work)
+            if ids is not None:  # the top-k cache: the gradient by hand (see above)
                 scaled = x / plan.temperature if plan.temperature != 1 else x
-                log_q = student_bucket_log_probs(scaled, ids)
-                value = bucket_divergence(log_p, log_q, plan.kind, plan.beta).sum()
-            if need_grad:
-                (g,) = torch.autograd.grad(value, x)
+                ce_share = None
+                if fused:  # T = 1: the cross-entropy's softmax is this one
+                    y = plan.labels[:, cols].reshape(-1) if every else plan.labels[:, cols][rows]
+                    valid = y != -100
+                    y = y.clamp_min(0).unsqueeze(-1)
+                    ce_share = (valid.to(work) * (plan.ce_weight / plan.ce_count)).unsqueeze(-1)
+                value, g, lse = bucket_divergence_and_grad(
+                    scaled, log_p, ids, plan.kind, plan.beta, need_grad,
+                    scale / plan.temperature, ce_share)
+                if fused:
+                    ce_total += (lse - x.gather(-1, y)).squeeze(-1)[valid].sum().double()
+                    if g is not None:
+                        g.scatter_add_(-1, y, -ce_share)  # softmax − one-hot
+            else:
+                x.requires_grad_(need_grad)
+                with torch.enable_grad() if need_grad else nullcontext():
+                    scaled = x / plan.temperature if plan.temperature != 1 else x
+                    log_q = student_bucket_log_probs(scaled, ids)
+                    value = bucket_divergence(log_p, log_q, plan.kind, plan.beta).sum()
+                g = torch.autograd.grad(value, x)[0] * scale if need_grad else None
+            if g is not None:
                 # scaled before the cast: one rounding into a bfloat16 student's dtype, not two
-                grad[:, cols][rows] = (g * scale).to(grad.dtype)
+                g = g.to(student.dtype)
+                if every and cols == slice(0, length) and g.is_contiguous():
+                    grad = g.view(student.shape)  # one chunk, no padding: the buffer itself
+                else:
+                    grad = torch.zeros_like(student) if grad is None else grad
+                    if every:
+                        grad[:, cols] = g.view(grad[:, cols].shape)
+                    else:
+                        grad[:, cols][rows] = g
             total += value.detach().double()
         if need_grad:
-            ctx.save_for_backward(grad)
-        return (total * scale).to(work)
+            # kept on ctx, not saved: the backward scales this buffer in place and hands it on
+            # (no second [B, L, V] tensor), so it can serve one backward only
+            ctx.grad = torch.zeros_like(student) if grad is None else grad
+        divergence = total * plan.temperature ** 2 / real
+        if not fused:
+            return (plan.weight * divergence).to(work)
+        ce = ce_total / plan.ce_count
+        plan.parts = (divergence.to(work), ce.to(work))
+        return (plan.weight * divergence + plan.ce_weight * ce).to(work)
 
     @staticmethod
     @torch.autograd.function.once_differentiable
     def backward(ctx, grad_out: Tensor) -> tuple[Tensor | None, None, None]:
         if not ctx.needs_input_grad[0]:
             return None, None, None
-        (grad,) = ctx.saved_tensors
-        return grad * grad_out.to(grad.dtype), None, None
+        grad, ctx.grad = getattr(ctx, "grad", None), None
+        if grad is None:
+            raise RuntimeError("token_divergence: its gradient was already taken; backward "
+                               "through it once per forward (a second backward with "
+                               "retain_graph=True is not supported: compute the loss again)")
+        return grad.mul_(grad_out.to(grad.dtype)), None, None
 
 
 def token_divergence(student: Tensor, *, kind: str, temperature: float,
@@ -193,6 +314,32 @@ def token_divergence(student: Tensor, *, kind: str, temperature: float,
     plan = _Plan(mask, float(temperature), kind, float(beta), int(chunk), teacher_logits,
                  teacher_topk, torch.is_grad_enabled())
     return _ChunkedDivergence.apply(student, plan, real)
+
+
+def token_divergence_and_ce(student: Tensor, labels: Tensor, *, kind: str, weight: float,
+                            ce_weight: float, teacher_topk: TokenTopK,
+                            mask: Tensor | None = None, beta: float = 0.5, chunk: int = 128
+                            ) -> tuple[Tensor, Tensor, Tensor] | None:
+    """(weight·D + ce_weight·CE, D, CE) for D the T = 1 ``kind`` divergence against a top-k cache
+    (as ``token_divergence``) and CE the mean cross-entropy of ``labels`` [B, L] (-100 ignored,
+    as ``F.cross_entropy``) over the real tokens, in one pass: both need the student's softmax,
+    and their gradients are written into the same buffer. Only the first value carries a
+    gradient. None when no real token has a label (the caller computes them apart)."""
+    _check(student, kind, 1.0, None, teacher_topk, mask, beta, chunk)
+    b, length, _ = student.shape
+    mask = (torch.ones(b, length, dtype=torch.bool, device=student.device) if mask is None
+            else mask.to(student.device).bool())
+    labels = labels.to(student.device).long()
+    if tuple(labels.shape) != (b, length):
+        raise ValueError(f"labels: shape {list(labels.shape)} must be [batch, length] "
+                         f"{[b, length]}")
+    real, ce_count = int(mask.sum()), int((mask & (labels != -100)).sum())
+    if ce_count == 0:
+        return None
+    plan = _Plan(mask, 1.0, kind, float(beta), int(chunk), None, teacher_topk,
+                 torch.is_grad_enabled(), float(weight), labels, float(ce_weight), ce_count)
+    total = _ChunkedDivergence.apply(student, plan, real)
+    return total, *plan.parts
 
 
 def _check(student, kind, temperature, teacher_logits, teacher_topk, mask, beta, chunk) -> None:
