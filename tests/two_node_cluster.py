@@ -90,11 +90,22 @@ def alive_nodes_once_settled(expected: int, timeout_s: float = 90.0) -> int:
         time.sleep(1.0)
 
 
-def train_worker_nodes() -> list[str]:
+def train_workers() -> list[tuple[str, int]]:
+    """(node id, pid) of every live Ray Train worker, sorted."""
     from ray.util.state import list_actors
 
-    return sorted(a.node_id for a in list_actors(
+    return sorted((a.node_id, a.pid) for a in list_actors(
         filters=[("class_name", "=", "RayTrainWorker"), ("state", "=", "ALIVE")], limit=100))
+
+
+def kill_pids(pids: list[int]) -> None:
+    import signal
+
+    for pid in pids:
+        try:
+            os.kill(pid, signal.SIGKILL)
+        except ProcessLookupError:  # already gone with its node
+            pass
 
 
 def remove_node_mid_fit(cluster, node, cfg, workdir: Path) -> dict:
@@ -117,10 +128,15 @@ def remove_node_mid_fit(cluster, node, cfg, workdir: Path) -> dict:
     thread.start()
     paused = wait_for_pause(marks, thread.is_alive)
     frozen = freeze_train_workers() if paused else []
-    workers_before = train_worker_nodes() if paused else []
+    workers = train_workers() if paused else []
+    workers_before = [n for n, _ in workers]
     removed_at = time.time()
     if paused:
         cluster.remove_node(node, allow_graceful=False)
+        # A lost machine takes its processes with it. Here the removed raylet's worker outlives
+        # it until it notices, and, thawed, could still finish the fit (seen in CI: no failure,
+        # no recovery), so it is killed, as the machine's loss would.
+        kill_pids([pid for n, pid in workers if n == node.node_id])
     thaw(frozen)
     release(marks)
     thread.join(timeout=900)
