@@ -113,7 +113,7 @@ class DistillLoss(nn.Module):
             weight = self.weights[i]
             if fused is not None and i in self.fused_ce:  # both terms' values, one total
                 _, divergence, ce = fused
-                values[self.names[i]] = float((ce if i == self.fused_ce[0] else divergence))
+                values[self.names[i]] = float(ce if i == self.fused_ce[0] else divergence)
                 if i == min(self.fused_ce):
                     total = fused[0] if total is None else total + fused[0]
                 continue

@@ -303,9 +303,7 @@ def token_divergence(student: Tensor, *, kind: str, temperature: float,
     ``mask`` [B, L] (true = real token; None = all), ``chunk`` positions along L per step.
     Raises ValueError naming the bad argument."""
     _check(student, kind, temperature, teacher_logits, teacher_topk, mask, beta, chunk)
-    b, length, _ = student.shape
-    mask = (torch.ones(b, length, dtype=torch.bool, device=student.device) if mask is None
-            else mask.to(student.device).bool())
+    mask = _real_mask(student, mask)
     real = int(mask.sum())
     if real == 0:
         return student.sum() * 0.0
@@ -327,8 +325,7 @@ def token_divergence_and_ce(student: Tensor, labels: Tensor, *, kind: str, weigh
     gradient. None when no real token has a label (the caller computes them apart)."""
     _check(student, kind, 1.0, None, teacher_topk, mask, beta, chunk)
     b, length, _ = student.shape
-    mask = (torch.ones(b, length, dtype=torch.bool, device=student.device) if mask is None
-            else mask.to(student.device).bool())
+    mask = _real_mask(student, mask)
     labels = labels.to(student.device).long()
     if tuple(labels.shape) != (b, length):
         raise ValueError(f"labels: shape {list(labels.shape)} must be [batch, length] "
@@ -340,6 +337,13 @@ def token_divergence_and_ce(student: Tensor, labels: Tensor, *, kind: str, weigh
                  torch.is_grad_enabled(), float(weight), labels, float(ce_weight), ce_count)
     total = _ChunkedDivergence.apply(student, plan, real)
     return total, *plan.parts
+
+
+def _real_mask(student: Tensor, mask: Tensor | None) -> Tensor:
+    """[B, L] bool on the student's device: true on real tokens (all of them when None)."""
+    if mask is None:
+        return torch.ones(student.shape[:2], dtype=torch.bool, device=student.device)
+    return mask.to(student.device).bool()
 
 
 def _check(student, kind, temperature, teacher_logits, teacher_topk, mask, beta, chunk) -> None:
