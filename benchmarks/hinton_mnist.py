@@ -66,7 +66,7 @@ def flat_record(summary: dict, wall: float | None, overrides: list[str],
                 data_root: str) -> dict:
     """The flat record of one finished job's summary. Experiments left out by
     ``hinton.experiments`` give None for their fields instead of failing after the run."""
-    from raykd.schemes.hinton_report import BENCHMARK_KEYS, SEED_KEYS
+    from raykd.schemes.hinton.report import BENCHMARK_KEYS, SEED_KEYS
 
     record = {k: summary["benchmark"][k] for k in BENCHMARK_KEYS + SEED_KEYS}
     omitted, two = summary.get("omitted") or {}, summary.get("two_class") or {}
@@ -124,7 +124,7 @@ def main(argv: list[str] | None = None) -> int:
             print(f"benchmark: the job failed (exit {rc}); nothing written", file=sys.stderr)
             return rc
         summary = json.loads(summary_path.read_text())
-    from raykd.schemes.hinton_report import BENCHMARK_KEYS, SEED_KEYS
+    from raykd.schemes.hinton.report import BENCHMARK_KEYS, SEED_KEYS
 
     record = flat_record(summary, wall, args.overrides, data_root)
     out.parent.mkdir(parents=True, exist_ok=True)

@@ -21,9 +21,9 @@ import torch
 
 from raykd.cli import main
 from raykd.schemes import hinton
-from raykd.schemes.hinton_report import SEED_KEYS, markdown_table, table_of
-from raykd.schemes.bias_shift import (accuracy_by_shift, apply_bias_shift, best_shift,
-                                      choose_bias_shift, error_counts, shift_grid)
+from raykd.schemes.hinton.report import SEED_KEYS, markdown_table, table_of
+from raykd.schemes.hinton.bias_shift import (accuracy_by_shift, apply_bias_shift, best_shift,
+                                             choose_bias_shift, error_counts, shift_grid)
 
 REPO = Path(__file__).resolve().parents[1]
 JOB = REPO / "jobs" / "hinton_mnist.py"
@@ -163,7 +163,7 @@ def test_benchmark_record_of_full_and_partial_jobs(job):
     import copy
     import importlib.util
 
-    from raykd.schemes.hinton_report import BENCHMARK_KEYS, benchmark_record
+    from raykd.schemes.hinton.report import BENCHMARK_KEYS, benchmark_record
 
     spec = importlib.util.spec_from_file_location("bench", REPO / "benchmarks" / "hinton_mnist.py")
     bench = importlib.util.module_from_spec(spec)

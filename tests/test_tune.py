@@ -81,7 +81,7 @@ def test_space_maps_to_ray_tune_domains_and_loss_terms(tmp_path):
     from ray import tune
 
     from raykd.schemes.tune import check_tune_config
-    from raykd.schemes.tune_space import param_space
+    from raykd.schemes.tune.space import param_space
 
     cfg = load_config(write_config(
         tmp_path / "c.yaml", "sqlite:///x.db", "x",

@@ -102,7 +102,7 @@ class HintonPlan(BaseModel):
 
 def default_config_path() -> Path:
     """``configs/mnist_hinton_distill.yaml`` in the working directory, else in the checkout."""
-    for base in (Path.cwd(), Path(__file__).resolve().parents[2]):
+    for base in (Path.cwd(), Path(__file__).resolve().parents[3]):
         candidate = base / "configs" / MAIN_CONFIG
         if candidate.is_file():
             return candidate

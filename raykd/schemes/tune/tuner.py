@@ -10,7 +10,7 @@ from __future__ import annotations
 from pathlib import Path
 
 from raykd.config import RaykdConfig
-from raykd.schemes.tune_space import Dim, param_space
+from raykd.schemes.tune.space import Dim, param_space
 
 TIME_ATTR = "training_iteration"
 

@@ -10,7 +10,7 @@ from pathlib import Path
 from typing import Any
 
 from raykd.config import RaykdConfig
-from raykd.schemes.tune_space import Dim
+from raykd.schemes.tune.space import Dim
 
 PAIR = ("distill.temperature", "distill.alpha")
 

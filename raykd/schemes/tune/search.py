@@ -8,9 +8,9 @@ logged to its own MLflow child run → best trial: params/metrics on the parent,
 ``raykd distill --config`` accepts as is.
 
 Here: checks, sizing, the search's folder and state, the driver. The Tuner (searcher, scheduler)
-is built in tune_tuner.py; a trial (its Train run, its reports to Tune through Ray's
-``TuneReportCallback``, its MLflow child run) is tune_trial.py; what happens after the search
-(trial rows, best trial, best config, summary) is tune_finish.py.
+is built in tuner.py; a trial (its Train run, its reports to Tune through Ray's
+``TuneReportCallback``, its MLflow child run) is trial.py; what happens after the search
+(trial rows, best trial, best config, summary) is finish.py.
 
 Resume: the Tune experiment lives under ``tune.storage_path`` (default ``.raykd/tune``) as
 ``<tune.name or tune-<config digest>>-<timestamp>``; ``raykd_search.json`` beside it keeps the
@@ -31,8 +31,8 @@ from typing import Any
 
 from raykd import tracking
 from raykd.config import ConfigError, RaykdConfig, load_config
-from raykd.schemes.tune_space import Dim, corner, parse_space
-from raykd.schemes.tune_trial import tune_trial
+from raykd.schemes.tune.space import Dim, corner, parse_space
+from raykd.schemes.tune.trial import tune_trial
 
 STATE_FILE = "raykd_search.json"
 DEFAULT_STORAGE = Path(".raykd") / "tune"
@@ -133,8 +133,8 @@ def run_tune(cfg: RaykdConfig, dims: list[Dim] | None = None, *, resume: bool = 
     from ray import tune
 
     from raykd.schemes.offline import log_config, obtain_teacher
-    from raykd.schemes.tune_finish import finish_search
-    from raykd.schemes.tune_tuner import build_tuner
+    from raykd.schemes.tune.finish import finish_search
+    from raykd.schemes.tune.tuner import build_tuner
     from raykd.teacher.service import serve_teacher, stop_teacher, teacher_stats
     from raykd.train.fit import ensure_ray
 

@@ -35,10 +35,10 @@ from typing import Any
 
 from raykd import tracking
 from raykd.config import RaykdConfig, dump_yaml
-from raykd.schemes.hinton_config import (EXPERIMENTS, JOB_SECTION, MAIN_CONFIG,  # noqa: F401
+from raykd.schemes.hinton.config import (EXPERIMENTS, JOB_SECTION, MAIN_CONFIG,  # noqa: F401
                                          HintonJob, HintonPlan, default_config_path, load_plan,
                                          preflight_plan)
-from raykd.schemes.hinton_report import (BENCHMARK_KEYS, PAPER, benchmark_record,  # noqa: F401
+from raykd.schemes.hinton.report import (BENCHMARK_KEYS, PAPER, benchmark_record,  # noqa: F401
                                          gap_closed, markdown_table, table_of)
 
 # ---------------------------------------------------------------------------------- teacher
@@ -127,7 +127,7 @@ def _load_student(checkpoint: str, cfg: RaykdConfig, uri: str):
 def count_test_errors(checkpoint: str, cfg: RaykdConfig, uri: str, field: str = "student",
                 classes: tuple[int, ...] = ()) -> dict[str, Any]:
     from raykd.data import build_dataset, dataset_info
-    from raykd.schemes.bias_shift import error_counts
+    from raykd.schemes.hinton.bias_shift import error_counts
     from raykd.teacher.loading import local_checkpoint
     from raykd.train.checkpoint import load_model
 
@@ -141,7 +141,7 @@ def shift_experiment(cfg: RaykdConfig, student: dict[str, Any], classes: list[in
                      grid: tuple[float, float, float], uri: str) -> dict[str, Any]:
     """Choose δ for ``classes`` on the validation split; test errors before and after."""
     from raykd.data import build_dataset, dataset_info
-    from raykd.schemes.bias_shift import apply_bias_shift, choose_bias_shift, error_counts
+    from raykd.schemes.hinton.bias_shift import apply_bias_shift, choose_bias_shift, error_counts
     from raykd.train.checkpoint import save_checkpoint
 
     _log_child_config(uri, student["run_id"], cfg)
