@@ -12,7 +12,8 @@ MLflow, one parent run). The same job as ``raykd hinton-mnist``; every argument 
     ray job submit --working-dir . -- python jobs/hinton_mnist.py --data-root /data/mnist
 
 Options: --config PATH (default configs/mnist_hinton_distill.yaml), --set KEY=VALUE (repeatable;
-hinton.* keys set the job section), --data-root DIR, --summary PATH (JSON), --markdown PATH.
+hinton.* keys set the job section), --data-root DIR, --summary PATH (JSON), --markdown PATH,
+--resume (continue the last run of this job, keeping its finished fits).
 """
 
 from __future__ import annotations

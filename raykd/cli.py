@@ -89,6 +89,8 @@ def build_parser() -> ArgumentParser:
     _config_args(p)
     p.add_argument("--data-root", help="MNIST folder (torchvision layout)")
     p.add_argument("--markdown", metavar="PATH", help="write the comparison table here")
+    p.add_argument("--resume", action="store_true",
+                   help="continue the last run of this job: its finished fits are kept")
     return parser
 
 

@@ -26,7 +26,7 @@ from pydantic import Field, ValidationError, model_validator
 
 # The sections live in two modules of their own (this file joins, validates and loads them);
 # every name stays importable from here.
-from raykd.config_schemes import (BornAgainConfig, NoiseConfig,  # noqa: F401
+from raykd.config_schemes import (BornAgainConfig, HintonConfig, NoiseConfig,  # noqa: F401
                                   NoisyStudentConfig, OnlineConfig, SequenceKDConfig,
                                   TuneConfig)
 from raykd.config_sections import (URI_SCHEMES, ConfigError, DataConfig,  # noqa: F401
@@ -49,6 +49,7 @@ class RaykdConfig(Section):
     noisy_student: NoisyStudentConfig | None = None
     online: OnlineConfig | None = None
     sequence_kd: SequenceKDConfig | None = None
+    hinton: HintonConfig | None = None  # raykd hinton-mnist only
 
     @model_validator(mode="after")
     def _text_modes(self) -> RaykdConfig:
@@ -98,7 +99,8 @@ class RaykdConfig(Section):
                 teacher.pop(key)
         if self.train.checkpoint_seconds is None:
             raw["train"].pop("checkpoint_seconds")
-        for section in ("tune", "born_again", "noisy_student", "online", "sequence_kd"):
+        for section in ("tune", "born_again", "noisy_student", "online", "sequence_kd",
+                        "hinton"):
             if raw.get(section) is None:
                 raw.pop(section, None)
         if self.data.labelled is None:

@@ -1,12 +1,13 @@
 """The config's sections for the schemes beyond offline distillation: Tune, born-again,
-Noisy Student, online ensembles and sequence-level KD (re-exported by raykd.config).
+Noisy Student, online ensembles, sequence-level KD and the Hinton MNIST job (re-exported by
+raykd.config).
 """
 
 from __future__ import annotations
 
 from typing import Any, Literal
 
-from pydantic import Field, model_validator
+from pydantic import Field, field_validator, model_validator
 
 from raykd.config_sections import ModelConfig, Section, TransformConfig
 
@@ -108,3 +109,56 @@ class SequenceKDConfig(Section):
     def width(self, block_size: int) -> int:
         """Tokens per generated sequence: the prompt and its continuation."""
         return self.prompt_tokens + (self.new_tokens or block_size + 1 - self.prompt_tokens)
+
+
+HINTON_EXPERIMENTS = ("table", "omitted", "two_class")
+
+
+class HintonConfig(Section):
+    """``raykd hinton-mnist`` (Hinton et al. 2015 §3, raykd.schemes.hinton): the job's section
+    of its main config, which describes the distilled student; the teacher's and the baseline's
+    configs are the files named here (relative to the main config's folder)."""
+
+    teacher_config: str = "mnist_hinton_teacher.yaml"
+    baseline_config: str = "mnist_hinton_student.yaml"
+    experiments: list[Literal["table", "omitted", "two_class"]] = Field(
+        default_factory=lambda: list(HINTON_EXPERIMENTS))
+    omit_class: int = Field(3, ge=0)  # removed from the transfer set in "omitted"
+    two_classes: list[int] = Field(default_factory=lambda: [7, 8])  # the whole "two_class" set
+    shift_low: float = -15.0  # bias-shift grid, scanned on the validation split
+    shift_high: float = 15.0
+    shift_step: float = Field(0.1, gt=0.0)
+    reuse_teacher: bool = True  # reuse a finished teacher run with the same teacher key
+    # the table's baseline and distilled students, once per seed (train.seed); None = once, with
+    # the configs' own train.seed. The omitted and two-class students use the configs' seed.
+    seeds: list[int] | None = None
+
+    @field_validator("experiments")
+    @classmethod
+    def _some_experiment(cls, value: list[str]) -> list[str]:
+        if not value:
+            raise ValueError(f"name at least one experiment; allowed: "
+                             f"{', '.join(HINTON_EXPERIMENTS)}")
+        return list(dict.fromkeys(value))
+
+    @field_validator("two_classes")
+    @classmethod
+    def _two_classes(cls, value: list[int]) -> list[int]:
+        if not value or len(set(value)) != len(value) or min(value) < 0:
+            raise ValueError("give one or more distinct class numbers, e.g. [7, 8]")
+        return value
+
+    @field_validator("seeds")
+    @classmethod
+    def _seeds(cls, value: list[int] | None) -> list[int] | None:
+        if value is not None and (not value or len(set(value)) != len(value) or min(value) < 0):
+            raise ValueError("give distinct non-negative seeds, e.g. [0, 1, 2] (or null for one "
+                             "run with train.seed)")
+        return value
+
+    @model_validator(mode="after")
+    def _grid(self) -> HintonConfig:
+        if self.shift_high < self.shift_low:
+            raise ValueError(f"shift_high: {self.shift_high} is below shift_low "
+                             f"{self.shift_low}; give low <= high")
+        return self

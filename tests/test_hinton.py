@@ -340,8 +340,11 @@ def test_second_job_reuses_the_teacher(job):
     key = hinton.teacher_key(plan.teacher)
     found = hinton.find_reusable_teacher(uri, EXPERIMENT, key)
     assert found is not None and found["run_id"] == s["teacher"]["run_id"]
+    from raykd.schemes.lineage import Lineage
+
     with tracking.tracked_run(uri, EXPERIMENT, "reuse-check") as parent:
-        teacher = hinton.obtain_hinton_teacher(plan, uri, parent)  # no fit: nothing to train
+        # no fit: nothing to train
+        teacher = hinton.obtain_hinton_teacher(plan, Lineage(uri, "hinton-mnist", parent, {}))
     assert teacher["trained"] is False and teacher["reused_run_id"] == s["teacher"]["run_id"]
     assert Path(teacher["checkpoint"]).is_file()
     # another teacher setting is another key: nothing to reuse
@@ -361,6 +364,57 @@ def test_second_job_reuses_the_teacher(job):
         hinton.teacher_key(own)
 
 
+def test_resume_keeps_the_fits_an_interrupted_job_finished(ray_session, mnist_root, tmp_path,
+                                                          monkeypatch, cli_stderr):
+    """The job is interrupted once the teacher and the baseline have finished (Ctrl-C or `ray job
+    stop` as the distilled student starts); `--resume` reopens the same parent run, reads the two
+    finished fits back and trains only the distilled student."""
+    from mlflow.tracking import MlflowClient
+
+    from raykd.schemes import offline
+
+    monkeypatch.chdir(tmp_path)
+    uri = f"sqlite:///{tmp_path / 'mlflow.db'}"
+    argv = ["hinton-mnist", "--data-root", str(mnist_root), *FAST, "--set", f"tracking.uri={uri}",
+            "--set", "hinton.experiments=[table]", "--set", "hinton.reuse_teacher=false"]
+    run_student = offline.run_student
+
+    def interrupted(cfg, role, *args, name=None, **kwargs):
+        if name == "distilled":
+            raise KeyboardInterrupt
+        return run_student(cfg, role, *args, name=name, **kwargs)
+
+    monkeypatch.setattr(offline, "run_student", interrupted)
+    assert main(argv) == 130
+    monkeypatch.setattr(offline, "run_student", run_student)
+    client = MlflowClient(uri)
+    [first] = client.search_runs([client.get_experiment_by_name(EXPERIMENT).experiment_id],
+                                 "tags.`raykd.scheme` = 'hinton-mnist'")
+    assert first.info.status == "KILLED"
+    before = {r.info.run_name: r for r in client.search_runs(
+        [first.info.experiment_id], f"tags.mlflow.parentRunId = '{first.info.run_id}'")}
+    assert set(before) == {"teacher", "baseline"}
+    cli_stderr()  # the first run's console
+
+    assert main([*argv, "--resume", "--summary", str(tmp_path / "s.json")]) == 0
+    s = json.loads((tmp_path / "s.json").read_text())
+    assert s["mlflow"]["run_id"] == first.info.run_id
+    assert s["resumed"] == ["baseline", "teacher"]
+    assert s["teacher"]["run_id"] == before["teacher"].info.run_id
+    assert s["baseline"]["run_id"] == before["baseline"].info.run_id
+    assert s["baseline"]["resumed"] is True and s["distilled"].get("resumed") is None
+    assert s["baseline"]["accuracy"] == before["baseline"].data.metrics["test_accuracy"]
+    after = client.search_runs([first.info.experiment_id],
+                               f"tags.mlflow.parentRunId = '{first.info.run_id}'")
+    assert sorted(r.info.run_name for r in after) == ["baseline", "distilled", "teacher"]
+    assert all(r.info.status == "FINISHED" for r in after)
+    assert client.get_run(first.info.run_id).info.status == "FINISHED"
+    # the resumed baseline's test errors are counted from the weights its run logged
+    base = s["baseline"]
+    assert base["errors"] == round((1 - base["accuracy"]) * base["test_size"])
+    assert s["table"]["baseline_errors"] == base["errors"]
+
+
 # ---------------------------------------------------------------- configs and bad input
 
 def test_overrides_reach_every_role_and_the_job_section(mnist_root):
@@ -375,6 +429,20 @@ def test_overrides_reach_every_role_and_the_job_section(mnist_root):
     assert plan.distill.teacher == plan.teacher.teacher
     assert plan.omitted().distill.exclude_classes == [5]
     assert plan.two_class().distill.include_classes == [1, 2]
+
+
+def test_the_job_section_is_part_of_the_one_config(mnist_root):
+    """hinton: is a section of RaykdConfig, read by load_config like any other; the role configs
+    the plan validates carry none of it."""
+    from raykd.config import HintonConfig, load_config
+
+    cfg = load_config(CONFIG, [f"data.root={mnist_root}", "hinton.omit_class=5"])
+    assert isinstance(cfg.hinton, HintonConfig) and cfg.hinton.omit_class == 5
+    assert cfg.hinton.two_classes == [7, 8]  # the YAML's own value
+    plan = hinton.load_plan(CONFIG, ["hinton.omit_class=5"], str(mnist_root))
+    assert plan.job == cfg.hinton
+    assert (plan.teacher.hinton, plan.baseline.hinton, plan.distill.hinton) == (None, None, None)
+    assert "hinton" not in plan.distill.applicable()
 
 
 def test_table_seeds_default_to_the_configs_own_seed(mnist_root):
@@ -432,6 +500,7 @@ def test_an_augmented_variant_says_so_in_its_rows():
     (["--set", "hinton.omit_clas=3"], "hinton.omit_clas: unknown key"),
     (["--set", "hinton.omit_class=10"], "hinton.omit_class: class 10 is outside 0..9"),
     (["--set", "hinton.teacher_config=nope.yaml"], "hinton.teacher_config: file"),
+    (["--set", "hinton.shift_high=-20"], "hinton.shift_high: -20.0 is below shift_low -15.0"),
 ])
 def test_bad_input_is_one_line_and_exit_2(argv, needle, mnist_root, cli_stderr, tmp_path):
     if argv:

@@ -30,18 +30,6 @@ def test_ray_still_reads_the_variables_raykd_sets():
     assert constants.DEFAULT_HEALTH_CHECK_INTERVAL_S >= 1.0
 
 
-def _report_loop(config):
-    import time
-
-    import ray.train
-
-    took = []
-    for step in range(REPORTS):
-        started = time.perf_counter()
-        ray.train.report({"step": step, "report_s": took})
-        took.append(time.perf_counter() - started)
-
-
 def _preemption_watchers() -> int:
     from ray.util.state import list_actors
 
@@ -61,7 +49,19 @@ def test_a_fit_reports_fast_and_starts_no_preemption_watcher(ray_session, tmp_pa
     ensure_ray()
     assert {k: os.environ[k] for k in TRAIN_ENV} == TRAIN_ENV
     watchers = _preemption_watchers()
-    trainer = TorchTrainer(_report_loop, scaling_config=ScalingConfig(num_workers=1),
+
+    def report_loop(config):  # defined here: Ray ships it by value (tests/ is not importable)
+        import time
+
+        import ray.train
+
+        took = []
+        for step in range(REPORTS):
+            started = time.perf_counter()
+            ray.train.report({"step": step, "report_s": took})
+            took.append(time.perf_counter() - started)
+
+    trainer = TorchTrainer(report_loop, scaling_config=ScalingConfig(num_workers=1),
                            run_config=RunConfig(name="train-env", storage_path=str(tmp_path)))
     result = trainer.fit()
     took = result.metrics["report_s"]  # the last report carries the durations before it

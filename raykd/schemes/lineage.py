@@ -25,7 +25,8 @@ from raykd import tracking
 from raykd.config import RaykdConfig
 
 MEMBER_TAG = {"born-again": "raykd.generation", "noisy-student": "raykd.round"}
-MEMBER_WORD = {"born-again": "generation", "noisy-student": "round", "offline": "fit"}
+MEMBER_WORD = {"born-again": "generation", "noisy-student": "round", "offline": "fit",
+               "hinton-mnist": "fit"}
 # What does not change the models a lineage trains: how long it runs, where it logs, restarts.
 _KEY_IGNORES = {("born_again", "generations"), ("noisy_student", "rounds"),
                 ("train", "max_failures"), ("train", "checkpoint_every"),
@@ -129,12 +130,12 @@ def _finished_members(uri: str, experiment: str, scheme: str, parent: str) -> di
 
 @contextmanager
 def lineage_run(uri: str, cfg: RaykdConfig, scheme: str, resume: bool, name: str,
-                read_finished=None):
+                read_finished=None, key: str | None = None):
     """The scheme's parent run (new, or with ``resume`` the newest one with this config's key,
     re-opened) as a :class:`Lineage`; FINISHED at the end, FAILED / KILLED on an exception.
     ``read_finished(uri, experiment, scheme, parent)``: its finished members (default: the
-    generations / rounds in order)."""
-    key = lineage_key(cfg, scheme)
+    generations / rounds in order). ``key``: the job's own, when ``cfg`` is not all it runs."""
+    key = key or lineage_key(cfg, scheme)
     experiment = cfg.tracking.experiment
     parent, finished = None, {}
     if resume:

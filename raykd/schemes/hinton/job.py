@@ -35,11 +35,10 @@ from typing import Any
 
 from raykd import tracking
 from raykd.config import RaykdConfig, dump_yaml
-from raykd.schemes.hinton.config import (EXPERIMENTS, JOB_SECTION, MAIN_CONFIG,  # noqa: F401
-                                         HintonJob, HintonPlan, default_config_path, load_plan,
-                                         preflight_plan)
-from raykd.schemes.hinton.report import (BENCHMARK_KEYS, PAPER, benchmark_record,  # noqa: F401
-                                         gap_closed, markdown_table, table_of)
+from raykd.schemes.hinton.config import JOB_SECTION, HintonPlan, load_plan, preflight_plan
+from raykd.schemes.hinton.report import PAPER, benchmark_record, markdown_table, table_of
+from raykd.schemes.hinton.resume import SCHEME, finished_fit, finished_fits, plan_key
+from raykd.schemes.lineage import Lineage, lineage_run
 
 # ---------------------------------------------------------------------------------- teacher
 
@@ -61,7 +60,7 @@ def teacher_key(cfg: RaykdConfig) -> str:
     train = {k: v for k, v in d["train"].items()
              if k not in ("use_gpu", "cpus_per_worker", "gpus_per_worker", "max_failures",
                           "checkpoint_every", "checkpoint_seconds", "jitter", "flip", "augment",
-                          "epochs", "lr")}
+                          "epochs", "lr", "storage_path")}
     if train.get("keep_checkpoint") == "last":  # what every teacher before the option kept
         train.pop("keep_checkpoint")
     if train.get("precision") == "fp32":  # ditto: teachers before train.precision were fp32
@@ -91,26 +90,34 @@ def find_reusable_teacher(uri: str, experiment: str, key: str) -> dict[str, Any]
     return None
 
 
-def obtain_hinton_teacher(plan: HintonPlan, uri: str, parent: str) -> dict[str, Any]:
-    """The teacher config's checkpoint if given, else a reusable earlier run, else train now."""
+def obtain_hinton_teacher(plan: HintonPlan, lineage: Lineage) -> dict[str, Any]:
+    """The teacher config's checkpoint if given, else the one an interrupted run of this job
+    trained (--resume), else a reusable earlier run, else train now."""
     from raykd.schemes.offline import train_teacher
 
-    cfg = plan.teacher
+    cfg, uri, parent = plan.teacher, lineage.uri, lineage.parent
     if cfg.teacher.checkpoint:
         return {"checkpoint": cfg.teacher.checkpoint, "source": "teacher.checkpoint",
                 "trained": False}
     key = teacher_key(cfg)
+    if "teacher" in lineage.finished:
+        return {**lineage.finished["teacher"], "source": "trained", "trained": True, "key": key}
     if plan.job.reuse_teacher:
         found = find_reusable_teacher(uri, plan.distill.tracking.experiment, key)
         if found:
             tracking.set_tags(uri, parent, {"raykd.hinton.teacher_run": found["run_id"]})
             return {"checkpoint": found["checkpoint"], "source": found["source"],
                     "reused_run_id": found["run_id"], "trained": False, "key": key}
-    trained = train_teacher(cfg, uri, parent)
-    _log_child_config(uri, trained["run_id"], cfg)
-    tracking.set_tags(uri, trained["run_id"], {"raykd.hinton.teacher_key": key})
-    tracking.set_tags(uri, parent, {"raykd.hinton.teacher_run": trained["run_id"]})
-    return {**trained, "source": "trained", "trained": True, "key": key}
+
+    def train(name: str) -> dict[str, Any]:
+        trained = train_teacher(cfg, uri, parent, name=name)
+        _log_child_config(uri, trained["run_id"], cfg)
+        tracking.set_tags(uri, trained["run_id"], {"raykd.hinton.teacher_key": key})
+        tracking.set_tags(uri, parent, {"raykd.hinton.teacher_run": trained["run_id"]})
+        return trained
+
+    return {**finished_fit(lineage, "teacher", train), "source": "trained", "trained": True,
+            "key": key}
 
 
 # ---------------------------------------------------------------------------------- evaluation
@@ -178,10 +185,9 @@ def shift_experiment(cfg: RaykdConfig, student: dict[str, Any], classes: list[in
 
 # ---------------------------------------------------------------------------------- the job
 
-def run_hinton(plan: HintonPlan) -> dict[str, Any]:
-    """Run the planned experiments under one MLflow parent run; return the summary."""
-    from raykd.schemes.offline import count_checkpoint_params, log_config, run_student
-    from raykd.teacher.service import serve_teacher, stop_teacher, teacher_stats
+def run_hinton(plan: HintonPlan, resume: bool = False) -> dict[str, Any]:
+    """Run the planned experiments under one MLflow parent run; return the summary. ``resume``:
+    continue the newest run of the same plan, keeping the fits it finished."""
     from raykd.train.fit import ensure_ray, fit_session
 
     cfg, job = plan.distill, plan.job
@@ -190,89 +196,128 @@ def run_hinton(plan: HintonPlan) -> dict[str, Any]:
     started = time.perf_counter()
     summary: dict[str, Any] = {"experiments": list(job.experiments), "paper": PAPER}
     # The job's fits share one worker group per scaling (fit_session): one start, not ten.
-    with fit_session(cfg, "hinton"), tracking.tracked_run(
-            uri, cfg.tracking.experiment, "hinton-mnist", None,
-            {"raykd.scheme": "hinton-mnist"}) as parent:
-        log_config(uri, parent, cfg, plan.config_path)
-        tracking.log_params(uri, parent, {JOB_SECTION: job.model_dump(mode="json")})
-        _log_role_configs(uri, parent, plan)
+    with fit_session(cfg, "hinton"), lineage_run(uri, cfg, SCHEME, resume, SCHEME, finished_fits,
+                                                 key=plan_key(plan)) as lineage:
+        parent = lineage.parent
+        if not lineage.finished:  # a resumed parent has its configs already
+            _log_job(uri, parent, plan)
         # 1. the teacher, trained (or reused) once
-        teacher = obtain_hinton_teacher(plan, uri, parent)
-        source = teacher["checkpoint"]
-        counts = count_test_errors(source, plan.teacher, uri, field="teacher")
-        teacher.update(errors=counts["errors"], test_size=counts["total"],
-                       accuracy=1 - counts["errors"] / max(counts["total"], 1),
-                       params=teacher.get("params") or count_checkpoint_params(source, uri))
-        summary["teacher"] = teacher
-        # 2. the baselines: the same student on hard labels, no teacher (one per seed)
+        teacher = summary["teacher"] = _teacher_part(plan, lineage)
+        # 2. the baselines (one per seed), then every distillation from one teacher cache
         runs = plan.seed_runs() if "table" in job.experiments else []
-
-        def run_name(name: str, seed: int) -> str:
-            return name if len(runs) == 1 else f"{name}-seed{seed}"
-
-        baselines = {seed: _student_part(run_student(base, "baseline", uri, parent,
-                                                     name=run_name("baseline", seed)), base, uri)
+        baselines = {seed: _student_part(finished_fit(lineage, _run_name("baseline", seed, runs),
+                                                      _fitter(base, "baseline", uri, parent)),
+                                         base, uri)
                      for seed, base, _ in runs}
-        # 3. one teacher actor + one soft-label cache for every distillation
-        service = serve_teacher(cfg, [source], uri)
-        students: dict[str, dict[str, Any]] = {}
-        distilled: dict[int, dict[str, Any]] = {}
-        try:
-            teacher["cache"] = service.cache
-            for seed, _, dist in runs:
-                distilled[seed] = run_student(dist, "student", uri, parent, service.handoff,
-                                              name=run_name("distilled", seed))
-            if "omitted" in job.experiments:
-                students["omitted"] = run_student(plan.omitted(), "student", uri, parent,
-                                                  service.handoff,
-                                                  name=f"omitted-{job.omit_class}")
-            if "two_class" in job.experiments:
-                students["two_class"] = run_student(
-                    plan.two_class(), "student", uri, parent, service.handoff,
-                    name="only-" + "-".join(str(c) for c in job.two_classes))
-            teacher["forward_samples"] = teacher_stats(service)["forward_samples"]
-        finally:  # the cache on disk and the driver-owned shards outlive the actor
-            stop_teacher(service)
-        # 4. evaluation in the driver: error counts, gap, bias shifts on validation data
+        students = _distillations(plan, lineage, teacher, runs)
+        # 3. evaluation in the driver: error counts, gap, bias shifts on validation data
         if runs:
-            seed_runs = [{"seed": seed, "baseline": baselines[seed],
-                          "distilled": _student_part(distilled[seed], dist, uri)}
-                         for seed, _, dist in runs]
-            summary["seed_runs"] = seed_runs
-            summary["baseline"], summary["distilled"] = (seed_runs[0]["baseline"],
-                                                         seed_runs[0]["distilled"])
-            table = summary["table"] = table_of(teacher["errors"], seed_runs, counts["total"])
-            keys = ("baseline_errors_per_seed", "distilled_errors_per_seed", "gap_closed_per_seed")
-            for i, values in enumerate(zip(*(table[k] for k in keys), strict=True)):
-                # per-seed counts as steps of one metric each
-                tracking.log_metrics(uri, parent, dict(zip(keys, values, strict=True)), step=i)
+            _table(summary, teacher, baselines, students, runs, uri, parent)
         if "omitted" in students:
             summary["omitted"] = shift_experiment(plan.omitted(), students["omitted"],
                                                   [job.omit_class], plan.grid, uri)
         if "two_class" in students:
             summary["two_class"] = shift_experiment(plan.two_class(), students["two_class"],
                                                     list(job.two_classes), plan.grid, uri)
-        summary["settings"] = _settings(plan)
-        summary["benchmark"] = benchmark_record(summary)
-        summary["markdown"] = markdown_table(summary)
-        metrics = {k: v for k, v in summary["benchmark"].items() if v is not None}
-        tracking.log_metrics(uri, parent, metrics)
-        summary["mlflow"] = {"tracking_uri": uri, "run_id": parent,
-                             "experiment": cfg.tracking.experiment}
-        summary["seconds"] = round(time.perf_counter() - started, 1)
-        tracking.log_metrics(uri, parent, {"seconds": summary["seconds"]})
-        tracking.log_text(uri, parent, summary["markdown"], "hinton_mnist.md")
-        tracking.log_dict(uri, parent, json.loads(json.dumps(summary, default=str)),
-                          "summary.json")
+        summary["resumed"] = sorted(lineage.finished)
+        _finish(summary, plan, uri, parent, started)
     return summary
+
+
+def _log_job(uri: str, parent: str, plan: HintonPlan) -> None:
+    from raykd.schemes.offline import log_config
+
+    log_config(uri, parent, plan.distill, plan.config_path)
+    tracking.log_params(uri, parent, {JOB_SECTION: plan.job.model_dump(mode="json")})
+    _log_role_configs(uri, parent, plan)
+
+
+def _teacher_part(plan: HintonPlan, lineage: Lineage) -> dict[str, Any]:
+    from raykd.schemes.offline import count_checkpoint_params
+
+    teacher = obtain_hinton_teacher(plan, lineage)
+    source = teacher["checkpoint"]
+    counts = count_test_errors(source, plan.teacher, lineage.uri, field="teacher")
+    teacher.update(errors=counts["errors"], test_size=counts["total"],
+                   accuracy=1 - counts["errors"] / max(counts["total"], 1),
+                   params=teacher.get("params") or count_checkpoint_params(source, lineage.uri))
+    return teacher
+
+
+def _run_name(name: str, seed: int, runs: list) -> str:
+    return name if len(runs) == 1 else f"{name}-seed{seed}"
+
+
+def _fitter(cfg: RaykdConfig, role: str, uri: str, parent: str, handoff=None):
+    """A function of the run name that fits the student ``cfg`` describes (for finished_fit)."""
+    from raykd.schemes.offline import run_student
+
+    return lambda name: run_student(cfg, role, uri, parent, handoff, name=name)
+
+
+def _distillations(plan: HintonPlan, lineage: Lineage, teacher: dict[str, Any],
+                   runs: list) -> dict[Any, dict[str, Any]]:
+    """The distilled students (by seed for the table, "omitted", "two_class"), all taught by one
+    teacher actor and one soft-label cache; none started when every one is kept (--resume)."""
+    from raykd.teacher.service import serve_teacher, stop_teacher, teacher_stats
+
+    job = plan.job
+    fits: dict[Any, tuple[str, RaykdConfig]] = {
+        seed: (_run_name("distilled", seed, runs), dist) for seed, _, dist in runs}
+    if "omitted" in job.experiments:
+        fits["omitted"] = (f"omitted-{job.omit_class}", plan.omitted())
+    if "two_class" in job.experiments:
+        fits["two_class"] = ("only-" + "-".join(str(c) for c in job.two_classes),
+                             plan.two_class())
+    if all(name in lineage.finished for name, _ in fits.values()):
+        return {key: lineage.finished[name] for key, (name, _) in fits.items()}
+    service = serve_teacher(plan.distill, [teacher["checkpoint"]], lineage.uri)
+    try:
+        teacher["cache"] = service.cache
+        students = {key: finished_fit(lineage, name, _fitter(cfg, "student", lineage.uri,
+                                                             lineage.parent, service.handoff))
+                    for key, (name, cfg) in fits.items()}
+        teacher["forward_samples"] = teacher_stats(service)["forward_samples"]
+    finally:  # the cache on disk and the driver-owned shards outlive the actor
+        stop_teacher(service)
+    return students
+
+
+def _table(summary: dict[str, Any], teacher: dict[str, Any], baselines: dict[int, Any],
+           students: dict[Any, Any], runs: list, uri: str, parent: str) -> None:
+    seed_runs = [{"seed": seed, "baseline": baselines[seed],
+                  "distilled": _student_part(students[seed], dist, uri)}
+                 for seed, _, dist in runs]
+    summary["seed_runs"] = seed_runs
+    summary["baseline"], summary["distilled"] = (seed_runs[0]["baseline"],
+                                                 seed_runs[0]["distilled"])
+    table = summary["table"] = table_of(teacher["errors"], seed_runs, teacher["test_size"])
+    keys = ("baseline_errors_per_seed", "distilled_errors_per_seed", "gap_closed_per_seed")
+    for i, values in enumerate(zip(*(table[k] for k in keys), strict=True)):
+        # per-seed counts as steps of one metric each
+        tracking.log_metrics(uri, parent, dict(zip(keys, values, strict=True)), step=i)
+
+
+def _finish(summary: dict[str, Any], plan: HintonPlan, uri: str, parent: str,
+            started: float) -> None:
+    summary["settings"] = _settings(plan)
+    summary["benchmark"] = benchmark_record(summary)
+    summary["markdown"] = markdown_table(summary)
+    metrics = {k: v for k, v in summary["benchmark"].items() if v is not None}
+    tracking.log_metrics(uri, parent, metrics)
+    summary["mlflow"] = {"tracking_uri": uri, "run_id": parent,
+                         "experiment": plan.distill.tracking.experiment}
+    summary["seconds"] = round(time.perf_counter() - started, 1)
+    tracking.log_metrics(uri, parent, {"seconds": summary["seconds"]})
+    tracking.log_text(uri, parent, summary["markdown"], "hinton_mnist.md")
+    tracking.log_dict(uri, parent, json.loads(json.dumps(summary, default=str)), "summary.json")
 
 
 def _student_part(result: dict[str, Any], cfg: RaykdConfig, uri: str) -> dict[str, Any]:
     _log_child_config(uri, result["run_id"], cfg)
     counts = count_test_errors(result["checkpoint"], cfg, uri)
     part = {k: v for k, v in result.items() if k != "history"}
-    part.update(errors=counts["errors"], test_size=counts["total"],
-                epochs=len(result.get("history") or []))
+    part.update(errors=counts["errors"], test_size=counts["total"])
     return part
 
 
@@ -324,7 +369,7 @@ def run_hinton_command(args) -> dict[str, Any]:
     """``raykd hinton-mnist``: check everything, run, write the markdown table (and print it)."""
     plan = load_plan(args.config, args.overrides, getattr(args, "data_root", None))
     preflight_plan(plan)
-    summary = run_hinton(plan)
+    summary = run_hinton(plan, resume=getattr(args, "resume", False))
     print("\n" + summary["markdown"])
     markdown = getattr(args, "markdown", None)
     if markdown:
