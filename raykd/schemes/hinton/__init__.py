@@ -7,7 +7,8 @@ run; ``config.py`` loads and checks the job's configs (its ``hinton:`` section i
 and applies the per-class bias shift δ.
 """
 
-from raykd.schemes.hinton.config import (EXPERIMENTS, JOB_SECTION, MAIN_CONFIG, HintonPlan,
+from raykd.config_schemes import HINTON_EXPERIMENTS as EXPERIMENTS
+from raykd.schemes.hinton.config import (JOB_SECTION, MAIN_CONFIG, HintonPlan,
                                          default_config_path, load_plan, preflight_plan)
 from raykd.schemes.hinton.job import (count_test_errors, find_reusable_teacher,
                                       obtain_hinton_teacher, run_hinton,

@@ -12,7 +12,6 @@ from typing import Any
 from pydantic import BaseModel, ConfigDict
 
 from raykd.config import ConfigError, HintonConfig, RaykdConfig, load_config, parse_overrides
-from raykd.config_schemes import HINTON_EXPERIMENTS as EXPERIMENTS
 
 MAIN_CONFIG = "mnist_hinton_distill.yaml"
 JOB_SECTION = "hinton"
