@@ -31,6 +31,10 @@ BAD_OVERRIDES = [
     # together, so the old value is one error pointing at the new one.
     (["teacher.mode=online"], "teacher.mode: 'online' was renamed 'live'"),
     (["teacher.mode=online"], "set teacher.mode=live"),
+    # issue #28: replay's cache renders views from train.jitter/flip only; transforms applied
+    # after the view would show the student an image the teacher never labelled.
+    (["teacher.mode=replay", "train.jitter=2", "train.augment=[{name: RandomHorizontalFlip}]"],
+     "train.augment: replay's cached views are rendered from train.jitter/train.flip only"),
 ]
 
 
@@ -132,6 +136,8 @@ CLI_CASES = [
      "--set", "noisy_student.noise.stochastic_depth=0.2"],
     ["noisy-student", "--set", "data.labelled=0.1", "--set", "teacher.mode=replay"],
     ["distill", "--set", "train.augment=[{name: RandomWobble}]"],
+    ["distill", "--set", "teacher.mode=replay", "--set", "train.flip=true",
+     "--set", "train.augment=[{name: RandomHorizontalFlip}]"],
     ["distill", "--set", "data.val_fraction=0"],  # keep_checkpoint=best needs a val split
     # online distillation (issue #17)
     ["online", "--peers", "1"],
