@@ -71,6 +71,19 @@ class RaykdConfig(Section):
                              f"leave it unset to fill the block")
         return self
 
+    @model_validator(mode="after")
+    def _replay_renders_every_view(self) -> RaykdConfig:
+        # Replay's cache renders view v of sample i from train.jitter/train.flip alone, seeded
+        # per (i, v) (raykd.teacher.client.replay_inputs). train.augment applied after that view
+        # would show the student an image the teacher never labelled. (Noisy Student's
+        # noise.augment never meets replay: data.labelled needs teacher.mode=cached.)
+        if self.teacher.mode == "replay" and self.train.augment:
+            raise ValueError("train.augment: replay's cached views are rendered from "
+                             "train.jitter/train.flip only, so these transforms would change "
+                             "images after the teacher labelled them; remove train.augment or "
+                             "set teacher.mode=cached (or live)")
+        return self
+
     def to_dict(self) -> dict[str, Any]:
         return self.model_dump(mode="json")
 

@@ -62,7 +62,10 @@ def check_destinations(cfg: RaykdConfig) -> None:
 
 def preflight(cfg: RaykdConfig, roles: tuple[str, ...] = ("teacher", "student")) -> None:
     from raykd.data import dataset_info
+    from raykd.losses.registry import check_no_peer_terms
 
+    if "student" in roles:  # `raykd online` checks its cohort itself (preflight_online)
+        check_no_peer_terms(cfg.distill)
     check_destinations(cfg)
     from raykd.losses import DistillLoss
     from raykd.models import build_model

@@ -31,6 +31,10 @@ BAD_OVERRIDES = [
     # together, so the old value is one error pointing at the new one.
     (["teacher.mode=online"], "teacher.mode: 'online' was renamed 'live'"),
     (["teacher.mode=online"], "set teacher.mode=live"),
+    # issue #28: replay's cache renders views from train.jitter/flip only; transforms applied
+    # after the view would show the student an image the teacher never labelled.
+    (["teacher.mode=replay", "train.jitter=2", "train.augment=[{name: RandomHorizontalFlip}]"],
+     "train.augment: replay's cached views are rendered from train.jitter/train.flip only"),
 ]
 
 
@@ -132,6 +136,8 @@ CLI_CASES = [
      "--set", "noisy_student.noise.stochastic_depth=0.2"],
     ["noisy-student", "--set", "data.labelled=0.1", "--set", "teacher.mode=replay"],
     ["distill", "--set", "train.augment=[{name: RandomWobble}]"],
+    ["distill", "--set", "teacher.mode=replay", "--set", "train.flip=true",
+     "--set", "train.augment=[{name: RandomHorizontalFlip}]"],
     ["distill", "--set", "data.val_fraction=0"],  # keep_checkpoint=best needs a val split
     # online distillation (issue #17)
     ["online", "--peers", "1"],
@@ -156,3 +162,56 @@ def test_cli_bad_input_exits_2_with_one_line_and_starts_nothing(argv, tmp_path):
     assert "Traceback" not in proc.stderr + proc.stdout
     # Nothing was started or half-written: no MLflow store, no cache, no Ray Train storage.
     assert sorted(p.name for p in tmp_path.iterdir()) == []
+
+
+# -- online terms outside `raykd online` (issue #28) -------------------------------------------
+PEER_VERBS = {
+    "distill": [],
+    "tune": ["--set", "tune.space={distill.temperature: {grid: [2, 4]}}"],
+    "born-again": [],
+    "noisy-student": ["--set", "data.labelled=0.1",
+                      "--set", "student.args.hidden_sizes=[512,512]"],
+    "seq-kd": ["--set", "data.name=text", "--set", "data.path=corpus.txt"],
+    "hinton-mnist": ["--data-root", "mnist"],
+}
+
+
+@pytest.mark.parametrize("verb,term", [*((v, "dml") for v in PEER_VERBS),
+                                       *(("distill", t) for t in ("one", "byot", "codistill"))])
+def test_online_terms_are_refused_by_verbs_without_a_cohort(verb, term, tmp_path, monkeypatch,
+                                                            cli_stderr):
+    """Once they passed validation and failed in a worker after the teacher and its cache
+    (dml, one: exit 1 after Ray Train's retries) or trained on CE alone (codistill: exit 0)."""
+    import ray
+
+    from raykd.cli import main
+
+    monkeypatch.chdir(tmp_path)
+    (tmp_path / "corpus.txt").write_text("the king speaks in the hall.\n" * 200)
+    from test_hinton import write_tiny_mnist
+
+    write_tiny_mnist(tmp_path / "mnist", n_train=50, n_test=20)
+    made = sorted(p.name for p in tmp_path.iterdir())
+
+    def no_ray(*args, **kwargs):
+        raise AssertionError("Ray was started for a config error")
+
+    monkeypatch.setattr(ray, "init", no_ray)
+    monkeypatch.setattr("raykd.train.fit.ensure_ray", no_ray)  # also where Ray is already up
+    argv = [verb, "--set", f"distill.losses=[{{name: {term}}}]", *PEER_VERBS[verb]]
+    assert main(argv) == 2
+    err = cli_stderr()
+    assert len(err.splitlines()) == 1, err
+    assert err.startswith(f"raykd: error: distill.losses.0: '{term}' is an online term"), err
+    assert f"run `raykd online --scheme {term}`" in err
+    # no MLflow store, no cache, no Ray Train storage
+    assert sorted(p.name for p in tmp_path.iterdir()) == made
+
+
+@pytest.mark.parametrize("scheme", ["dml", "codistill"])
+def test_the_online_verb_still_takes_its_terms(scheme, tmp_path, monkeypatch):
+    from raykd.schemes.online.run import preflight_online
+
+    monkeypatch.chdir(tmp_path)
+    cfg = preflight_online(load_config(None, {"online.scheme": scheme}))
+    assert [t.name for t in cfg.distill.losses] == [scheme]

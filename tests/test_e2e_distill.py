@@ -117,13 +117,68 @@ def test_each_fit_keeps_its_best_validation_epoch(distilled):
         assert summary[part]["checkpoint_epochs"] == [1]  # default cadence: the last epoch
 
 
-def test_teacher_checkpoint_loads_weights_only(distilled):
+def test_teacher_checkpoint_is_safetensors_the_loader_rebuilds(distilled):
+    """The teacher the run trained is written as safetensors (no pickle) and describes its own
+    model: what `teacher.checkpoint` reads back."""
+    from pathlib import Path
+
     import torch
-    from safetensors.torch import load_file
+
+    from raykd.config import load_config
+    from raykd.train.checkpoint import read_checkpoint
 
     _, summary, _, _ = distilled
-    state = load_file(summary["teacher"]["checkpoint"])
-    assert all(isinstance(t, torch.Tensor) for t in state.values())
+    path = Path(summary["teacher"]["checkpoint"])
+    assert path.suffix == ".safetensors" and path.read_bytes()[8:9] == b"{"  # JSON header
+    state, spec, info = read_checkpoint(path)
+    teacher = load_config(None, {}).teacher
+    assert spec == {"name": teacher.name, "args": teacher.args}
+    assert info.num_classes == 10 and all(isinstance(t, torch.Tensor) for t in state.values())
+
+
+class RunsCodeWhenUnpickled:
+    """A pickled object whose loading calls os.mkdir(marker): what a malicious .pt can hold."""
+
+    def __init__(self, marker: str):
+        self.marker = marker
+
+    def __reduce__(self):
+        import os
+
+        return os.mkdir, (self.marker,)
+
+
+def test_a_pickled_teacher_checkpoint_is_refused_without_running_it(tmp_path, monkeypatch,
+                                                                    cli_stderr):
+    """`.pt` teacher checkpoints go through torch.load(weights_only=True): a plain state dict
+    loads; one carrying any other object is refused — by the loader the teacher actor uses and
+    by `raykd distill`'s check before Ray — and its code never runs."""
+    import pickle
+
+    import torch
+
+    from raykd.config import load_config
+    from raykd.data import dataset_info
+    from raykd.models import build_model
+    from raykd.teacher.loading import load_teacher_models
+
+    cfg = load_config(None, {})
+    info = dataset_info(cfg.data)
+    state = build_model(cfg.teacher, info, field="teacher").state_dict()
+    plain, evil = tmp_path / "plain.pt", tmp_path / "evil.pt"
+    marker = tmp_path / "code-ran"
+    torch.save({"state_dict": state}, plain)
+    torch.save({"state_dict": state, "extra": RunsCodeWhenUnpickled(str(marker))}, evil)
+    [model] = load_teacher_models([str(plain)], cfg, info, "")
+    assert all(torch.equal(v, state[k]) for k, v in model.state_dict().items())
+    with pytest.raises(pickle.UnpicklingError, match="weights_only"):
+        load_teacher_models([str(evil)], cfg, info, "")
+    assert not marker.exists()
+    monkeypatch.chdir(tmp_path)
+    assert main(["distill", "--set", f"teacher.checkpoint={evil}"]) == 2
+    assert cli_stderr().startswith(f"raykd: error: teacher.checkpoint: cannot read {evil} "
+                                   f"(UnpicklingError")
+    assert not marker.exists() and not (tmp_path / "mlflow.db").exists()
 
 
 def test_second_run_reuses_cache_without_teacher_forward(distilled, ray_session):

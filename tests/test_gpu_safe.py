@@ -1,10 +1,13 @@
-"""GPU safety without a GPU: collectives run on the worker's Ray Train device, train.precision
+"""GPU safety on any machine: collectives run on the worker's Ray Train device, train.precision
 (bf16 autocast on CPU for real, fp16 refused without a GPU, the grad scaler checkpointed), the
-GPU settings of the workers and the teacher actor, and scripts/gpu-check's refusal here.
+GPU settings of the workers and the teacher actor, and scripts/gpu-check's refusal.
 
-This machine has no GPU. "meta" stands in for the worker's CUDA device in the collective tests:
-a tensor on it is not on the CPU, which is all NCCL checks; the fake collectives record the
-device they were handed and stop there.
+The suite runs with or without CUDA: the tests of what happens without a GPU (gpu-check's
+refusal, the teacher on the CPU) are skipped where there is one, and the tests that need a GPU
+(fp16 on CUDA, the teacher on it) are skipped where there is none. In the collective tests the
+worker's device is the real GPU where there is one; elsewhere "meta" stands in for it: a tensor
+on it is not on the CPU, which is all NCCL checks. The fake collectives record the device they
+were handed and stop there.
 """
 
 from __future__ import annotations
@@ -20,6 +23,9 @@ import torch
 from raykd.config import ConfigError, load_config
 
 ROOT = Path(__file__).resolve().parents[1]
+HAS_CUDA = torch.cuda.is_available()
+needs_cuda = pytest.mark.skipif(not HAS_CUDA, reason="needs a CUDA GPU")
+without_cuda = pytest.mark.skipif(HAS_CUDA, reason="checks what happens without a GPU")
 
 
 class Reached(Exception):
@@ -37,7 +43,7 @@ def cuda_like_worker(monkeypatch):
     import ray.train.torch
     import torch.distributed as dist
 
-    device = torch.device("meta")
+    device = torch.device("cuda", 0) if HAS_CUDA else torch.device("meta")
     monkeypatch.setattr(ray.train.torch, "get_device", lambda: device)
 
     def all_reduce(tensor, *args, **kwargs):
@@ -119,7 +125,7 @@ def test_gpu_worker_resources_and_backend():
 
 
 def test_teacher_gpu_share():
-    from raykd.teacher.actor import GPU_FRACTION, actor_gpus, teacher_device
+    from raykd.teacher.actor import GPU_FRACTION, actor_gpus
 
     auto = load_config(None, {"train.use_gpu": True})  # 2 GPU workers
     assert actor_gpus(auto, 0) == 0.0 and actor_gpus(auto, 2) == 0.0
@@ -133,7 +139,20 @@ def test_teacher_gpu_share():
     assert actor_gpus(shared, 1) == GPU_FRACTION  # 2 × 0.375 + 0.25 on one GPU
     off = load_config(None, {"teacher.use_gpu": False})
     assert actor_gpus(off, 8) == 0.0
-    assert teacher_device() == torch.device("cpu")  # no GPU on this machine
+
+
+@without_cuda
+def test_teacher_runs_on_the_cpu_without_a_gpu():
+    from raykd.teacher.actor import teacher_device
+
+    assert teacher_device() == torch.device("cpu")
+
+
+@needs_cuda
+def test_teacher_runs_on_the_gpu_in_process():
+    from raykd.teacher.actor import teacher_device
+
+    assert teacher_device().type == "cuda"
 
 
 def test_gpus_the_cluster_lacks_are_refused_before_training():
@@ -162,6 +181,37 @@ def test_fp16_needs_a_gpu():
     assert load_config(None, {"train.precision": "fp16", "train.use_gpu": True})
     with pytest.raises(ValueError, match="fp16 needs a CUDA device"):
         Precision("fp16", "cpu")
+
+
+@needs_cuda
+def test_fp16_student_step_on_the_gpu():
+    """The student's forward in float16 on CUDA, the loss in float32, the step through the grad
+    scaler: the weights move and stay finite."""
+    from raykd.config import DistillConfig, LossTermConfig
+    from raykd.losses import DistillLoss
+    from raykd.train.loop import DistillStep
+    from raykd.train.precision import Precision
+
+    _, model, val = digits_student()
+    model.cuda()
+    _, x, y = val.get_batch(torch.arange(16))
+    seen = {}
+    model.head.register_forward_hook(lambda m, i, out: seen.update(head=out.dtype))
+    loss = DistillLoss(DistillConfig(losses=[LossTermConfig(name="ce"),
+                                             LossTermConfig(name="kd")]), {}, {}).cuda()
+    precision = Precision("fp16", "cuda")
+    # a scale that cannot overflow on the first step (the default 2**16 may, and then the
+    # scaler rightly skips it): this checks that a step goes through, not the back-off
+    precision.scaler = torch.amp.GradScaler("cuda", init_scale=256.0)
+    step = DistillStep(model, loss, [], precision)
+    before = [p.detach().clone() for p in model.parameters()]
+    total, _ = step(x.cuda(), torch.randn(16, 10, device="cuda"), y.cuda(), {}, 0, False)
+    assert seen["head"] == torch.float16 and total.dtype == torch.float32
+    opt = torch.optim.Adam(model.parameters(), lr=1e-2)
+    precision.backward_step(total, opt)
+    after = list(model.parameters())
+    assert all(torch.isfinite(p).all() for p in after)
+    assert any(not torch.equal(a, p) for a, p in zip(before, after, strict=True))
 
 
 def test_bf16_student_forward_and_float32_loss():
@@ -232,12 +282,17 @@ def test_bf16_fit_on_cpu_learns(ray_session, workdir):
 
 
 # -- scripts/gpu-check -------------------------------------------------------------------------
-def test_gpu_check_refuses_without_a_gpu_and_parses_its_arguments(tmp_path):
+def _gpu_check():
     sys.path.insert(0, str(ROOT / "scripts"))
     try:
         import gpu_check
     finally:
         sys.path.pop(0)
+    return gpu_check
+
+
+def test_gpu_check_parses_its_arguments(tmp_path):
+    gpu_check = _gpu_check()
     args = gpu_check.parse_args(["--json", str(tmp_path / "g.json"), "--workers", "2",
                                  "--precision", "bf16", "--epochs", "2", "--budget-s", "240",
                                  "--skip-cache-benchmark"])
@@ -249,12 +304,16 @@ def test_gpu_check_refuses_without_a_gpu_and_parses_its_arguments(tmp_path):
     for sets in (gpu_check.gpu_settings(2, 1), gpu_check.gpu_settings(2, 2)):  # valid settings
         load_config(None, {"train.use_gpu": True, **{k: float(v) if k.startswith("train.")
                                                     else v == "true" for k, v in sets.items()}})
+    bad = subprocess.run([sys.executable, str(ROOT / "scripts" / "gpu_check.py"),
+                          "--precision", "fp8"], capture_output=True, text=True, timeout=120)
+    assert bad.returncode == 2 and "invalid choice: 'fp8'" in bad.stderr
+
+
+@without_cuda
+def test_gpu_check_refuses_without_a_gpu(tmp_path):
     proc = subprocess.run([sys.executable, str(ROOT / "scripts" / "gpu_check.py"), "--json",
                            str(tmp_path / "g.json")], capture_output=True, text=True,
                           timeout=120)
     assert proc.returncode == 2
     assert proc.stderr.strip().startswith("gpu-check: no CUDA GPU on this machine")
     assert len(proc.stderr.strip().splitlines()) == 1 and not (tmp_path / "g.json").exists()
-    bad = subprocess.run([sys.executable, str(ROOT / "scripts" / "gpu_check.py"),
-                          "--precision", "fp8"], capture_output=True, text=True, timeout=120)
-    assert bad.returncode == 2 and "invalid choice: 'fp8'" in bad.stderr

@@ -51,6 +51,13 @@ def test_losses_command_lists_every_key(capsys):
 
     assert main(["losses"]) == 0
     out = capsys.readouterr().out
-    for key in REGISTRY:
-        assert key in out
-    assert "1503.02531" in out  # papers are cited
+    header, *lines = out.splitlines()
+    assert header.split() == ["key", "family", "needs", "paper", "/", "params"]
+    # a term's row starts in the first column (its params are indented below it): its key,
+    # family and needs, then its paper
+    rows = [line.split(maxsplit=3) for line in lines if line and not line[0].isspace()]
+    assert [r[0] for r in rows] == list(REGISTRY)  # every key once, nothing else
+    for key, family, needs, paper in rows:
+        spec = REGISTRY[key]
+        assert (family, needs.split(","), paper) == (spec.family, list(spec.needs), spec.paper)
+    assert "1503.02531" in REGISTRY["kd"].paper  # papers are cited

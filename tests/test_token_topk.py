@@ -41,6 +41,19 @@ def test_encode_matches_the_hand_softmax():
                                                                  abs=1e-6)
 
 
+@pytest.mark.parametrize("dtype", [torch.float64, torch.float32, torch.bfloat16])
+def test_encode_leaves_the_callers_logits_alone(dtype):
+    """The tail is computed on a float64 copy: a float64 input was once that copy itself, and
+    its top-k positions came back overwritten with -inf (a second encode then differed)."""
+    logits = LOGITS.to(dtype)
+    before = logits.clone()
+    first, second = (encode_token_topk(logits, 2, torch.float32) for _ in range(2))
+    assert torch.equal(logits, before)
+    for name in ("values", "ids", "tail_logmass"):
+        assert torch.equal(getattr(first, name), getattr(second, name)), name
+    assert first.ids[0].tolist() == HAND_IDS
+
+
 @pytest.mark.parametrize("dtype", [torch.float32, torch.float16, torch.bfloat16])
 def test_round_trip_through_a_memory_mapped_file_reproduces_the_hand_distribution(tmp_path,
                                                                                   dtype):

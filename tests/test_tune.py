@@ -100,13 +100,22 @@ def test_space_maps_to_ray_tune_domains_and_loss_terms(tmp_path):
         check_tune_config(cfg.with_overrides({"tune.search": "grid"}))
 
 
-def test_trials_are_sized_to_fit_the_cluster(tmp_path):
+def test_trials_are_sized_to_fit_the_cluster(tmp_path, capsys):
+    """Lowering train.cpus_per_worker is said on stderr in one line and returned for the
+    summary's `adjusted` (it was silent)."""
     from raykd.schemes.tune import size_trials
 
     cfg = load_config(write_config(tmp_path / "c.yaml", "sqlite:///x.db", "x"))
-    two = size_trials(cfg, {"CPU": 2.0})  # the 2-core machine: 0.05 + 2 × 0.975 = 2
+    two, adjusted = size_trials(cfg, {"CPU": 2.0})  # the 2-core machine: 0.05 + 2 × 0.975 = 2
     assert two.train.cpus_per_worker == pytest.approx(0.975)
-    assert size_trials(cfg, {"CPU": 8.0}).train.cpus_per_worker == 1.0  # never raised
+    change = adjusted["train.cpus_per_worker"]
+    assert (change["from"], change["to"]) == (1.0, pytest.approx(0.975))
+    assert "fit the cluster's 2 CPUs" in change["why"]
+    err = capsys.readouterr().err.strip()
+    assert err == f"raykd: train.cpus_per_worker lowered from 1 to 0.975 so {change['why']}"
+    eight, adjusted = size_trials(cfg, {"CPU": 8.0})
+    assert eight.train.cpus_per_worker == 1.0 and adjusted == {}  # never raised
+    assert capsys.readouterr().err == ""
     with pytest.raises(ConfigError, match="^tune.max_concurrent_trials: 40 concurrent"):
         size_trials(cfg.with_overrides({"tune.max_concurrent_trials": 40}), {"CPU": 2.0})
 
@@ -143,6 +152,8 @@ def test_summary_names_best_trial_and_parent(searched):
     assert best["accuracy"] >= SEARCH_ACCURACY_FLOOR and best["params"] > 0  # its checkpoint
     assert summary["trial_epochs"] == 6  # FIFO: 3 trials × 2 epochs
     assert summary["mlflow"]["run_id"] and summary["best_config"] == str(root / "best.yaml")
+    # 1 trial × (2 workers + 0.05) fits the suite's 4 logical CPUs: nothing was lowered
+    assert summary["adjusted"] == {} and summary["search"]["cpus_per_worker"] == 1.0
 
 
 def test_teacher_ran_once_for_the_whole_search(searched):

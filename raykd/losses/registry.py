@@ -59,6 +59,18 @@ def term_field(cfg: LossTermConfig, distill: DistillConfig) -> str:
     return "distill"
 
 
+def check_no_peer_terms(distill: DistillConfig) -> None:
+    """Online terms (family ``online``: DML, ONE, BYOT, codistillation) learn from peers trained
+    together, which only ``raykd online`` builds; every other verb calls this before Ray starts,
+    since there such a term fails in a worker or, codistillation, falls back to CE silently."""
+    for i, item in enumerate(distill.losses or []):
+        if LOSSES[item.name].family == "online":
+            raise ConfigError(f"distill.losses.{i}: {item.name!r} is an online term that needs "
+                              f"peers trained together, which only `raykd online` has; run "
+                              f"`raykd online --scheme {item.name}` or list an offline term "
+                              f"(see `raykd losses`)")
+
+
 def _parse_params(spec: LossSpec, raw: dict[str, Any], where: str) -> dict[str, Any]:
     schema = spec.cls.params
     unknown = sorted(set(raw) - set(schema))
@@ -131,4 +143,5 @@ def build_term(cfg: LossTermConfig, distill: DistillConfig,
     return spec.cls(ctx, params)
 
 
-__all__ = ["LOSSES", "LossSpec", "build_term", "describe_losses", "term_field"]
+__all__ = ["LOSSES", "LossSpec", "build_term", "check_no_peer_terms", "describe_losses",
+           "term_field"]

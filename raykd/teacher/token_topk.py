@@ -160,7 +160,7 @@ def encode_token_topk(logits: Tensor, k: int, dtype: torch.dtype | str) -> Token
     for start in range(0, rows.shape[0], step):
         chunk = rows[start:start + step]
         top, top_ids = torch.topk(chunk, k, dim=-1, largest=True, sorted=True)
-        z = chunk.double()
+        z = chunk.to(torch.float64, copy=True)  # a copy even for float64: z is written below
         log_total = torch.logsumexp(z, dim=-1, keepdim=True)
         values[start:start + step] = (top.double() - log_total).to(value_dtype)
         ids[start:start + step] = top_ids.to(ids.dtype)

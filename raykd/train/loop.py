@@ -282,7 +282,7 @@ def run_phase(loop: dict[str, Any], phase_id: int, coordinator,
             elif plan.jitter or (role != "teacher" and cfg.train.flip):
                 seeds = torch.randint(0, 2**62, (len(idx),), generator=gen)
                 x = augment(x, seeds, plan.jitter, cfg.train.flip and role != "teacher")
-            if augment_v2 is not None:
+            if augment_v2 is not None:  # never after a replayed view: a config error
                 from raykd.data.augment import apply_transform
 
                 x = apply_transform(x, torch.randint(0, 2**62, (len(idx),), generator=gen),

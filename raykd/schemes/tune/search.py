@@ -61,9 +61,12 @@ def config_digest(cfg: RaykdConfig) -> str:
     return hashlib.sha256(json.dumps(raw, sort_keys=True).encode()).hexdigest()[:10]
 
 
-def size_trials(cfg: RaykdConfig, cluster: dict[str, float]) -> RaykdConfig:
+def size_trials(cfg: RaykdConfig, cluster: dict[str, float]
+                ) -> tuple[RaykdConfig, dict[str, dict[str, Any]]]:
     """Lower ``train.cpus_per_worker`` so ``max_concurrent_trials`` trials — each a trial driver
-    of ``tune.trial_cpus`` plus ``train.num_workers`` workers — fit the cluster's CPUs."""
+    of ``tune.trial_cpus`` plus ``train.num_workers`` workers — fit the cluster's CPUs. Returns
+    the trials' config and what was changed (for the summary's ``adjusted``), said in one line
+    on stderr when it is not nothing."""
     t, tc = cfg.train, cfg.tune
     cpus = float(cluster.get("CPU", 0))
     room = cpus / tc.max_concurrent_trials - tc.trial_cpus
@@ -78,7 +81,15 @@ def size_trials(cfg: RaykdConfig, cluster: dict[str, float]) -> RaykdConfig:
             f"tune.max_concurrent_trials: {tc.max_concurrent_trials} trials × {t.num_workers} GPU "
             f"workers need {tc.max_concurrent_trials * t.num_workers} GPUs, the cluster has "
             f"{cluster.get('GPU', 0):g}; lower tune.max_concurrent_trials or train.num_workers")
-    return cfg.with_overrides({"train.cpus_per_worker": per_worker})
+    if per_worker == t.cpus_per_worker:
+        return cfg, {}
+    why = (f"{tc.max_concurrent_trials} concurrent trials × ({t.num_workers} workers + "
+           f"{tc.trial_cpus:g} CPU for the trial driver) fit the cluster's {cpus:g} CPUs")
+    print(f"raykd: train.cpus_per_worker lowered from {t.cpus_per_worker:g} to {per_worker:g} "
+          f"so {why}", file=sys.stderr)
+    adjusted = {"train.cpus_per_worker": {"from": t.cpus_per_worker, "to": per_worker,
+                                          "why": why}}
+    return cfg.with_overrides({"train.cpus_per_worker": per_worker}), adjusted
 
 
 def _storage(cfg: RaykdConfig) -> Path:
@@ -155,7 +166,7 @@ def run_tune(cfg: RaykdConfig, dims: list[Dim] | None = None, *, resume: bool = 
     folder.mkdir(parents=True, exist_ok=True)
 
     ensure_ray()
-    run_cfg = size_trials(cfg, ray.cluster_resources())
+    run_cfg, adjusted = size_trials(cfg, ray.cluster_resources())
     if run_cfg.teacher.cache_dir is None:  # the same folder `raykd distill` would use, made
         run_cfg = run_cfg.with_overrides(  # absolute: trial workers run in other directories
             {"teacher.cache_dir": str((Path.cwd() / ".raykd" / "cache").resolve())})
@@ -210,6 +221,7 @@ def run_tune(cfg: RaykdConfig, dims: list[Dim] | None = None, *, resume: bool = 
         status = "KILLED" if isinstance(err, KeyboardInterrupt) else "FAILED"
         tracking.end_run(uri, parent, status)
         raise
+    summary["adjusted"] = adjusted  # settings raykd changed to run the search here
     summary["seconds"] = round(time.perf_counter() - started, 1)
     tracking.log_dict(uri, parent, json.loads(json.dumps(summary, default=str)), "summary.json")
     tracking.end_run(uri, parent)
