@@ -15,13 +15,7 @@ Options: --config PATH (default configs/mnist_hinton_distill.yaml), --set KEY=VA
 hinton.* keys set the job section), --data-root DIR, --summary PATH (JSON), --markdown PATH.
 """
 
-from __future__ import annotations
-
-import sys
-from pathlib import Path
+from _entry import run_verb  # the repository root on sys.path, then raykd's CLI
 
 if __name__ == "__main__":
-    sys.path.insert(0, str(Path(__file__).resolve().parents[1]))  # run from a bare checkout too
-    from raykd.cli import main
-
-    sys.exit(main(["hinton-mnist", *sys.argv[1:]]))
+    run_verb("hinton-mnist")
