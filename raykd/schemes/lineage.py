@@ -7,8 +7,9 @@ config, generation count left out). One child run per generation (``raykd.genera
 weights are). ``--resume`` finds the newest parent with the same key and continues after its
 last finished member: finished members are read back from these tags, never retrained.
 
-Offline distillation (``raykd distill --resume``) uses the same parent run and key; its members
-are its fits by role (teacher, student, baseline: ``raykd.role``), see ``finished_roles``.
+Offline distillation (``raykd distill --resume``), ``raykd train-teacher --resume`` and
+``raykd seq-kd --resume`` use the same parent run and key; their members are their fits by role
+(teacher, student, baseline: ``raykd.role``), see ``finished_roles``.
 """
 
 from __future__ import annotations
@@ -25,7 +26,8 @@ from raykd import tracking
 from raykd.config import RaykdConfig
 
 MEMBER_TAG = {"born-again": "raykd.generation", "noisy-student": "raykd.round"}
-MEMBER_WORD = {"born-again": "generation", "noisy-student": "round", "offline": "fit"}
+# Every other scheme (offline, train-teacher, sequence-kd, online-*) counts fits.
+MEMBER_WORD = {"born-again": "generation", "noisy-student": "round"}
 # What does not change the models a lineage trains: how long it runs, where it logs, restarts.
 _KEY_IGNORES = {("born_again", "generations"), ("noisy_student", "rounds"),
                 ("train", "max_failures"), ("train", "checkpoint_every"),
@@ -71,7 +73,7 @@ class Lineage:
 
     @property
     def word(self) -> str:
-        return MEMBER_WORD[self.scheme]
+        return MEMBER_WORD.get(self.scheme, "fit")
 
     def record(self, member: Member) -> None:
         """Mark ``member`` finished: where its weights are, so a resume can pick it up."""
@@ -113,6 +115,14 @@ def finished_roles(uri: str, experiment: str, scheme: str, parent: str) -> dict[
     return found
 
 
+def finished_by_name(uri: str, experiment: str, scheme: str, parent: str) -> dict[str, Member]:
+    """The finished fits under ``parent`` by run name (online's baselines: ``student-alone``)."""
+    found: dict[str, Member] = {}
+    for run in finished_children(uri, experiment, parent):
+        found.setdefault(run.info.run_name, _member(run, 0))
+    return found
+
+
 def _finished_members(uri: str, experiment: str, scheme: str, parent: str) -> dict[int, Member]:
     """The longest run of finished members 0, 1, 2... under ``parent``; the children of the
     interrupted run that never finished are marked KILLED."""
@@ -147,10 +157,11 @@ def lineage_run(uri: str, cfg: RaykdConfig, scheme: str, resume: bool, name: str
             tracking.client(uri).update_run(parent, status="RUNNING")
             finished = (read_finished or _finished_members)(uri, experiment, scheme, parent)
             print(f"raykd: resuming {scheme} run {parent}: {len(finished)} finished "
-                  f"{MEMBER_WORD[scheme]}(s) kept", flush=True)
+                  f"{MEMBER_WORD.get(scheme, 'fit')}(s) kept", flush=True)
         else:
             print(f"raykd: --resume: no earlier {scheme} run with this config in experiment "
-                  f"{experiment!r}; starting from {MEMBER_WORD[scheme]} 0", flush=True)
+                  f"{experiment!r}; starting from {MEMBER_WORD.get(scheme, 'fit')} 0",
+                  flush=True)
     if parent is None:
         parent = tracking.start_run(uri, experiment, name, None,
                                     {"raykd.scheme": scheme, "raykd.lineage_key": key})
