@@ -9,9 +9,7 @@ the runtime env) and storage every node reaches (--set train.storage_path=s3://B
 see the README's "On a cluster". tests/test_submit.py submits this file.
 """
 
-import sys
-
-from raykd.cli import main
+from _entry import run_verb  # the repository root on sys.path, then raykd's CLI
 
 if __name__ == "__main__":
-    sys.exit(main(["distill", *sys.argv[1:]]))
+    run_verb("distill")

@@ -16,13 +16,7 @@ hinton.* keys set the job section), --data-root DIR, --summary PATH (JSON), --ma
 --resume (continue the last run of this job, keeping its finished fits).
 """
 
-from __future__ import annotations
-
-import sys
-from pathlib import Path
+from _entry import run_verb  # the repository root on sys.path, then raykd's CLI
 
 if __name__ == "__main__":
-    sys.path.insert(0, str(Path(__file__).resolve().parents[1]))  # run from a bare checkout too
-    from raykd.cli import main
-
-    sys.exit(main(["hinton-mnist", *sys.argv[1:]]))
+    run_verb("hinton-mnist")

@@ -8,9 +8,7 @@ cluster give an MLflow server (--set tracking.uri=http://MLFLOW:5000) and a teac
 storage every node shares: the workers read the generated dataset from there.
 """
 
-import sys
-
-from raykd.cli import main
+from _entry import run_verb  # the repository root on sys.path, then raykd's CLI
 
 if __name__ == "__main__":
-    sys.exit(main(["seq-kd", *sys.argv[1:]]))
+    run_verb("seq-kd")

@@ -7,9 +7,7 @@ Inside a job RAY_ADDRESS is set, so raykd joins the cluster instead of starting 
 On a multi-node cluster give an MLflow server: --set tracking.uri=http://MLFLOW:5000.
 """
 
-import sys
-
-from raykd.cli import main
+from _entry import run_verb  # the repository root on sys.path, then raykd's CLI
 
 if __name__ == "__main__":
-    sys.exit(main(["train-teacher", *sys.argv[1:]]))
+    run_verb("train-teacher")

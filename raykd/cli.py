@@ -2,6 +2,12 @@
 
 Bad input (config, arguments, files) ends with exit code 2 and one line naming the field; nothing
 is started before the input has been checked.
+
+Habits every verb shares: ``--config``/``--set`` (the tracking URI, the cache folder and every
+other setting come from the config), ``--summary PATH`` (the summary JSON), ``--resume`` on every
+training verb (the newest run of the same config continues, its finished fits kept:
+raykd.schemes.lineage), ``--baseline`` where a same-budget baseline means something, and
+``--out DIR``: always a folder the verb writes its files into.
 """
 
 from __future__ import annotations
@@ -10,9 +16,9 @@ import argparse
 import json
 import sys
 from pathlib import Path
-from typing import Any
+from typing import Any, get_args
 
-from raykd.config import ConfigError, RaykdConfig, load_config, parse_overrides
+from raykd.config import ConfigError, OnlineConfig, RaykdConfig, load_config, parse_overrides
 from raykd.tracking import redact  # a password in a URI is never printed
 
 
@@ -30,25 +36,34 @@ def _config_args(p: argparse.ArgumentParser) -> None:
                    help="print Ray's and MLflow's INFO lines and a progress line every epoch")
 
 
-def build_parser() -> ArgumentParser:
-    parser = ArgumentParser(prog="raykd", description="Distributed knowledge distillation on Ray")
-    verbs = parser.add_subparsers(dest="verb", required=True, parser_class=ArgumentParser)
+def _resume_arg(p: argparse.ArgumentParser, what: str = "its finished fits are kept") -> None:
+    p.add_argument("--resume", action="store_true",
+                   help=f"continue the newest run of this config: {what}")
+
+
+def _baseline_arg(p: argparse.ArgumentParser, what: str) -> None:
+    p.add_argument("--baseline", action="store_true", help=f"also train {what}, same budget")
+
+
+def _out_arg(p: argparse.ArgumentParser, what: str, default: str | None = None) -> None:
+    p.add_argument("--out", metavar="DIR", default=default,
+                   help=f"a folder to write {what} into (made if missing)"
+                        + (f"; default {default}/" if default else ""))
+
+
+def _training_verbs(verbs) -> None:
     p = verbs.add_parser("distill", help="distil a student from a teacher (trains one if needed)")
     _config_args(p)
-    p.add_argument("--baseline", action="store_true",
-                   help="also train the same student on hard labels only, same budget")
+    _baseline_arg(p, "the same student on hard labels only")
     p.add_argument("--register", metavar="NAME",
                    help="register the student as a version of MLflow model NAME "
                         "(tracking.register_as)")
-    p.add_argument("--resume", action="store_true",
-                   help="continue the last run of this config: its finished fits are kept")
+    _resume_arg(p, "its finished fits (teacher, student, baseline) are kept")
     p = verbs.add_parser("train-teacher", help="train the teacher with Ray Train")
     _config_args(p)
-    p.add_argument("--out", metavar="PATH", help="also copy the checkpoint here")
-    p = verbs.add_parser("cache", help="build, inspect or verify teacher soft-label caches")
-    p.add_argument("action", choices=["build", "inspect", "verify"])
-    p.add_argument("path", nargs="?", help="cache folder (inspect/verify)")
-    _config_args(p)
+    _out_arg(p, "a copy of the checkpoint (model.safetensors)")
+    _resume_arg(p, "a teacher it finished is kept, not trained again")
+    # No --baseline: the teacher has no student to be compared with.
     p = verbs.add_parser("born-again", help="born-again networks: K generations, each taught "
                                             "by the last, and their ensemble (BAN-E)")
     _config_args(p)
@@ -56,41 +71,62 @@ def build_parser() -> ArgumentParser:
                    help="generations after generation 0 (born_again.generations)")
     p.add_argument("--ensemble-includes-teacher", action="store_true",
                    help="BAN-E averages generations 0..K instead of 1..K")
-    p.add_argument("--resume", action="store_true",
-                   help="continue the last run of this config after its last finished generation")
+    _resume_arg(p, "it continues after its last finished generation")
+    # No --baseline: generation 0 is the same model trained on labels alone, the same budget.
     p = verbs.add_parser("noisy-student", help="Noisy Student self-training over rounds, on "
                                                "labelled + pseudo-labelled data")
     _config_args(p)
     p.add_argument("--rounds", type=int, metavar="R", help="rounds (noisy_student.rounds)")
-    p.add_argument("--baseline", action="store_true",
-                   help="also train round 1's student on the labelled part alone")
-    p.add_argument("--resume", action="store_true",
-                   help="continue the last run of this config after its last finished round")
+    _baseline_arg(p, "round 1's student on the labelled part alone")
+    _resume_arg(p, "it continues after its last finished round")
     p = verbs.add_parser("online", help="online distillation: members trained together teach "
-                                        "each other (DML, ONE, BYOT)")
+                                        "each other (DML, ONE, BYOT, codistillation)")
     _config_args(p)
-    p.add_argument("--scheme", help="dml | one | byot (online.scheme)")
-    p.add_argument("--peers", type=int, metavar="K", help="DML peers / ONE branches (online.peers)")
-    p.add_argument("--baseline", action="store_true",
-                   help="also train each member's model alone, same budget")
+    schemes = get_args(OnlineConfig.model_fields["scheme"].annotation)
+    p.add_argument("--scheme", choices=schemes,
+                   help=f"which online scheme (online.scheme): {' | '.join(schemes)}")
+    p.add_argument("--peers", type=int, metavar="K",
+                   help="DML peers / ONE branches / codistillation groups (online.peers)")
+    _baseline_arg(p, "each member's model alone")
+    _resume_arg(p, "a cohort fit and baselines it finished are kept")
     p = verbs.add_parser("seq-kd", help="sequence-level KD: the teacher generates continuations "
                                         "of train prompts, the student learns them")
     _config_args(p)
-    verbs.add_parser("losses", help="list the distillation loss terms")
+    _baseline_arg(p, "the same student on the corpus alone (cross-entropy)")
+    _resume_arg(p, "its finished fits (teacher, student, baseline) are kept")
     p = verbs.add_parser("tune", help="Ray Tune search over temperature and loss weights")
     _config_args(p)
-    p.add_argument("--resume", action="store_true", help="continue an interrupted search")
+    _resume_arg(p, "an interrupted search continues, its finished trials kept")
     p.add_argument("--best-config", metavar="PATH", help="write the winning config as YAML")
-    p = verbs.add_parser("report", help="compare the runs of an MLflow experiment")
-    p.add_argument("--experiment", required=True)
-    p.add_argument("--tracking-uri", default=None)
-    p.add_argument("--out", default="report", metavar="DIR")
     p = verbs.add_parser("hinton-mnist", help="Hinton et al.'s MNIST experiments (jobs/)")
     _config_args(p)
     p.add_argument("--data-root", help="MNIST folder (torchvision layout)")
     p.add_argument("--markdown", metavar="PATH", help="write the comparison table here")
-    p.add_argument("--resume", action="store_true",
-                   help="continue the last run of this job: its finished fits are kept")
+    _resume_arg(p, "its finished fits (teachers, students, baselines) are kept")
+
+
+def build_parser() -> ArgumentParser:
+    parser = ArgumentParser(prog="raykd", description="Distributed knowledge distillation on Ray")
+    verbs = parser.add_subparsers(dest="verb", required=True, parser_class=ArgumentParser,
+                                  help="what to do; raykd VERB --help for its arguments")
+    _training_verbs(verbs)
+    p = verbs.add_parser("cache", help="build, inspect or verify teacher soft-label caches")
+    p.add_argument("action", choices=["build", "inspect", "verify"],
+                   help="build: make the config's teacher cache fresh; inspect: print a cache's "
+                        "manifest summary; verify: check every array's sha256 (exit 1 if stale)")
+    p.add_argument("path", nargs="?",
+                   help="build: the cache directory to build under (teacher.cache_dir); "
+                        "inspect/verify: one cache folder or the directory of them "
+                        "(default: the config's teacher.cache_dir)")
+    _config_args(p)
+    verbs.add_parser("losses", help="list the distillation loss terms")
+    p = verbs.add_parser("report", help="compare the runs of an MLflow experiment")
+    _config_args(p)
+    p.add_argument("--experiment",
+                   help="the MLflow experiment to compare (default: tracking.experiment)")
+    p.add_argument("--tracking-uri", metavar="URI",
+                   help="the MLflow tracking URI; the same as --set tracking.uri=URI")
+    _out_arg(p, "report.md, report.json and the plots", default="report")
     return parser
 
 
@@ -119,41 +155,63 @@ def print_table(summary: dict[str, Any]) -> None:
         print(f"\n  MLflow run {run['run_id']} at {redact(run['tracking_uri'])}")
 
 
-def _load(args) -> RaykdConfig:
+def load_args(args, section: str | None = None, flags: tuple[str, ...] = ()) -> RaykdConfig:
+    """The preamble of every verb: ``--config``/``--set``; a scheme verb's own flags (``flags``:
+    argument names, equal to their keys in ``section``) as overrides of its section, and the
+    section's defaults when the config has none (the verb itself asks for the scheme)."""
     overrides = parse_overrides(args.overrides)
     if getattr(args, "register", None) is not None:  # a name as typed, not parsed as YAML
         overrides["tracking.register_as"] = args.register
-    return load_config(args.config, overrides)
+    if getattr(args, "tracking_uri", None) is not None:  # report's alias
+        overrides["tracking.uri"] = args.tracking_uri
+    for flag in flags:
+        value = getattr(args, flag)
+        if value is not None and value is not False:
+            overrides[f"{section}.{flag}"] = value
+    cfg = load_config(args.config, overrides)
+    if section is not None and getattr(cfg, section) is None:
+        cfg = cfg.with_overrides({section: {}})
+    return cfg
 
 
 def cmd_distill(args) -> dict[str, Any]:
     from raykd.preflight import preflight
     from raykd.schemes.offline import run_distill
 
-    cfg = _load(args)
+    cfg = load_args(args)
     preflight(cfg)
     return run_distill(cfg, baseline=args.baseline, config_path=args.config, resume=args.resume)
+
+
+def _out_folder(out: str | None) -> Path | None:
+    """``--out DIR`` of every verb: a folder (made if missing), never a file name."""
+    if out is None:
+        return None
+    folder = Path(out).expanduser()
+    if folder.is_file() or folder.suffix in (".safetensors", ".json", ".md", ".yaml"):
+        raise ConfigError(f"--out: {out} names a file; --out is a folder raykd writes its files "
+                          f"into, e.g. --out {folder.parent / folder.stem}")
+    return folder
 
 
 def cmd_train_teacher(args) -> dict[str, Any]:
     import shutil
 
-    from raykd import tracking
     from raykd.preflight import preflight
-    from raykd.schemes.offline import train_teacher
-    from raykd.train.fit import ensure_ray
+    from raykd.schemes.offline import run_train_teacher
+    from raykd.teacher.loading import local_checkpoint
 
-    cfg = _load(args)
+    out = _out_folder(args.out)
+    cfg = load_args(args)
     preflight(cfg, roles=("teacher",))
-    uri = tracking.resolve_tracking_uri(cfg.tracking.uri)
-    ensure_ray()
-    teacher = train_teacher(cfg, uri, None)
-    if args.out:
-        Path(args.out).parent.mkdir(parents=True, exist_ok=True)
-        shutil.copy(teacher["checkpoint"], args.out)
-        teacher["checkpoint"] = str(Path(args.out).resolve())
-    return {"teacher": teacher, "mlflow": {"tracking_uri": uri, "run_id": teacher["run_id"],
-                                           "experiment": cfg.tracking.experiment}}
+    summary = run_train_teacher(cfg, resume=args.resume, config_path=args.config)
+    teacher = summary["teacher"]
+    if out is not None:
+        out.mkdir(parents=True, exist_ok=True)
+        source = local_checkpoint(teacher["checkpoint"], summary["mlflow"]["tracking_uri"])
+        shutil.copy(source, out / "model.safetensors")
+        teacher["checkpoint"] = str((out / "model.safetensors").resolve())
+    return summary
 
 
 def cmd_losses(args) -> dict[str, Any]:
@@ -172,7 +230,10 @@ def cmd_losses(args) -> dict[str, Any]:
 def cmd_cache(args) -> dict[str, Any]:
     from raykd.teacher.commands import cache_command
 
-    return cache_command(args)
+    if args.action == "build" and args.path:  # PATH: the directory to build the cache under
+        args.overrides = [*args.overrides, f"teacher.cache_dir={args.path}"]
+    cfg = load_args(args)
+    return cache_command(args.action, args.path or cfg.teacher.cache_dir, cfg)
 
 
 def cmd_tune(args) -> dict[str, Any]:
@@ -184,31 +245,34 @@ def cmd_tune(args) -> dict[str, Any]:
 def cmd_born_again(args) -> dict[str, Any]:
     from raykd.schemes.born_again import run_born_again_command
 
-    return run_born_again_command(args)
+    cfg = load_args(args, "born_again", ("generations", "ensemble_includes_teacher"))
+    return run_born_again_command(cfg, args)
 
 
 def cmd_noisy_student(args) -> dict[str, Any]:
     from raykd.schemes.noisy_student import run_noisy_student_command
 
-    return run_noisy_student_command(args)
+    return run_noisy_student_command(load_args(args, "noisy_student", ("rounds",)), args)
 
 
 def cmd_online(args) -> dict[str, Any]:
     from raykd.schemes.online.run import run_online_command
 
-    return run_online_command(args)
+    return run_online_command(load_args(args, "online", ("scheme", "peers")), args)
 
 
 def cmd_seq_kd(args) -> dict[str, Any]:
     from raykd.schemes.sequence_kd import run_sequence_kd_command
 
-    return run_sequence_kd_command(args)
+    return run_sequence_kd_command(load_args(args, "sequence_kd"), args)
 
 
 def cmd_report(args) -> dict[str, Any]:
     from raykd.report import run_report
 
-    return run_report(args.experiment, args.tracking_uri, args.out)
+    out = _out_folder(args.out)
+    cfg = load_args(args)
+    return run_report(args.experiment or cfg.tracking.experiment, cfg.tracking.uri, out)
 
 
 def cmd_hinton(args) -> dict[str, Any]:

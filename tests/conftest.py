@@ -46,12 +46,12 @@ def digits_teacher(ray_session, tmp_path_factory):
     from raykd.cli import main
 
     root = tmp_path_factory.mktemp("teacher")
-    out = root / "teacher.safetensors"
+    out = root / "teacher" / "model.safetensors"  # --out is a folder
     cwd = os.getcwd()
     os.chdir(root)
     try:
         rc = main(["train-teacher", "--set", "teacher.epochs=3", "--set",
-                   f"tracking.uri=sqlite:///{root / 'mlflow.db'}", "--out", str(out)])
+                   f"tracking.uri=sqlite:///{root / 'mlflow.db'}", "--out", str(out.parent)])
     finally:
         os.chdir(cwd)
     assert rc == 0 and out.is_file()

@@ -144,7 +144,6 @@ CLI_CASES = [
     ["online", "--scheme", "nope"],
     ["online", "--scheme", "one", "--set", "online.split_at=layers.7"],
     ["online", "--scheme", "byot", "--set", "online.exits=[nope]"],
-    ["online", "--scheme", "byot"],
     ["online", "--scheme", "codistill", "--set", "online.staleness_steps=0"],
     ["distill", "--set", "teacher.mode=online"],  # renamed `live` (issue #17)
     ["distill", "--register", "a/b"],  # issue #18: not addressable as models:/NAME/VERSION

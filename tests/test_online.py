@@ -8,6 +8,7 @@ import json
 import os
 import subprocess
 import sys
+from pathlib import Path
 
 import pytest
 import torch
@@ -87,32 +88,36 @@ def test_byot_backbone_export_has_no_exit_parameters():
     assert cohort(x).shape[0] == 2  # the exit, then the backbone
 
 
-SCHEMES = {"dml": [], "one": ["--set", "online.split_at=layers.0"],
-           "byot": ["--set", "online.exits=[layers.0]"],
+# ONE and BYOT on the default model with no split_at / exits: the stage defaults (issue #28)
+SCHEMES = {"dml": [], "one": [], "byot": [],
            # 2 groups of 1 worker, exchanging every 5 steps (about 20 steps an epoch)
            "codistill": ["--set", "train.num_workers=1", "--set", "online.staleness_steps=5"]}
+
+
+def _online(ray_session, root, scheme: str, name: str, *flags: str) -> dict:
+    """`raykd online --scheme SCHEME` in its own process (2 epochs, 2 workers): its summary."""
+    uri = f"sqlite:///{root / 'mlflow.db'}"
+    env = {**os.environ, "RAY_ADDRESS": ray_session.get_runtime_context().gcs_address}
+    summary = root / f"{name}.json"
+    with (root / f"{name}.txt").open("w") as console:
+        rc = subprocess.run(
+            [sys.executable, "-m", "raykd.cli", "online", "--scheme", scheme, *flags,
+             "--set", "train.epochs=2", "--set", "train.num_workers=2", *SCHEMES[scheme],
+             "--set", f"tracking.uri={uri}", "--summary", str(summary)],
+            cwd=root, env=env, stdout=console, stderr=subprocess.STDOUT,
+            timeout=900).returncode
+    assert rc == 0, (root / f"{name}.txt").read_text()[-3000:]
+    return json.loads(summary.read_text())
 
 
 @pytest.fixture(scope="module")
 def online_runs(ray_session, tmp_path_factory):
     """Each scheme once (2 members, 2 epochs, 2 workers); ONE also with its baseline."""
     root = tmp_path_factory.mktemp("online")
-    uri = f"sqlite:///{root / 'mlflow.db'}"
-    env = {**os.environ, "RAY_ADDRESS": ray_session.get_runtime_context().gcs_address}
-    out = {}
-    for scheme, extra in SCHEMES.items():
-        summary = root / f"{scheme}.json"
-        flags = ["--baseline"] if scheme == "one" else []
-        with (root / f"{scheme}.txt").open("w") as console:
-            rc = subprocess.run(
-                [sys.executable, "-m", "raykd.cli", "online", "--scheme", scheme, *flags,
-                 "--set", "train.epochs=2", "--set", "train.num_workers=2", *extra,
-                 "--set", f"tracking.uri={uri}", "--summary", str(summary)],
-                cwd=root, env=env, stdout=console, stderr=subprocess.STDOUT,
-                timeout=900).returncode
-        assert rc == 0, (root / f"{scheme}.txt").read_text()[-3000:]
-        out[scheme] = json.loads(summary.read_text())
-    return out, uri
+    out = {scheme: _online(ray_session, root, scheme, scheme,
+                           *(["--baseline"] if scheme == "one" else []))
+           for scheme in SCHEMES}
+    return out, f"sqlite:///{root / 'mlflow.db'}"
 
 
 def test_members_are_child_runs_with_their_curves(online_runs):
@@ -175,3 +180,19 @@ def test_codistillation_groups_ran_together_and_exchanged(online_runs):
     ex = s["exchange"]
     assert ex["published"] == len(log["published"]) and ex["loaded"] == len(log["loads"])
     assert ex["max_staleness_steps"] == max(e["staleness"] for e in log["loads"]) + 4
+
+
+def test_resume_keeps_the_finished_cohort_and_baseline(online_runs, ray_session):
+    """`--resume` on the ONE run above (same config): its cohort fit and its baseline finished,
+    so both are read back from MLflow and nothing is trained again."""
+    runs, uri = online_runs
+    first = runs["one"]
+    root = Path(uri.removeprefix("sqlite:///")).parent
+    again = _online(ray_session, root, "one", "one-resumed", "--baseline", "--resume")
+    assert again["resumed"] == ["cohort", "student-alone"]
+    assert again["mlflow"]["run_id"] == first["mlflow"]["run_id"]  # the same lineage parent
+    assert [(m["name"], m["run_id"]) for m in again["members"]] == [
+        (m["name"], m["run_id"]) for m in first["members"]]
+    assert again["baseline"][0]["run_id"] == first["baseline"][0]["run_id"]
+    assert again["ensemble"]["accuracy"] == pytest.approx(first["ensemble"]["accuracy"])
+    assert "resuming online-one run" in (root / "one-resumed.txt").read_text()

@@ -296,3 +296,24 @@ def test_seq_kd_reuses_the_dataset_and_mixes_the_corpus(seq_kd, lm):
     assert cache["num_samples"] == seq["rows"] + corpus_blocks
     last = student["history"][-1]
     assert "loss_token_kd" in last and last["teacher_agreement"] > 0
+
+
+def test_seq_kd_resume_keeps_the_student_and_adds_the_baseline(seq_kd, lm):
+    """`--resume --baseline` on the pure run's config: its finished student is read back (same
+    run), only the baseline (the corpus alone, cross-entropy) is trained."""
+    pure = lm[2] / "pure.json"
+    first = (json.loads(pure.read_text()) if pure.is_file()
+             else seq_kd("pure", "--set", "train.epochs=3")[0])
+    summary, log = seq_kd("resumed", "--set", "train.epochs=3", "--resume", "--baseline")
+    assert "resuming sequence-kd run" in log
+    assert summary["resumed"] == ["student"]  # the teacher is a given checkpoint: no fit
+    assert summary["mlflow"]["run_id"] == first["mlflow"]["run_id"]
+    assert summary["student"]["run_id"] == first["student"]["run_id"]
+    assert summary["student"]["test_perplexity"] == pytest.approx(
+        first["student"]["test_perplexity"], rel=1e-4)
+    from raykd.data import build_dataset
+
+    base = summary["baseline"]
+    assert base["run_id"] != first["student"]["run_id"]
+    assert base["transfer_size"] == len(build_dataset(_config(lm, lm[2]).data, "train"))
+    assert math.log(VOCAB) > base["test_loss"] > 0  # learned: below a uniform guess

@@ -1,7 +1,9 @@
 """The submission path as a user runs it: a Ray head node of its own (`ray start --head`, token
 auth), an `mlflow server` on loopback (sqlite backend, artifact root in a temp folder), then
 `ray job submit --working-dir . -- python jobs/distill.py`, the tracking URI in the job's
-runtime env; the runs are read back from the server.
+runtime env; the runs are read back from the server. Every job goes in through the one shared
+entry, jobs/_entry.py (tests/test_jobs_entry.py runs them all from an uninstalled checkout), so
+this one submission covers that entry under `ray job submit`.
 
 Isolated from the suite's Ray instance (tests/conftest.py), which keeps working in the same
 session: the head node has its own temp dir (`ray.init()` with no address reads the *default*

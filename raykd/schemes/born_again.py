@@ -120,17 +120,8 @@ def run_born_again(cfg: RaykdConfig, *, resume: bool = False,
     return summary
 
 
-def run_born_again_command(args) -> dict[str, Any]:
-    from raykd.config import load_config
-
-    overrides = list(args.overrides)
-    if args.generations is not None:
-        overrides.append(f"born_again.generations={args.generations}")
-    if args.ensemble_includes_teacher:
-        overrides.append("born_again.ensemble_includes_teacher=true")
-    cfg = load_config(args.config, overrides)
-    if cfg.born_again is None:
-        cfg = cfg.with_overrides({"born_again": {}})
+def run_born_again_command(cfg: RaykdConfig, args) -> dict[str, Any]:
+    """``raykd born-again``: ``cfg`` as the CLI loaded it (raykd.cli.load_args)."""
     preflight_born_again(cfg)
     summary = run_born_again(cfg, resume=args.resume, config_path=args.config)
     print("\n" + summary["markdown"])

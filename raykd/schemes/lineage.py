@@ -7,8 +7,9 @@ config, generation count left out). One child run per generation (``raykd.genera
 weights are). ``--resume`` finds the newest parent with the same key and continues after its
 last finished member: finished members are read back from these tags, never retrained.
 
-Offline distillation (``raykd distill --resume``) uses the same parent run and key; its members
-are its fits by role (teacher, student, baseline: ``raykd.role``), see ``finished_roles``.
+Offline distillation (``raykd distill --resume``), ``raykd train-teacher --resume`` and
+``raykd seq-kd --resume`` use the same parent run and key; their members are their fits by role
+(teacher, student, baseline: ``raykd.role``), see ``finished_roles``.
 """
 
 from __future__ import annotations
@@ -25,8 +26,15 @@ from raykd import tracking
 from raykd.config import RaykdConfig
 
 MEMBER_TAG = {"born-again": "raykd.generation", "noisy-student": "raykd.round"}
-MEMBER_WORD = {"born-again": "generation", "noisy-student": "round", "offline": "fit",
-               "hinton-mnist": "fit"}
+# Every other scheme (offline, train-teacher, sequence-kd, online-*, hinton-mnist) counts fits.
+MEMBER_WORD = {"born-again": "generation", "noisy-student": "round"}
+
+
+def member_word(scheme: str) -> str:
+    """What one member of ``scheme``'s lineage is called in messages and tables."""
+    return MEMBER_WORD.get(scheme, "fit")
+
+
 # What does not change the models a lineage trains: how long it runs, where it logs, restarts.
 _KEY_IGNORES = {("born_again", "generations"), ("noisy_student", "rounds"),
                 ("train", "max_failures"), ("train", "checkpoint_every"),
@@ -72,7 +80,7 @@ class Lineage:
 
     @property
     def word(self) -> str:
-        return MEMBER_WORD[self.scheme]
+        return member_word(self.scheme)
 
     def record(self, member: Member) -> None:
         """Mark ``member`` finished: where its weights are, so a resume can pick it up."""
@@ -114,6 +122,14 @@ def finished_roles(uri: str, experiment: str, scheme: str, parent: str) -> dict[
     return found
 
 
+def finished_by_name(uri: str, experiment: str, scheme: str, parent: str) -> dict[str, Member]:
+    """The finished fits under ``parent`` by run name (online's baselines: ``student-alone``)."""
+    found: dict[str, Member] = {}
+    for run in finished_children(uri, experiment, parent):
+        found.setdefault(run.info.run_name, _member(run, 0))
+    return found
+
+
 def _finished_members(uri: str, experiment: str, scheme: str, parent: str) -> dict[int, Member]:
     """The longest run of finished members 0, 1, 2... under ``parent``; the children of the
     interrupted run that never finished are marked KILLED."""
@@ -148,10 +164,11 @@ def lineage_run(uri: str, cfg: RaykdConfig, scheme: str, resume: bool, name: str
             tracking.client(uri).update_run(parent, status="RUNNING")
             finished = (read_finished or _finished_members)(uri, experiment, scheme, parent)
             print(f"raykd: resuming {scheme} run {parent}: {len(finished)} finished "
-                  f"{MEMBER_WORD[scheme]}(s) kept", flush=True)
+                  f"{member_word(scheme)}(s) kept", flush=True)
         else:
             print(f"raykd: --resume: no earlier {scheme} run with this config in experiment "
-                  f"{experiment!r}; starting from {MEMBER_WORD[scheme]} 0", flush=True)
+                  f"{experiment!r}; starting from {member_word(scheme)} 0",
+                  flush=True)
     if parent is None:
         parent = tracking.start_run(uri, experiment, name, None,
                                     {"raykd.scheme": scheme, "raykd.lineage_key": key})
@@ -168,7 +185,7 @@ def lineage_run(uri: str, cfg: RaykdConfig, scheme: str, resume: bool, name: str
 
 def member_row(scheme: str, m: Member) -> dict[str, Any]:
     """A member as the summary lists it."""
-    word = MEMBER_WORD[scheme]
+    word = member_word(scheme)
     row = {word: m.index, "accuracy": m.accuracy, "params": m.params, "run_id": m.run_id,
            "teacher_run_id": m.teacher_run_id, "checkpoint": m.source, "cache_key": m.cache_key,
            "resumed": m.resumed}
@@ -177,7 +194,7 @@ def member_row(scheme: str, m: Member) -> dict[str, Any]:
 
 def markdown(scheme: str, members: list[Member], extra_rows: list[tuple[str, float, str]] = ()
              ) -> str:
-    word = MEMBER_WORD[scheme]
+    word = member_word(scheme)
     lines = [f"| {word} | run | taught by | test accuracy | params | cache key |",
              "|---|---|---|---|---|---|"]
     for m in members:
@@ -199,7 +216,7 @@ def log_lineage(lineage: Lineage, members: list[Member], lines: dict[str, float]
     matplotlib.use("Agg")
     import matplotlib.pyplot as plt
 
-    word = MEMBER_WORD[lineage.scheme]
+    word = member_word(lineage.scheme)
     with tempfile.TemporaryDirectory() as tmp:
         fig, ax = plt.subplots(figsize=(5, 3.2))
         xs = [m.index for m in members if m.accuracy is not None]
@@ -251,7 +268,7 @@ def chain_markdown(chains: list[dict[str, Any]]) -> list[str]:
     """Lines of the report's lineage section: one chain per parent run, teacher → student."""
     lines: list[str] = []
     for chain in chains:
-        word = MEMBER_WORD[chain["scheme"]]
+        word = member_word(chain["scheme"])
         lines += ["", f"### {chain['scheme']} `{chain['run_id'][:8]}` ({chain['status']})", "",
                   f"| {word} | run | taught by | status | test accuracy | cache key |",
                   "|---:|---|---|---|---:|---|"]

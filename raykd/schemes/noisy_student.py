@@ -151,15 +151,8 @@ def run_noisy_student(cfg: RaykdConfig, *, resume: bool = False, baseline: bool 
     return summary
 
 
-def run_noisy_student_command(args) -> dict[str, Any]:
-    from raykd.config import load_config
-
-    overrides = list(args.overrides)
-    if args.rounds is not None:
-        overrides.append(f"noisy_student.rounds={args.rounds}")
-    cfg = load_config(args.config, overrides)
-    if cfg.noisy_student is None:
-        cfg = cfg.with_overrides({"noisy_student": {}})
+def run_noisy_student_command(cfg: RaykdConfig, args) -> dict[str, Any]:
+    """``raykd noisy-student``: ``cfg`` as the CLI loaded it (raykd.cli.load_args)."""
     preflight_noisy_student(cfg)
     summary = run_noisy_student(cfg, resume=args.resume, baseline=args.baseline,
                                 config_path=args.config)

@@ -110,6 +110,29 @@ def train_teacher(cfg: RaykdConfig, uri: str, parent_run_id: str | None,
             **_fit_part(result)}
 
 
+def run_train_teacher(cfg: RaykdConfig, *, resume: bool = False,
+                      config_path: str | None = None) -> dict[str, Any]:
+    """``raykd train-teacher``: the teacher fit under a lineage parent run, so ``resume`` keeps
+    a teacher the newest run of this config finished (raykd.schemes.lineage)."""
+    from raykd.schemes.lineage import finished_roles, lineage_run
+    from raykd.train.fit import ensure_ray
+
+    uri = tracking.resolve_tracking_uri(cfg.tracking.uri)
+    with lineage_run(uri, cfg, "train-teacher", resume, "train-teacher",
+                     finished_roles) as lineage:
+        done = lineage.finished
+        if not done:  # a resumed parent has its config already
+            log_config(uri, lineage.parent, cfg, config_path)
+        if "teacher" in done:
+            teacher = resumed_part(done["teacher"], uri)
+        else:
+            ensure_ray()
+            teacher = train_teacher(cfg, uri, lineage.parent)
+    return {"teacher": teacher, "resumed": sorted(done),
+            "mlflow": {"tracking_uri": uri, "run_id": lineage.parent,
+                       "experiment": cfg.tracking.experiment}}
+
+
 def _fit_part(result) -> dict[str, Any]:
     """What the summary says of a fit beside its accuracy: the selected epoch and timings."""
     best = next((h for h in result.history if h["epoch"] == result.best_epoch), None)

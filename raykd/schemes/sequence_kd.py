@@ -86,37 +86,39 @@ def log_generation(uri: str, cfg: RaykdConfig, parent: str, generated: dict[str,
     return run_id
 
 
-def run_sequence_kd(cfg: RaykdConfig, *, config_path: str | None = None) -> dict[str, Any]:
+def run_sequence_kd(cfg: RaykdConfig, *, config_path: str | None = None, resume: bool = False,
+                    baseline: bool = False) -> dict[str, Any]:
+    """``resume``: the newest run of this config continues, its finished teacher, student and
+    baseline kept (raykd.schemes.lineage; the generated rows are found by their fingerprint).
+    ``baseline``: the same student on the corpus alone (cross-entropy), the same budget."""
+    from raykd.schemes.lineage import finished_roles, lineage_run
     from raykd.schemes.offline import (_json_safe, language_model_report, log_config,
-                                       obtain_teacher, run_student)
-    from raykd.teacher.service import generate_with_teacher, serve_teacher, stop_teacher
+                                       obtain_teacher, resumed_part, run_student)
+    from raykd.teacher.service import generate_with_teacher
     from raykd.train.fit import RAY_START, ensure_ray, fit_session
 
     uri = tracking.resolve_tracking_uri(cfg.tracking.uri)
     ensure_ray()
     started = time.perf_counter()
-    with fit_session(cfg, SCHEME, start=True), tracking.tracked_run(
-            uri, cfg.tracking.experiment, SCHEME, None, {"raykd.scheme": SCHEME}) as parent:
-        log_config(uri, parent, cfg, config_path)
-        sources, teacher = obtain_teacher(cfg, uri, parent)
+    with fit_session(cfg, SCHEME, start=True), lineage_run(
+            uri, cfg, SCHEME, resume, SCHEME, finished_roles) as lineage:
+        parent, done = lineage.parent, lineage.finished
+        if not done:  # a resumed parent has its config already
+            log_config(uri, parent, cfg, config_path)
+        sources, teacher = obtain_teacher(cfg, uri, parent, done.get("teacher"))
         generated = generate_with_teacher(cfg, sources, uri)
         print(f"raykd: sequence-level KD dataset {generated['status']} ({generated['reason']})",
               flush=True)
         generated["run_id"] = log_generation(uri, cfg, parent, generated)
-        student_cfg = student_config(cfg, generated["path"])
-        init_from = sources[0] if cfg.student.init_from_teacher else None
-        service = serve_teacher(student_cfg, sources, uri) if needs_teacher(cfg) else None
-        try:
-            student = run_student(student_cfg, "student", uri, parent,
-                                  service.handoff if service else None, init_from=init_from)
-        finally:
-            if service is not None:
-                teacher["cache"] = service.cache
-                stop_teacher(service)
+        student = (resumed_part(done["student"], uri) if "student" in done else
+                   _fit_student(cfg, generated["path"], sources, teacher, uri, parent))
         lm = language_model_report(cfg, sources, student, uri)  # the corpus's test split
-        best = next((h for h in student["history"] if h["epoch"] == student["best_epoch"]), {})
+        best = next((h for h in student.get("history", [])
+                     if h["epoch"] == student.get("best_epoch")), {})
         student.update(val_loss=best.get("val_loss"), val_perplexity=best.get("val_perplexity"),
                        test_perplexity=lm["student"]["perplexity"])
+        if student.get("test_loss") is None:  # a resumed student: measured by the report
+            student["test_loss"] = lm["student"]["loss_nats_per_token"]
         teacher.update(accuracy=lm["teacher"]["accuracy"],
                        test_loss=lm["teacher"]["loss_nats_per_token"],
                        test_perplexity=lm["teacher"]["perplexity"])
@@ -129,25 +131,49 @@ def run_sequence_kd(cfg: RaykdConfig, *, config_path: str | None = None) -> dict
         tracking.set_tags(uri, parent, {"raykd.sequences_key": generated["key"]})
         summary: dict[str, Any] = {
             "teacher": teacher, "sequences": generated,
-            "student": student, "language_model": lm,
+            "student": student, "language_model": lm, "resumed": sorted(done),
             "mlflow": {"tracking_uri": uri, "run_id": parent,
                        "experiment": cfg.tracking.experiment},
             "seconds": round(time.perf_counter() - started, 1),
             "ray_start_seconds": RAY_START.get("seconds")}
+        if baseline:
+            summary["baseline"] = (resumed_part(done["baseline"], uri) if "baseline" in done
+                                   else run_student(cfg, "baseline", uri, parent))
+            tracking.log_metrics(uri, parent, {
+                "baseline_test_loss": summary["baseline"].get("test_loss") or float("nan")})
         tracking.log_dict(uri, parent, _json_safe(summary), "summary.json")
     return summary
 
 
-def run_sequence_kd_command(args) -> dict[str, Any]:
-    from raykd.config import load_config, parse_overrides
+def _fit_student(cfg: RaykdConfig, folder: str, sources: list[str], teacher: dict[str, Any],
+                 uri: str, parent: str) -> dict[str, Any]:
+    """The student on the generated rows (``folder``), read by the teacher actor as well when a
+    loss term needs the teacher."""
+    from raykd.schemes.offline import run_student
+    from raykd.teacher.service import serve_teacher, stop_teacher
 
-    cfg = load_config(args.config, parse_overrides(args.overrides))
-    if cfg.sequence_kd is None:  # the command itself asks for it: defaults
-        cfg = cfg.with_overrides({"sequence_kd": {}})
+    student_cfg = student_config(cfg, folder)
+    init_from = sources[0] if cfg.student.init_from_teacher else None
+    service = serve_teacher(student_cfg, sources, uri) if needs_teacher(cfg) else None
+    try:
+        return run_student(student_cfg, "student", uri, parent,
+                           service.handoff if service else None, init_from=init_from)
+    finally:
+        if service is not None:
+            teacher["cache"] = service.cache
+            stop_teacher(service)
+
+
+def run_sequence_kd_command(cfg: RaykdConfig, args) -> dict[str, Any]:
+    """``raykd seq-kd``: ``cfg`` as the CLI loaded it (raykd.cli.load_args)."""
     preflight_sequence_kd(cfg)
-    summary = run_sequence_kd(cfg, config_path=args.config)
+    summary = run_sequence_kd(cfg, config_path=args.config, resume=args.resume,
+                              baseline=args.baseline)
     seq, student = summary["sequences"], summary["student"]
     print(f"\n  sequences  {seq['rows']} × {seq['width']} tokens, {seq['status']} "
           f"(key {seq['key']})\n  student    test loss {student['test_loss']:.4f} nats/token, "
           f"perplexity {student['test_perplexity']:.3f}")
+    if summary.get("baseline", {}).get("test_loss") is not None:
+        print(f"  baseline   test loss {summary['baseline']['test_loss']:.4f} nats/token "
+              f"(the corpus alone, cross-entropy)")
     return summary

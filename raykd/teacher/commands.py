@@ -1,10 +1,12 @@
 """`raykd cache build|inspect|verify`.
 
-- ``build``   starts the teacher actor for ``--config``/``--set`` and makes sure its cache is fresh:
-  prints the actor's report (``status`` reused | built | rebuilt, with the reason) as JSON.
+- ``build``   starts the teacher actor for ``--config``/``--set`` and makes sure its cache is fresh
+  under ``teacher.cache_dir`` (``PATH``, when given, is that directory): prints the actor's report
+  (``status`` reused | built | rebuilt, with the reason) as JSON.
 - ``inspect`` prints a cache folder's manifest summary as JSON (shapes checked, no checksums).
 - ``verify``  checks every array against the manifest's sha256; exit code 0 when every cache is
-  fresh, 1 otherwise. ``PATH`` may be one cache folder or ``teacher.cache_dir`` (all of them).
+  fresh, 1 otherwise. ``PATH`` may be one cache folder or ``teacher.cache_dir`` (all of them);
+  without it, the config's ``teacher.cache_dir``.
 """
 
 from __future__ import annotations
@@ -13,13 +15,10 @@ import json
 from pathlib import Path
 from typing import Any
 
-from raykd.config import ConfigError
+from raykd.config import ConfigError, RaykdConfig
 
 
-def _cache_folders(path: str | None, action: str) -> list[Path]:
-    if not path:
-        raise ConfigError(f"path: raykd cache {action} needs a cache folder, e.g. "
-                          f".raykd/cache/<key> (or the cache directory itself)")
+def _cache_folders(path: str) -> list[Path]:
     root = Path(path).expanduser()
     if (root / "manifest.json").is_file():
         return [root]
@@ -31,16 +30,18 @@ def _cache_folders(path: str | None, action: str) -> list[Path]:
     return found
 
 
-def cache_command(args) -> dict[str, Any]:
+def cache_command(action: str, path: str, cfg: RaykdConfig) -> dict[str, Any]:
+    """``path``: a cache folder or the directory of them (inspect / verify; the CLI gives the
+    config's ``teacher.cache_dir`` when the user gave none); ``cfg``: what ``build`` builds."""
     from raykd.teacher.cache import inspect_cache, verify_cache
 
-    if args.action == "build":
-        return build(args)
-    folders = _cache_folders(args.path, args.action)
+    if action == "build":
+        return build(cfg)
+    folders = _cache_folders(path)
     from raykd.teacher.token_cache import (inspect_token_cache, is_token_cache,
                                            verify_token_cache)
 
-    if args.action == "inspect":
+    if action == "inspect":
         out = []
         for folder in folders:
             if is_token_cache(folder):  # a language model's per-token top-k cache
@@ -61,16 +62,14 @@ def cache_command(args) -> dict[str, Any]:
     return {"caches": results, "exit_code": 1 if bad else 0}
 
 
-def build(args) -> dict[str, Any]:
+def build(cfg: RaykdConfig) -> dict[str, Any]:
     from raykd import tracking
-    from raykd.config import load_config
     from raykd.preflight import preflight
     from raykd.schemes.offline import teacher_sources
     from raykd.teacher.actor import actor_name
     from raykd.teacher.service import TeacherService, ensure_teacher, stop_teacher
     from raykd.train.fit import ensure_ray
 
-    cfg = load_config(args.config, args.overrides)
     sources = teacher_sources(cfg)
     if not sources:
         raise ConfigError("teacher.checkpoint: raykd cache build needs a trained teacher; set "

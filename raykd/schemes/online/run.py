@@ -25,8 +25,47 @@ def scheme_module(cfg: RaykdConfig):
     return importlib.import_module(f"raykd.schemes.online.{cfg.online.scheme}")
 
 
+def student_stages(cfg: RaykdConfig) -> list[str]:
+    """The student's stages in order, as module paths: an MLP's input (``flatten``) and hidden
+    layers (``layers.i``), a CNN's ``features.i``, a ResNet's ``layer1``, ``layer2``... — where
+    ONE splits and BYOT hooks exits by default (with_stage_defaults)."""
+    import re
+
+    from raykd.data import dataset_info
+    from raykd.models import build_model
+
+    children = dict(build_model(cfg.student, dataset_info(cfg.data), field="student")
+                    .named_children())
+    if isinstance(children.get("layers"), torch.nn.ModuleList):  # raykd's MLP
+        return ["flatten", *(f"layers.{i}" for i in range(len(children["layers"])))]
+    if isinstance(children.get("features"), torch.nn.Sequential):  # raykd's CNN
+        return [f"features.{i}" for i in range(len(children["features"]))]
+    return [n for n in children if re.fullmatch(r"layer\d+", n)]
+
+
+def with_stage_defaults(cfg: RaykdConfig) -> RaykdConfig:
+    """ONE's ``online.split_at`` and BYOT's ``online.exits`` when unset, from the student's
+    stages: ONE branches the last stage (its trunk ends at the one before, as Lan et al. branch
+    the last block); BYOT hooks an exit after every block but the deepest (Zhang et al.), or on
+    the input where there is no other block (an MLP of one hidden layer: exit on ``flatten``)."""
+    o = cfg.online
+    if not ((o.scheme == "one" and not o.split_at) or (o.scheme == "byot" and not o.exits)):
+        return cfg
+    stages = student_stages(cfg)
+    field = "split_at" if o.scheme == "one" else "exits"
+    if len(stages) < 2:
+        raise ConfigError(f"online.{field}: raykd finds no two stages in the student "
+                          f"{cfg.student.name!r}; give module paths, e.g. --set online.{field}="
+                          + ("layer2" if field == "split_at" else "[layer1,layer2]"))
+    inner = [s for s in stages[:-1] if s != "flatten"]  # an exit on the input: the last resort
+    default = stages[-2] if field == "split_at" else (inner or stages[:1])
+    return cfg.with_overrides({f"online.{field}": default})
+
+
 def training_config(cfg: RaykdConfig) -> RaykdConfig:
-    """``cfg`` with the scheme's loss terms and no teacher (the members teach each other)."""
+    """``cfg`` with the scheme's loss terms and no teacher (the members teach each other), its
+    stage defaults filled in (with_stage_defaults)."""
+    cfg = with_stage_defaults(cfg)
     return cfg.with_overrides({"distill.losses": scheme_module(cfg).loss_terms(cfg)})
 
 
@@ -45,9 +84,6 @@ def preflight_online(cfg: RaykdConfig) -> RaykdConfig:
         raise ConfigError(f"online.scheme: {cfg.online.scheme!r} is not built yet; "
                           f"allowed: {', '.join(SCHEMES)}")
     info = dataset_info(cfg.data)
-    if cfg.online.scheme == "byot" and not cfg.online.exits:
-        raise ConfigError("online.exits: BYOT needs module paths of the student to attach exits "
-                          "to, e.g. [layers.0] or [layer1, layer2]")
     train_cfg = training_config(cfg)
     if cfg.online.scheme == "codistill":
         from raykd.preflight import preflight
@@ -85,12 +121,18 @@ def _member_run(uri: str, cfg: RaykdConfig, parent: str, name: str, result) -> d
     return part
 
 
-def baselines(cfg: RaykdConfig, uri: str, parent: str) -> list[dict[str, Any]]:
-    """Each member's model trained alone (hard labels), the same budget and initial weights."""
+def baselines(cfg: RaykdConfig, uri: str, parent: str, done=None) -> list[dict[str, Any]]:
+    """Each member's model trained alone (hard labels), the same budget and initial weights;
+    ``done``: the fits an earlier run of this lineage finished, by run name (kept)."""
     from raykd.schemes.offline import run_student
 
     out = []
     for name, spec, seed in scheme_module(cfg).alone(cfg):
+        if f"{name}-alone" in (done or {}):
+            kept = done[f"{name}-alone"]
+            out.append({"name": name, "accuracy": kept.accuracy, "params": kept.params,
+                        "run_id": kept.run_id, "resumed": True})
+            continue
         alone_cfg = cfg.with_overrides({"online": None, "student.name": spec.name,
                                         "student.args": spec.args, "train.seed": seed})
         part = run_student(alone_cfg, "baseline", uri, parent, name=f"{name}-alone")
@@ -159,37 +201,78 @@ def run_codistill(cfg: RaykdConfig, uri: str, parent: str) -> tuple[list, dict, 
     return members, {**ensemble, "exchange": exchange_part}, results
 
 
-def run_online(cfg: RaykdConfig, *, baseline: bool = False,
-               config_path: str | None = None) -> dict[str, Any]:
+def _fit_cohort(train_cfg: RaykdConfig, uri: str, parent: str) -> dict[str, Any]:
+    """The cohort's one fit, a child run per member, then the parent's metrics: the last step,
+    so a parent with ``deployable_test_accuracy`` holds a finished cohort (_resumed_cohort)."""
+    from raykd.train.fit import fit
+
+    scheme = train_cfg.online.scheme
+    result = fit(train_cfg, "student", tracking_uri=uri, run_id=parent, name=scheme)
+    members = [_member_run(uri, train_cfg, parent, name, result)
+               for name in result.members if name != "ensemble"]
+    part = {"members": members, "ensemble": {"accuracy": result.members.get("ensemble")},
+            "deployable": {"accuracy": result.test_accuracy},
+            "fit": {"wall_seconds": round(result.wall_seconds, 2),
+                    "worker_start_seconds": round(result.worker_start_seconds, 2),
+                    "best_epoch": result.best_epoch, "epochs": len(result.history)}}
+    tracking.log_metrics(uri, parent, {
+        "ensemble_test_accuracy": part["ensemble"]["accuracy"] or 0.0,
+        **{f"{m['name']}_test_accuracy": m["accuracy"] for m in members},
+        "deployable_test_accuracy": result.test_accuracy})
+    return part
+
+
+def _resumed_cohort(uri: str, cfg: RaykdConfig, parent: str) -> dict[str, Any] | None:
+    """The cohort an earlier run of this lineage finished, read back from MLflow; None when its
+    fit did not finish (it is trained again)."""
+    metrics = tracking.client(uri).get_run(parent).data.metrics
+    if "deployable_test_accuracy" not in metrics:
+        return None
+    runs = tracking.search_runs(uri, cfg.tracking.experiment,
+                                f"tags.`mlflow.parentRunId` = '{parent}' and "
+                                f"tags.`raykd.role` = 'member' and attributes.status = 'FINISHED'",
+                                order_by=["attributes.start_time ASC"])
+    members = [{"name": r.data.tags["raykd.member"], "accuracy": r.data.metrics["test_accuracy"],
+                "params": int(r.data.metrics["params"]) if "params" in r.data.metrics else None,
+                "run_id": r.info.run_id, "resumed": True} for r in runs]
+    return {"members": members, "ensemble": {"accuracy": metrics.get("ensemble_test_accuracy")},
+            "deployable": {"accuracy": metrics["deployable_test_accuracy"]},
+            "fit": {"resumed": True}}
+
+
+def run_online(cfg: RaykdConfig, *, baseline: bool = False, config_path: str | None = None,
+               resume: bool = False) -> dict[str, Any]:
+    """``resume``: the newest run of this config continues (raykd.schemes.lineage); a cohort
+    and baselines it finished are read back, not trained again."""
+    from raykd.schemes.lineage import finished_by_name, lineage_run
     from raykd.schemes.offline import _json_safe, log_config
-    from raykd.train.fit import RAY_START, ensure_ray, fit, fit_session
+    from raykd.train.fit import RAY_START, ensure_ray, fit_session
 
     scheme = cfg.online.scheme
     if scheme == "codistill":
+        if resume:
+            raise ConfigError("--resume: codistillation's groups train together, exchanging "
+                              "weights; run it again without --resume")
         return _run_codistill_job(cfg, baseline, config_path)
     train_cfg = training_config(cfg)
     uri = tracking.resolve_tracking_uri(cfg.tracking.uri)
     ensure_ray()
     started = time.perf_counter()
-    with fit_session(train_cfg, scheme, start=True), tracking.tracked_run(
-            uri, cfg.tracking.experiment, f"online-{scheme}", None,
-            {"raykd.scheme": f"online-{scheme}"}) as parent:
-        log_config(uri, parent, train_cfg, config_path)
-        result = fit(train_cfg, "student", tracking_uri=uri, run_id=parent, name=scheme)
-        members = [_member_run(uri, train_cfg, parent, name, result)
-                   for name in result.members if name != "ensemble"]
-        summary: dict[str, Any] = {"scheme": scheme, "members": members,
-                                   "ensemble": {"accuracy": result.members.get("ensemble")},
-                                   "deployable": {"accuracy": result.test_accuracy}}
+    with fit_session(train_cfg, scheme, start=True), lineage_run(
+            uri, cfg, f"online-{scheme}", resume, f"online-{scheme}",
+            finished_by_name) as lineage:
+        parent, done = lineage.parent, lineage.finished
+        cohort = _resumed_cohort(uri, cfg, parent) if resume else None
+        if cohort is None:
+            if not done:  # a resumed parent has its config already
+                log_config(uri, parent, train_cfg, config_path)
+            cohort = _fit_cohort(train_cfg, uri, parent)
+        summary: dict[str, Any] = {"scheme": scheme, **cohort}
         if baseline:
-            summary["baseline"] = baselines(cfg, uri, parent)
-        tracking.log_metrics(uri, parent, {
-            "ensemble_test_accuracy": summary["ensemble"]["accuracy"] or 0.0,
-            **{f"{m['name']}_test_accuracy": m["accuracy"] for m in members}})
+            summary["baseline"] = baselines(cfg, uri, parent, done)
+        summary["resumed"] = (["cohort"] if cohort["fit"].get("resumed") else []) + sorted(
+            b["name"] + "-alone" for b in summary.get("baseline", []) if b.get("resumed"))
         summary.update(
-            fit={"wall_seconds": round(result.wall_seconds, 2),
-                 "worker_start_seconds": round(result.worker_start_seconds, 2),
-                 "best_epoch": result.best_epoch, "epochs": len(result.history)},
             mlflow={"tracking_uri": uri, "run_id": parent,
                     "experiment": cfg.tracking.experiment},
             seconds=round(time.perf_counter() - started, 1),
@@ -225,19 +308,11 @@ def _run_codistill_job(cfg: RaykdConfig, baseline: bool, config_path: str | None
     return summary
 
 
-def run_online_command(args) -> dict[str, Any]:
-    from raykd.config import load_config
-
-    overrides = list(args.overrides)
-    for flag, key in (("scheme", "scheme"), ("peers", "peers")):
-        value = getattr(args, flag)
-        if value is not None:
-            overrides.append(f"online.{key}={value}")
-    cfg = load_config(args.config, overrides)
-    if cfg.online is None:
-        cfg = cfg.with_overrides({"online": {}})
+def run_online_command(cfg: RaykdConfig, args) -> dict[str, Any]:
+    """``raykd online``: ``cfg`` as the CLI loaded it (raykd.cli.load_args)."""
     preflight_online(cfg)
-    summary = run_online(cfg, baseline=args.baseline, config_path=args.config)
+    summary = run_online(cfg, baseline=args.baseline, config_path=args.config,
+                         resume=args.resume)
     rows = [("ensemble", summary["ensemble"]["accuracy"])] + [
         (m["name"], m["accuracy"]) for m in summary["members"]] + [
         (f"{b['name']} alone", b["accuracy"]) for b in summary.get("baseline", [])]
