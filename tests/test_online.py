@@ -8,11 +8,14 @@ import json
 import os
 import subprocess
 import sys
+from pathlib import Path
 
 import pytest
 import torch
 
 from raykd.config import load_config
+
+SAME_DATA = Path(__file__).resolve().parents[1] / "configs" / "digits_same_data.yaml"
 
 
 def _cohort(scheme: str, **online):
@@ -106,6 +109,7 @@ def online_runs(ray_session, tmp_path_factory):
         with (root / f"{scheme}.txt").open("w") as console:
             rc = subprocess.run(
                 [sys.executable, "-m", "raykd.cli", "online", "--scheme", scheme, *flags,
+                 "--config", str(SAME_DATA),  # fully labelled, as the floors were measured
                  "--set", "train.epochs=2", "--set", "train.num_workers=2", *extra,
                  "--set", f"tracking.uri={uri}", "--summary", str(summary)],
                 cwd=root, env=env, stdout=console, stderr=subprocess.STDOUT,
