@@ -61,7 +61,8 @@ def main() -> int:
     for name in ("teacher", "student", "baseline"):
         part = summary[name]
         fits.append({k: part.get(k) for k in ("wall_seconds", "worker_start_seconds",
-                                              "compute_seconds", "epochs", "best_epoch",
+                                              "compute_seconds", "epochs", "steps",
+                                              "best_epoch", "transfer_size",
                                               "accuracy", "epoch_overhead_seconds")}
                     | {"name": name})
         if part.get("epoch_overhead_seconds") is not None:

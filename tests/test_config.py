@@ -47,12 +47,17 @@ def test_bad_values_name_the_field(overrides, expected):
     assert "\n" not in message
 
 
-def test_defaults_are_the_embedded_digits_config(tmp_path, monkeypatch):
+def test_defaults_are_the_embedded_digits_config(tmp_path, monkeypatch, embedded_default):
     monkeypatch.chdir(tmp_path)  # works from any working directory
     cfg = load_config()
     assert cfg.data.name == "digits"
     assert cfg.train.num_workers == 2
     assert cfg.distill.temperature > 0 and 0 <= cfg.distill.alpha <= 1
+    # README command 1's scenario: a labelled part, the rest of train an unlabelled pool
+    assert 0 < cfg.data.labelled < 1
+    repo = Path(__file__).resolve().parents[1]
+    shipped = (repo / "raykd" / "configs" / "digits.yaml").read_text()
+    assert (repo / "configs" / "digits.yaml").read_text() == shipped  # the editable copy
 
 
 def test_overrides_parse_yaml_values_and_nested_keys():

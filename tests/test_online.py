@@ -15,6 +15,8 @@ import torch
 
 from raykd.config import load_config
 
+SAME_DATA = Path(__file__).resolve().parents[1] / "configs" / "digits_same_data.yaml"
+
 
 def _cohort(scheme: str, **online):
     from raykd.data import dataset_info
@@ -102,6 +104,7 @@ def _online(ray_session, root, scheme: str, name: str, *flags: str) -> dict:
     with (root / f"{name}.txt").open("w") as console:
         rc = subprocess.run(
             [sys.executable, "-m", "raykd.cli", "online", "--scheme", scheme, *flags,
+             "--config", str(SAME_DATA),  # fully labelled, as the floors were measured
              "--set", "train.epochs=2", "--set", "train.num_workers=2", *SCHEMES[scheme],
              "--set", f"tracking.uri={uri}", "--summary", str(summary)],
             cwd=root, env=env, stdout=console, stderr=subprocess.STDOUT,

@@ -263,6 +263,33 @@ def _parent_run(uri: str, cfg: RaykdConfig, run_name: str, parent_run_id: str | 
         yield lineage.parent, lineage.finished
 
 
+def steps_per_epoch(samples: int, cfg: RaykdConfig) -> int:
+    """Optimizer steps of one epoch over ``samples``: each worker takes its DistributedSampler
+    share (rounded up) in batches of ``train.batch_size`` (raykd.train.loop)."""
+    per_worker = -(-samples // cfg.train.num_workers)
+    return -(-per_worker // cfg.train.batch_size)
+
+
+def step_budget(cfg: RaykdConfig, student: dict[str, Any]
+                ) -> tuple[RaykdConfig, tuple[int, int]]:
+    """The baseline's config, with at least the student's optimizer steps, and (student steps,
+    baseline steps). With ``data.labelled`` the baseline learns the labelled part alone, the
+    student that and the pool: an epoch of the baseline is then a fraction of the student's
+    steps, and equal epochs would compare a student against an undertrained baseline. The
+    baseline's epochs are scaled up (never down) until its steps reach the student's; it keeps
+    its best validation epoch as every fit does."""
+    from raykd.data import build_dataset
+    from raykd.train.transfer import transfer_set
+
+    # a resumed student has no transfer size in its summary part: the whole train split bounds it
+    learnt = student.get("transfer_size") or len(build_dataset(cfg.data, "train"))
+    student_steps = cfg.train.epochs * steps_per_epoch(learnt, cfg)
+    per_epoch = steps_per_epoch(len(transfer_set(cfg, "baseline").indices), cfg)
+    epochs = max(cfg.train.epochs, -(-student_steps // per_epoch))
+    base_cfg = cfg if epochs == cfg.train.epochs else cfg.with_overrides({"train.epochs": epochs})
+    return base_cfg, (student_steps, epochs * per_epoch)
+
+
 def cluster_part(fits: list[dict[str, Any]], nodes: int) -> dict[str, Any]:
     """How many nodes the cluster had and how many ran this job's training workers."""
     ids = sorted({n for part in fits for n in part.get("worker_nodes", [])})
@@ -315,8 +342,10 @@ def run_distill(cfg: RaykdConfig, *, baseline: bool = False, config_path: str | 
             teacher["params"] = count_checkpoint_params(sources[0], uri)
         summary: dict[str, Any] = {"teacher": teacher, "student": student}
         if baseline:
+            base_cfg, budget = step_budget(cfg, student)
             summary["baseline"] = (resumed_part(done["baseline"], uri) if "baseline" in done
-                                   else run_student(cfg, "baseline", uri, parent))
+                                   else run_student(base_cfg, "baseline", uri, parent))
+            student["steps"], summary["baseline"]["steps"] = budget
         final = {f"{k}_test_accuracy": v["accuracy"] for k, v in summary.items()}
         final.update({f"{k}_params": v["params"] for k, v in summary.items()})
         if cfg.data.name == "text":
