@@ -11,7 +11,6 @@ logged to a ``report`` run in the same experiment.
 
 from __future__ import annotations
 
-import hashlib
 import json
 import math
 import statistics
@@ -23,15 +22,12 @@ from typing import Any
 import torch
 
 from raykd import tracking
+from raykd.checksums import file_sha256
 from raykd.config import URI_SCHEMES, ConfigError
 
 MODEL_ROLES = ("teacher", "student", "baseline", "trial")
 WEIGHT_FOLDERS = ("checkpoint", "teacher", "model")
 ROLE_ORDER = {"teacher": 0, "baseline": 1, "student": 2, "trial": 3}
-
-
-def _sha(path: Path) -> str:
-    return hashlib.sha256(path.read_bytes()).hexdigest()
 
 
 def _find_weights(client, run_id: str) -> str | None:
@@ -132,7 +128,7 @@ def collect_rows(uri: str, experiment: str, work: Path) -> list[dict[str, Any]]:
 
     def add(run, role: str, weights: Path, accuracy: float, params: dict[str, str],
             source: str) -> None:
-        digest = _sha(weights)
+        digest = file_sha256(weights)
         if role == "teacher":
             if digest in seen_teachers:
                 return

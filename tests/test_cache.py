@@ -227,7 +227,7 @@ def test_corrupt_byte_detected_and_rebuild_replaces_it(tmp_path):
     assert [p.name for p in tmp_path.iterdir()] == [spec.key()]  # nothing left aside
 
 
-def test_crash_inside_produce_leaves_nothing_under_the_key(tmp_path):
+def test_crash_inside_produce_leaves_nothing_under_the_key_and_resumes(tmp_path):
     spec = make_spec()
     logits = table(spec)
 
@@ -236,19 +236,75 @@ def test_crash_inside_produce_leaves_nothing_under_the_key(tmp_path):
             raise RuntimeError("teacher died")
         return logits[start:end, view]
 
-    with pytest.raises(RuntimeError, match="teacher died"):
-        build_cache(tmp_path, spec, produce, 8, progress=False)
-    assert list(tmp_path.iterdir()) == []  # no key folder, no hidden temporary either
+    with pytest.raises(RuntimeError, match="teacher died"):  # shards 0 and 1 (of 8 rows) done
+        build_cache(tmp_path, spec, produce, 8, progress=False, shard_size=8)
+    assert not (tmp_path / spec.key()).exists()  # nothing under the key: only a hidden partial
+    assert [p.name for p in tmp_path.iterdir()] == [f".partial-{spec.key()}"]
     assert check_cache(tmp_path, spec).state == "missing"
-    with pytest.raises(CacheError, match="shape"):
-        build_cache(tmp_path, spec, lambda s, e, v: logits[s:e, v, :-1], 8, progress=False)
-    with pytest.raises(CacheError, match="non-finite"):
-        build_cache(tmp_path, spec, lambda s, e, v: logits[s:e, v] * float("nan"), 8,
-                    progress=False)
+    for bad, match in ((lambda s, e, v: logits[s:e, v, :-1], "shape"),
+                       (lambda s, e, v: logits[s:e, v] * float("nan"), "non-finite")):
+        with pytest.raises(CacheError, match=match):
+            build_cache(tmp_path, spec, bad, 8, progress=False, shard_size=8)
+    calls: list = []
+    build_cache(tmp_path, spec, producer(logits, calls), 8, progress=False, shard_size=8)
+    assert sorted({c[0] for c in calls}) == [16, 24, 32]  # only the unfinished shards' batches
+    assert len(calls) == 3 * V
+    cache = TeacherCache.open(tmp_path, spec)  # verified: kept and new shards side by side
+    for view in range(V):
+        assert torch.equal(cache.read(torch.arange(N), view), logits[:, view])
+    assert [p.name for p in tmp_path.iterdir()] == [spec.key()]
     half = make_spec(dtype="float16")
     with pytest.raises(CacheError, match="bfloat16"):  # 1e5 overflows float16's 65504
         build_cache(tmp_path, half, lambda s, e, v: logits[s:e, v] * 1e5, 8, progress=False)
-    assert list(tmp_path.iterdir()) == []
+    assert not (tmp_path / half.key()).exists()
+
+
+def test_partial_shard_whose_bytes_changed_is_computed_again(tmp_path):
+    from raykd.teacher.shards import ShardWriter
+
+    spec = make_spec()
+    logits = table(spec)
+    writer = ShardWriter(tmp_path, spec, 10)  # an interrupted build: shards 0 and 2 finished
+    for start in (0, 20):
+        idx = np.arange(start, start + 10)[::-1].copy()  # rows arrive in any order: placed by index
+        writer.put(idx, {"logits": logits[idx].numpy()})
+    writer.close()
+    partial = tmp_path / f".partial-{spec.key()}"
+    assert sorted(p.name for p in (partial / "done").iterdir()) == ["0.json", "2.json"]
+    data = partial / "logits.npy"
+    from raykd.teacher.shards import npy_data_offset
+
+    with open(data, "r+b") as fh:  # one flipped byte inside shard 2's rows
+        fh.seek(npy_data_offset(data) + 25 * V * C * 4)
+        byte = fh.read(1)
+        fh.seek(-1, 1)
+        fh.write(bytes([byte[0] ^ 0xFF]))
+    resumed = ShardWriter(tmp_path, spec, 10)
+    assert resumed.kept == [0] and resumed.missing() == [(10, 20), (20, 30), (30, 37)]
+    resumed.close()
+    calls: list = []
+    build_cache(tmp_path, spec, producer(logits, calls), 5, progress=False, shard_size=10)
+    assert {c[0] for c in calls} == set(range(10, 37, 5))
+    assert torch.equal(TeacherCache.open(tmp_path, spec).read(torch.arange(N), 1), logits[:, 1])
+
+
+def test_published_shard_corrupted_on_disk_is_rebuilt_alone(tmp_path):
+    spec = make_spec()
+    logits = table(spec)
+    path = build_cache(tmp_path, spec, producer(logits), 8, progress=False, shard_size=10)
+    manifest = json.loads((path / "manifest.json").read_text())
+    assert manifest["shards"]["size"] == 10 and len(manifest["shards"]["sha256"]) == 4
+    raw = np.load(path / "logits.npy", mmap_mode="r+")
+    raw[33, 0, 0] += 1.0  # shard 3
+    raw.flush()
+    del raw
+    assert check_cache(tmp_path, spec).state == "corrupt"
+    with pytest.raises(CacheError, match="corrupt"):  # never served
+        TeacherCache.open(tmp_path, spec)
+    calls: list = []
+    build_cache(tmp_path, spec, producer(logits, calls), 8, progress=False, shard_size=10)
+    assert {c[0] for c in calls} == {30}  # shard 3 alone, every view
+    assert torch.equal(TeacherCache.open(tmp_path, spec).read(torch.arange(N), 0), logits[:, 0])
 
 
 def test_progress_bar_can_be_silenced(tmp_path, capsys):

@@ -7,12 +7,12 @@ soft labels by train index; ``get_batch`` is the fast path (one tensor gather, n
 
 from __future__ import annotations
 
-import hashlib
 from dataclasses import dataclass, field
 
-import numpy as np
 import torch
 from torch.utils.data import Dataset
+
+from raykd.checksums import tensors_sha256
 
 SPLITS = ("train", "val", "test")
 
@@ -77,11 +77,7 @@ class IndexedDataset(Dataset):
     def checksum(self) -> str:
         """sha256 hex of the stored input bytes followed by the int64 label bytes (cached)."""
         if self._checksum is None:
-            digest = hashlib.sha256()
-            # Flat byte views of the (contiguous) tensors' memory: hashing copies nothing.
-            for tensor in (self.inputs, self.labels):
-                digest.update(tensor.numpy().reshape(-1).view(np.uint8))
-            self._checksum = digest.hexdigest()
+            self._checksum = tensors_sha256(self.inputs, self.labels)
         return self._checksum
 
     def subset_indices(self, include: list[int] | None = None,

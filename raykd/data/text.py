@@ -17,15 +17,14 @@ right padding needs no attention mask.
 
 from __future__ import annotations
 
-import hashlib
 from dataclasses import dataclass, field
 from pathlib import Path
 from typing import TYPE_CHECKING
 
-import numpy as np
 import torch
 from torch.utils.data import Dataset
 
+from raykd.checksums import file_sha256, tensors_sha256
 from raykd.config import ConfigError
 from raykd.data.indexed import SPLITS, DatasetInfo
 
@@ -76,10 +75,7 @@ class TokenBlocks(Dataset):
 
     def checksum(self) -> str:
         if self._checksum is None:
-            digest = hashlib.sha256()
-            for tensor in (self.inputs, self.labels):
-                digest.update(tensor.contiguous().numpy().reshape(-1).view(np.uint8))
-            self._checksum = digest.hexdigest()
+            self._checksum = tensors_sha256(self.inputs, self.labels)
         return self._checksum
 
     def subset_indices(self, include: list[int] | None = None,
@@ -90,13 +86,6 @@ class TokenBlocks(Dataset):
                               "exclude_classes")
         return torch.arange(len(self))
 
-
-def file_sha256(path: Path) -> str:
-    h = hashlib.sha256()
-    with open(path, "rb") as fh:
-        while chunk := fh.read(8 << 20):
-            h.update(chunk)
-    return h.hexdigest()
 
 
 def _reader(path: Path) -> str:

@@ -26,8 +26,11 @@ implies (``truncated``), then the sha256 of every array file with the manifest (
 Checksumming reads the whole cache once per open — ~0.6 s per GB of sha256 plus the disk reads —
 which is cheap next to serving a silently damaged cache to every trial; ``verify=False`` skips it.
 
-Atomicity: :func:`build_cache` writes into a hidden sibling folder, writes the manifest last, and
-renames the folder into place; nothing half-written is ever visible under ``<key>``.
+Atomicity and resuming: caches are written shard by shard into a hidden sibling folder that a
+restarted build finds again (``shards.py``: finished shards are checksummed and kept, the rest
+recomputed); the manifest is written last and the folder renamed into place, so nothing
+half-written is ever visible under ``<key>``. The teacher actor fills it from a pool of teacher
+replicas (``pool.py``); :func:`build_cache` fills it from a plain ``produce`` function.
 """
 
 from __future__ import annotations
@@ -36,34 +39,29 @@ import dataclasses
 import hashlib
 import json
 import numbers
-import os
-import shutil
 import sys
-import uuid
-from collections.abc import Callable, Mapping, Sequence
+from collections.abc import Callable, Iterator, Mapping, Sequence
 from dataclasses import dataclass
-from datetime import UTC, datetime
 from pathlib import Path
 from typing import Any
 
 import numpy as np
 import torch
 
+from raykd.checksums import file_sha256, update_with_tensors
+from raykd.teacher.files import CacheError, build_lock
+from raykd.teacher.shards import ShardWriter
 from raykd.teacher.topk import (DTYPES, STORAGE, CacheShard, array_layout, bytes_per_row,
                                 effective_topk, encode_rows, lookup, reconstruct_topk)
 
-__all__ = ["FORMAT_VERSION", "CacheError", "CacheShard", "CacheSpec", "CacheStatus",
-           "TeacherCache", "build_cache", "check_cache", "inspect_cache", "lookup",
-           "reconstruct_topk", "teacher_fingerprint", "verify_cache"]
+__all__ = ["FORMAT_VERSION", "BuildResult", "CacheError", "CacheShard", "CacheSpec", "CacheStatus",
+           "TeacherCache", "build_cache", "check_cache", "encode_views", "fill_cache",
+           "inspect_cache", "lookup", "nearest_cache", "reconstruct_topk", "teacher_fingerprint",
+           "verify_cache"]
 
 FORMAT_VERSION = 1  # bump whenever the layout or encoding changes: old folders then go unread
 STATES = ("fresh", "missing", "stale", "truncated", "corrupt")
 MANIFEST = "manifest.json"
-_CHUNK = 8 << 20
-
-
-class CacheError(RuntimeError):
-    """A cache that cannot be built or served (not fresh, bad produce() output, ...)."""
 
 
 @dataclass(frozen=True, kw_only=True)
@@ -131,23 +129,12 @@ def teacher_fingerprint(state_dicts: Sequence[Mapping[str, torch.Tensor]]) -> st
             if not isinstance(tensor, torch.Tensor):
                 raise TypeError(f"state dict entry {name!r} is a {type(tensor).__name__}, not a "
                                 f"tensor; the fingerprint hashes tensors only")
-            t = tensor.detach().to("cpu").contiguous()
-            h.update(f"\0{len(name)}:{name}:{t.dtype}:{tuple(t.shape)}\0".encode())
-            h.update(t.reshape(-1).view(torch.uint8).numpy())  # bit-exact, any dtype incl. bf16
+            h.update(f"\0{len(name)}:{name}:{tensor.dtype}:{tuple(tensor.shape)}\0".encode())
+            update_with_tensors(h, [tensor])  # bit-exact, any dtype incl. bf16
     return h.hexdigest()
 
 
 # -- integrity -------------------------------------------------------------------------------
-def _sha256(path: Path, fsync: bool = False) -> str:
-    h = hashlib.sha256()
-    with open(path, "rb") as fh:
-        while chunk := fh.read(_CHUNK):
-            h.update(chunk)
-        if fsync:  # fsync on a read-only descriptor still flushes the file's dirty pages (Linux)
-            os.fsync(fh.fileno())
-    return h.hexdigest()
-
-
 def _read_manifest(path: Path) -> dict[str, Any]:
     """The folder's manifest; ValueError (or OSError) if it is not a JSON object."""
     manifest = json.loads((path / MANIFEST).read_text())
@@ -188,7 +175,7 @@ def _check_arrays(path: Path, manifest: dict[str, Any], spec: CacheSpec,
     if verify:
         sums = manifest.get("checksums") or {}
         for name in layout:
-            if _sha256(path / f"{name}.npy") != sums.get(f"{name}.npy"):
+            if file_sha256(path / f"{name}.npy") != sums.get(f"{name}.npy"):
                 return CacheStatus("corrupt", f"{name}.npy does not match its sha256 checksum")
     return CacheStatus("fresh", f"{path.name}: {spec.num_samples}×{spec.views} rows verified"
                        if verify else f"{path.name}: shapes match (checksums not verified)")
@@ -200,21 +187,28 @@ def _spec_diff(recorded: Mapping[str, Any], spec: CacheSpec) -> list[str]:
                   if recorded.get(k, None) != expected.get(k, None))
 
 
-def _nearest(root: Path, spec: CacheSpec) -> str:
-    """Why a key is missing, in the user's terms: which fields differ from the closest other
-    cache under ``root`` (a changed teacher reads 'differs in teacher_fingerprint')."""
+def nearest_cache(root: Path, spec, same_data: bool = False) -> tuple[str, list[str]] | None:
+    """The other cache under ``root`` whose spec differs from ``spec`` in the fewest fields:
+    ``(key, differing fields)``, or None. ``same_data`` keeps only caches of the same dataset
+    identity and split. Only words messages and reports; it never changes what is served."""
+    if not root.is_dir():
+        return None
+    want = spec.to_dict()
     best: tuple[int, str, list[str]] | None = None
-    folders = [p for p in root.iterdir() if p.is_dir() and not p.name.startswith(".")]
-    for folder in sorted(folders)[:256]:  # bounded: this only words a message
+    folders = [p for p in root.iterdir()
+               if p.is_dir() and not p.name.startswith(".") and p.name != spec.key()]
+    for folder in sorted(folders)[:256]:  # bounded: a message is not worth a long scan
         try:
-            diff = _spec_diff(_read_manifest(folder)["spec"], spec)
+            got = _read_manifest(folder)["spec"]
         except (OSError, ValueError):
             continue
+        if same_data and [got.get("dataset_identity"), got.get("split")] != [
+                want.get("dataset_identity"), want.get("split")]:
+            continue
+        diff = _spec_diff(got, spec)
         if best is None or len(diff) < best[0]:
             best = (len(diff), folder.name, diff)
-    if best is None:
-        return ""
-    return f"; nearest cache {best[1]} differs in {', '.join(best[2])}"
+    return None if best is None else (best[1], best[2])
 
 
 def check_cache(root: str | Path, spec: CacheSpec, verify: bool = True) -> CacheStatus:
@@ -223,7 +217,8 @@ def check_cache(root: str | Path, spec: CacheSpec, verify: bool = True) -> Cache
     root = Path(root).expanduser()
     path = root / spec.key()
     if not (path / MANIFEST).is_file():
-        near = _nearest(root, spec) if root.is_dir() else ""
+        near = nearest_cache(root, spec)
+        near = f"; nearest cache {near[0]} differs in {', '.join(near[1])}" if near else ""
         return CacheStatus("missing", f"no cache {spec.key()} under {root}{near}")
     try:
         manifest = _read_manifest(path)
@@ -254,111 +249,85 @@ def verify_cache(path: str | Path, verify: bool = True) -> CacheStatus:
 
 
 # -- building --------------------------------------------------------------------------------
-def _checked(out: Any, start: int, end: int, view: int, num_classes: int) -> torch.Tensor:
-    logits = torch.as_tensor(out).detach().to("cpu", torch.float32)
-    if tuple(logits.shape) != (end - start, num_classes):
-        raise CacheError(f"produce({start}, {end}, {view}) returned shape {tuple(logits.shape)}, "
-                         f"expected ({end - start}, {num_classes})")
-    if not bool(torch.isfinite(logits).all()):
-        raise CacheError(f"produce({start}, {end}, {view}) returned non-finite logits")
-    return logits
+@dataclass(frozen=True)
+class BuildResult:
+    path: Path
+    computed_samples: int  # samples the teacher labelled in this build (all views each)
+    kept_shards: int  # finished shards found on disk, verified and kept (a resumed build)
+    shards: int
 
 
-def _write_json(path: Path, data: dict[str, Any]) -> None:
-    with open(path, "w") as fh:
-        fh.write(json.dumps(data, indent=2, sort_keys=True) + "\n")
-        fh.flush()
-        os.fsync(fh.fileno())
-
-
-def _fsync_dir(path: Path) -> None:
-    try:  # makes the rename itself durable; not every platform can open a directory
-        fd = os.open(path, os.O_RDONLY)
-    except OSError:
-        return
-    try:
-        os.fsync(fd)
-    finally:
-        os.close(fd)
-
-
-def _publish(root: Path, spec: CacheSpec, tmp: Path) -> Path:
-    """Rename ``tmp`` to ``root/<key>``. rename(2) cannot replace a non-empty folder, so an old
-    one is first renamed aside (the key is then briefly missing, never half-written). A fresh
-    cache that a concurrent builder published first is kept and ours discarded."""
-    final = root / spec.key()
-    for _ in range(5):
+def encode_views(per_view: Sequence[Any], spec: CacheSpec, start: int, end: int
+                 ) -> dict[str, np.ndarray]:
+    """Raw logits of samples ``start:end``, one [B, C] per view, → ``{array name: rows
+    [B, V, ...]}`` in the cache's on-disk encoding. A wrong shape, a non-finite logit or one that
+    overflows the cache dtype is a CacheError: nothing of it reaches the cache."""
+    encoded = []
+    for view, out in enumerate(per_view):
+        logits = torch.as_tensor(out).detach().to("cpu", torch.float32)
+        if tuple(logits.shape) != (end - start, spec.num_classes):
+            raise CacheError(f"teacher logits for samples {start}:{end} view {view} have shape "
+                             f"{tuple(logits.shape)}, expected ({end - start}, "
+                             f"{spec.num_classes})")
+        if not bool(torch.isfinite(logits).all()):
+            raise CacheError(f"teacher logits for samples {start}:{end} view {view} are "
+                             f"non-finite")
         try:
-            os.rename(tmp, final)
-            _fsync_dir(root)
-            return final
-        except OSError:
-            if not final.exists():
-                raise
-        if check_cache(root, spec).fresh:
-            shutil.rmtree(tmp, ignore_errors=True)
-            return final
-        trash = root / f".trash-{final.name}-{uuid.uuid4().hex[:8]}"
+            encoded.append(encode_rows(logits, spec.dtype, spec.topk))
+        except ValueError as err:
+            raise CacheError(f"samples {start}:{end} view {view}: {err}") from None
+    return {name: np.stack([e[name] for e in encoded], axis=1) for name in encoded[0]}
+
+
+def fill_cache(root: str | Path, spec: CacheSpec, shard_size: int,
+               compute: Callable[[list[tuple[int, int]]], Iterator[tuple[np.ndarray, dict]]],
+               progress: bool = True) -> BuildResult:
+    """Build (or finish) the cache for ``spec`` under ``root``: ``compute(missing row ranges)``
+    yields ``(sample indices, encoded rows)`` in any order; finished shards of an interrupted
+    build are kept (``shards.py``). One builder per key at a time; publishes atomically."""
+    from tqdm.auto import tqdm
+
+    if shard_size < 1:
+        raise CacheError(f"shard_size must be ≥ 1, got {shard_size}")
+    root = Path(root).expanduser()
+    with build_lock(root):
+        if (root / spec.key() / MANIFEST).is_file() and check_cache(root, spec).fresh:
+            return BuildResult(root / spec.key(), 0, 0, 0)  # a concurrent builder was first
+        writer = ShardWriter(root, spec, shard_size,
+                             is_fresh=lambda: check_cache(root, spec).fresh)
         try:
-            os.rename(final, trash)
-        except FileNotFoundError:
-            continue  # someone else moved it meanwhile: try our rename again
-        shutil.rmtree(trash, ignore_errors=True)
-    raise CacheError(f"could not publish {final}: another process keeps replacing it")
+            todo = writer.missing()
+            total = sum(end - start for start, end in todo)
+            # In an actor stderr is a pipe to the driver's log: a line every 10 s, not per batch.
+            with tqdm(total=total * spec.views, unit="sample", desc=f"teacher cache {spec.key()}",
+                      disable=not progress,
+                      mininterval=0.1 if sys.stderr.isatty() else 10.0) as bar:
+                for index, rows in compute(todo):
+                    writer.put(index, rows)
+                    bar.update(len(index) * spec.views)
+            path = writer.publish()
+        finally:
+            writer.close()
+    return BuildResult(path, total, len(writer.kept), len(writer.bounds))
 
 
 def build_cache(root: str | Path, spec: CacheSpec,
                 produce: Callable[[int, int, int], torch.Tensor], batch_size: int,
-                progress: bool = True) -> Path:
-    """Run ``produce(start, end, view) -> raw logits [end−start, C]`` over every view and batch,
-    write the arrays, checksums and (last) the manifest, publish atomically. Returns the folder.
-    Any stale, truncated or corrupt folder under the key is replaced."""
-    from tqdm.auto import tqdm
-
+                progress: bool = True, shard_size: int | None = None) -> Path:
+    """In-process build: ``produce(start, end, view) -> raw logits [end−start, C]`` over every
+    batch and view of the shards still missing. Returns the published folder. (The teacher
+    actor builds through a pool of replicas instead: ``pool.py``.)"""
     if batch_size < 1:
         raise CacheError(f"batch_size must be ≥ 1, got {batch_size}")
-    root = Path(root).expanduser()
-    root.mkdir(parents=True, exist_ok=True)
-    key = spec.key()
-    tmp = root / f".tmp-{key}-{os.getpid()}-{uuid.uuid4().hex[:8]}"
-    tmp.mkdir()
-    try:
-        layout = _spec_layout(spec)
-        maps = {name: np.lib.format.open_memmap(tmp / f"{name}.npy", mode="w+", dtype=dtype,
-                                                shape=shape)
-                for name, (shape, dtype) in layout.items()}
-        total = spec.num_samples * spec.views
-        # In an actor stderr is a pipe to the driver's log: a line every 10 s, not every batch.
-        with tqdm(total=total, unit="sample", desc=f"teacher cache {key}",
-                  disable=not progress, mininterval=0.1 if sys.stderr.isatty() else 10.0) as bar:
-            for view in range(spec.views):
-                for start in range(0, spec.num_samples, batch_size):
-                    end = min(start + batch_size, spec.num_samples)
-                    logits = _checked(produce(start, end, view), start, end, view,
-                                      spec.num_classes)
-                    try:
-                        rows = encode_rows(logits, spec.dtype, spec.topk)
-                    except ValueError as err:
-                        raise CacheError(f"samples {start}:{end} view {view}: {err}") from None
-                    for name, block in rows.items():
-                        maps[name][start:end, view] = block
-                    bar.update(end - start)
-        for name in list(maps):  # flush and unmap before reading the files back for checksums
-            maps.pop(name).flush()
-        checksums = {f"{name}.npy": _sha256(tmp / f"{name}.npy", fsync=True) for name in layout}
-        manifest = {
-            "format_version": FORMAT_VERSION, "key": key, "spec": spec.to_dict(),
-            "encoding": "topk" if spec.topk else "dense", "dtype": spec.dtype,
-            "arrays": {name: {"file": f"{name}.npy", "shape": list(shape), "storage_dtype": dt.str}
-                       for name, (shape, dt) in layout.items()},
-            "checksums": checksums,
-            "bytes_per_sample": bytes_per_row(spec.num_classes, spec.dtype, spec.topk),
-            "created": datetime.now(UTC).isoformat(timespec="seconds")}
-        _write_json(tmp / MANIFEST, manifest)  # last: a folder without it is never "fresh"
-        return _publish(root, spec, tmp)
-    except BaseException:
-        shutil.rmtree(tmp, ignore_errors=True)
-        raise
+
+    def compute(todo: list[tuple[int, int]]) -> Iterator[tuple[np.ndarray, dict]]:
+        for first, last in todo:
+            for start in range(first, last, batch_size):
+                end = min(start + batch_size, last)
+                yield np.arange(start, end), encode_views(
+                    [produce(start, end, view) for view in range(spec.views)], spec, start, end)
+
+    return fill_cache(root, spec, shard_size or spec.num_samples, compute, progress).path
 
 
 # -- reading ---------------------------------------------------------------------------------

@@ -23,6 +23,8 @@ from typing import Any
 
 import torch
 
+from raykd.teacher.topk import reconstruct_topk
+
 DEFAULT_RESIDENT_BYTES = 2 << 30
 
 
@@ -98,13 +100,11 @@ class ShardTable:
         """float32 [B, C] for shard-local ``rows`` at ``view``."""
         if self.dense:
             return self._values(self.t["logits"][rows, view])
-        values = self._values(self.t["topk_values"][rows, view])
         indices = self.t["topk_indices"][rows, view]
         indices = (indices.to(torch.int64) & 0xFFFF) if indices.dtype == torch.int16 \
             else indices.to(torch.int64)
-        tail = self._values(self.t["tail"][rows, view])
-        out = tail.unsqueeze(-1).expand(len(tail), self.num_classes).clone()
-        return out.scatter_(-1, indices, values)
+        return reconstruct_topk(self._values(self.t["topk_values"][rows, view]), indices,
+                                self._values(self.t["tail"][rows, view]), self.num_classes)
 
     def _values(self, x: torch.Tensor) -> torch.Tensor:
         if x.dtype == torch.int16:  # bfloat16 bits (numpy has no bfloat16)

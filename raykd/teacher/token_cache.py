@@ -30,8 +30,9 @@ from typing import Any
 import numpy as np
 import torch
 
-from raykd.data.text import file_sha256
+from raykd.checksums import file_sha256
 from raykd.teacher.cache import CacheError, CacheStatus
+from raykd.teacher.files import publish_folder, write_json_durable
 
 FORMAT_VERSION = 1
 KIND = "token_topk"
@@ -146,29 +147,17 @@ def build_token_cache(root: str | Path, spec: TokenCacheSpec,
         save_token_topk(tmp / DATA_FILE, topk)
         manifest = {"kind": KIND, "format_version": FORMAT_VERSION, "key": spec.key(),
                     "spec": spec.to_dict(), "dtype": spec.dtype,
-                    "sha256": file_sha256(tmp / DATA_FILE),
+                    "sha256": file_sha256(tmp / DATA_FILE, fsync=True),
                     "data_bytes": (tmp / DATA_FILE).stat().st_size,
                     "tokens": spec.num_samples * spec.block_size,
                     "bytes_per_token": bytes_per_token(spec.topk, spec.num_classes, dtype),
                     "created": datetime.now(UTC).isoformat(timespec="seconds")}
-        (tmp / MANIFEST).write_text(json.dumps(manifest, indent=2, sort_keys=True) + "\n")
-        return _publish(root, spec, tmp)
+        write_json_durable(tmp / MANIFEST, manifest)  # last: without it, never "fresh"
+        return publish_folder(tmp, root / spec.key(),
+                              lambda: check_token_cache(root, spec).fresh)
     except BaseException:
         shutil.rmtree(tmp, ignore_errors=True)
         raise
-
-
-def _publish(root: Path, spec: TokenCacheSpec, tmp: Path) -> Path:
-    final = root / spec.key()
-    if final.exists():
-        if check_token_cache(root, spec).fresh:  # a concurrent builder was first: keep theirs
-            shutil.rmtree(tmp, ignore_errors=True)
-            return final
-        trash = root / f".trash-{final.name}-{uuid.uuid4().hex[:8]}"
-        os.rename(final, trash)  # a damaged folder under our key: set aside, then replaced
-        shutil.rmtree(trash, ignore_errors=True)
-    os.rename(tmp, final)
-    return final
 
 
 @dataclass
