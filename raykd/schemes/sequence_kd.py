@@ -23,7 +23,15 @@ import time
 from typing import Any
 
 from raykd import tracking
-from raykd.config import ConfigError, RaykdConfig, SequenceKDConfig
+from raykd.config import ConfigError, RaykdConfig, SequenceKDConfig, load_config, parse_overrides
+from raykd.data import build_dataset
+from raykd.losses.registry import LOSSES
+from raykd.preflight import _teacher_model, preflight
+from raykd.schemes.offline import (_json_safe, language_model_report, log_config, obtain_teacher,
+                                   run_student)
+from raykd.teacher.generate import prompt_rows
+from raykd.teacher.service import generate_with_teacher, serve_teacher, stop_teacher
+from raykd.train.fit import RAY_START, ensure_ray, fit_session
 
 SCHEME = "sequence-kd"
 
@@ -34,8 +42,6 @@ def settings(cfg: RaykdConfig) -> SequenceKDConfig:
 
 def needs_teacher(cfg: RaykdConfig) -> bool:
     """Whether a loss term reads the teacher (the combined word + sequence-level variant)."""
-    from raykd.losses.registry import LOSSES
-
     return any(set(LOSSES[t.name].needs) - {"labels"} for t in cfg.distill.terms())
 
 
@@ -47,10 +53,6 @@ def student_config(cfg: RaykdConfig, folder: str) -> RaykdConfig:
 
 def preflight_sequence_kd(cfg: RaykdConfig) -> None:
     """Models, losses and prompts checked in the driver, before Ray starts."""
-    from raykd.data import build_dataset
-    from raykd.preflight import _teacher_model, preflight
-    from raykd.teacher.generate import prompt_rows
-
     if cfg.data.name != "text":
         raise ConfigError(f"data.name: sequence-level KD generates text; it needs data.name: "
                           f"text, not {cfg.data.name!r}")
@@ -87,11 +89,6 @@ def log_generation(uri: str, cfg: RaykdConfig, parent: str, generated: dict[str,
 
 
 def run_sequence_kd(cfg: RaykdConfig, *, config_path: str | None = None) -> dict[str, Any]:
-    from raykd.schemes.offline import (_json_safe, language_model_report, log_config,
-                                       obtain_teacher, run_student)
-    from raykd.teacher.service import generate_with_teacher, serve_teacher, stop_teacher
-    from raykd.train.fit import RAY_START, ensure_ray, fit_session
-
     uri = tracking.resolve_tracking_uri(cfg.tracking.uri)
     ensure_ray()
     started = time.perf_counter()
@@ -139,8 +136,6 @@ def run_sequence_kd(cfg: RaykdConfig, *, config_path: str | None = None) -> dict
 
 
 def run_sequence_kd_command(args) -> dict[str, Any]:
-    from raykd.config import load_config, parse_overrides
-
     cfg = load_config(args.config, parse_overrides(args.overrides))
     if cfg.sequence_kd is None:  # the command itself asks for it: defaults
         cfg = cfg.with_overrides({"sequence_kd": {}})

@@ -16,7 +16,16 @@ from typing import Any
 import torch
 
 from raykd import tracking
-from raykd.config import ConfigError, RaykdConfig
+from raykd.config import ConfigError, RaykdConfig, load_config
+from raykd.data import dataset_info
+from raykd.losses import DistillLoss
+from raykd.models.cohort import build_cohort
+from raykd.models.hooks import probe_shapes
+from raykd.preflight import check_destinations, preflight
+from raykd.schemes.offline import (_json_safe, count_checkpoint_params, log_config,
+                                   predict_checkpoints, run_student)
+from raykd.schemes.online.codistill import Exchange
+from raykd.train.fit import RAY_START, ensure_ray, fit, fit_session
 
 SCHEMES = ("dml", "one", "byot", "codistill")
 
@@ -34,11 +43,6 @@ def preflight_online(cfg: RaykdConfig) -> RaykdConfig:
     """Build the cohort and its loss on a probe batch (module paths, shapes) before Ray."""
     import torch
 
-    from raykd.data import dataset_info
-    from raykd.losses import DistillLoss
-    from raykd.models.cohort import build_cohort
-    from raykd.models.hooks import probe_shapes
-    from raykd.preflight import check_destinations
 
     check_destinations(cfg)  # storage and tracking server, as preflight() does
     if cfg.online.scheme not in SCHEMES:
@@ -50,8 +54,6 @@ def preflight_online(cfg: RaykdConfig) -> RaykdConfig:
                           "to, e.g. [layers.0] or [layer1, layer2]")
     train_cfg = training_config(cfg)
     if cfg.online.scheme == "codistill":
-        from raykd.preflight import preflight
-
         preflight(train_cfg, roles=("teacher",))  # the groups train plain students
         return train_cfg
     cohort = build_cohort(train_cfg, info)
@@ -64,8 +66,6 @@ def preflight_online(cfg: RaykdConfig) -> RaykdConfig:
 
 def _member_run(uri: str, cfg: RaykdConfig, parent: str, name: str, result) -> dict[str, Any]:
     """A member's child run: its validation curve, test accuracy, checkpoint when it has one."""
-    from raykd.schemes.offline import count_checkpoint_params
-
     tags = {"raykd.role": "member", "raykd.member": name}
     with tracking.tracked_run(uri, cfg.tracking.experiment, name, parent, tags) as run_id:
         curve = [{"epoch": h["epoch"], "val_accuracy": h[f"{name}_val_accuracy"],
@@ -87,8 +87,6 @@ def _member_run(uri: str, cfg: RaykdConfig, parent: str, name: str, result) -> d
 
 def baselines(cfg: RaykdConfig, uri: str, parent: str) -> list[dict[str, Any]]:
     """Each member's model trained alone (hard labels), the same budget and initial weights."""
-    from raykd.schemes.offline import run_student
-
     out = []
     for name, spec, seed in scheme_module(cfg).alone(cfg):
         alone_cfg = cfg.with_overrides({"online": None, "student.name": spec.name,
@@ -104,9 +102,6 @@ def run_codistill(cfg: RaykdConfig, uri: str, parent: str) -> tuple[list, dict, 
     by the exchange actor. Returns (members, ensemble, the groups' fit results)."""
     import ray
 
-    from raykd.schemes.offline import predict_checkpoints
-    from raykd.schemes.online.codistill import Exchange
-    from raykd.train.fit import fit
 
     o = cfg.online
     exchange = ray.remote(num_cpus=0, max_concurrency=4 * o.peers)(Exchange).remote(o.peers)
@@ -161,9 +156,6 @@ def run_codistill(cfg: RaykdConfig, uri: str, parent: str) -> tuple[list, dict, 
 
 def run_online(cfg: RaykdConfig, *, baseline: bool = False,
                config_path: str | None = None) -> dict[str, Any]:
-    from raykd.schemes.offline import _json_safe, log_config
-    from raykd.train.fit import RAY_START, ensure_ray, fit, fit_session
-
     scheme = cfg.online.scheme
     if scheme == "codistill":
         return _run_codistill_job(cfg, baseline, config_path)
@@ -200,9 +192,6 @@ def run_online(cfg: RaykdConfig, *, baseline: bool = False,
 
 def _run_codistill_job(cfg: RaykdConfig, baseline: bool, config_path: str | None
                        ) -> dict[str, Any]:
-    from raykd.schemes.offline import _json_safe, log_config
-    from raykd.train.fit import RAY_START, ensure_ray
-
     uri = tracking.resolve_tracking_uri(cfg.tracking.uri)
     ensure_ray()
     started = time.perf_counter()
@@ -226,8 +215,6 @@ def _run_codistill_job(cfg: RaykdConfig, baseline: bool, config_path: str | None
 
 
 def run_online_command(args) -> dict[str, Any]:
-    from raykd.config import load_config
-
     overrides = list(args.overrides)
     for flag, key in (("scheme", "scheme"), ("peers", "peers")):
         value = getattr(args, flag)
