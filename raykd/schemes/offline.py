@@ -233,7 +233,6 @@ def run_distill(cfg: RaykdConfig, *, baseline: bool = False, config_path: str | 
                 resume: bool = False) -> dict[str, Any]:
     import ray
 
-
     uri = tracking.resolve_tracking_uri(cfg.tracking.uri)
     ensure_ray()
     nodes = sum(1 for n in ray.nodes() if n.get("Alive"))

@@ -43,7 +43,6 @@ def preflight_online(cfg: RaykdConfig) -> RaykdConfig:
     """Build the cohort and its loss on a probe batch (module paths, shapes) before Ray."""
     import torch
 
-
     check_destinations(cfg)  # storage and tracking server, as preflight() does
     if cfg.online.scheme not in SCHEMES:
         raise ConfigError(f"online.scheme: {cfg.online.scheme!r} is not built yet; "
@@ -101,7 +100,6 @@ def run_codistill(cfg: RaykdConfig, uri: str, parent: str) -> tuple[list, dict, 
     """G groups, each its own Ray Train run, at the same time (one driver thread each), joined
     by the exchange actor. Returns (members, ensemble, the groups' fit results)."""
     import ray
-
 
     o = cfg.online
     exchange = ray.remote(num_cpus=0, max_concurrency=4 * o.peers)(Exchange).remote(o.peers)

@@ -135,7 +135,6 @@ def run_tune(cfg: RaykdConfig, dims: list[Dim] | None = None, *, resume: bool = 
     import ray
     from ray import tune
 
-
     dims = dims if dims is not None else check_tune_config(cfg)
     uri = tracking.resolve_tracking_uri(cfg.tracking.uri)
     started = time.perf_counter()

@@ -110,7 +110,6 @@ def tune_trial(config: dict[str, Any], setup: dict[str, Any], handoff: Any) -> N
     """The Tune function trainable: one Ray Train run of the student with this trial's values."""
     from ray import tune
 
-
     keys = setup["keys"]
     params = {k: config[k] for k in keys if k in config}
     cfg = validate(setup["config"]).with_overrides(params)
@@ -159,7 +158,6 @@ def _fit_relaying_checkpoints(cfg: RaykdConfig, run: dict[str, Any]) -> None:
     with their checkpoints from here, so PBT can exploit and restore them."""
     from ray import tune
     from ray.util.queue import Empty, Queue
-
 
     uri, run_id = run["tracking_uri"], run["run_id"]
     reports = Queue(actor_options={"num_cpus": 0})
