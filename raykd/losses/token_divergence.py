@@ -49,15 +49,11 @@ from __future__ import annotations
 import math
 from contextlib import nullcontext
 from dataclasses import dataclass
-from typing import TYPE_CHECKING
 
 import torch
 from torch import Tensor
 
 from raykd.teacher.token_topk import TokenTopK, teacher_log_probs
-
-if TYPE_CHECKING:
-    from raykd.teacher.token_topk import TokenTopK
 
 KINDS = ("forward", "reverse", "gkd")
 # log of float32's smallest normal number (≈ -87.3): a teacher probability the cache cannot tell
