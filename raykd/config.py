@@ -29,10 +29,10 @@ from pydantic import Field, ValidationError, model_validator
 from raykd.config_schemes import (BornAgainConfig, HintonConfig, NoiseConfig,  # noqa: F401
                                   NoisyStudentConfig, OnlineConfig, SequenceKDConfig,
                                   TuneConfig)
-from raykd.config_sections import (URI_SCHEMES, ConfigError, DataConfig,  # noqa: F401
-                                   DistillConfig, LossTermConfig, ModelConfig, Section,
-                                   StudentConfig, TeacherConfig, TrackingConfig, TrainConfig,
-                                   TransformConfig)
+from raykd.config_sections import (URI_SCHEMES, DataConfig, DistillConfig,  # noqa: F401
+                                   LossTermConfig, ModelConfig, Section, StudentConfig,
+                                   TeacherConfig, TrackingConfig, TrainConfig, TransformConfig)
+from raykd.errors import ConfigError  # every `from raykd.config import ConfigError` keeps working
 
 DEFAULT_CONFIG = "digits.yaml"  # embedded in the package (raykd/configs/)
 
@@ -237,7 +237,7 @@ def load_config(path: str | Path | None = None, overrides: list[str] | dict[str,
     pairs = overrides if isinstance(overrides, dict) else parse_overrides(list(overrides))
     for key, value in pairs.items():
         _set_dotted(raw, key, value)
-    from raykd.train.storage import resolve_config
+    from raykd.train.storage import resolve_config  # it imports this module (ConfigError) back
 
     # files checked and storage paths made absolute here, in the driver
     return resolve_config(validate(raw, check_files=True))

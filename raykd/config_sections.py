@@ -1,5 +1,10 @@
 """The config's sections for data, models, distillation, training and tracking (see
 raykd.config, which validates them as one RaykdConfig and re-exports every name here).
+
+Names are checked against the data, model and loss registries, which import nothing of the
+config (their errors come from raykd.errors). They are imported inside the validators because
+they import torch: ``import raykd.config``, the CLI's first import, stays without it (0.15 s,
+against about 2 s with torch).
 """
 
 from __future__ import annotations
@@ -11,10 +16,6 @@ from pydantic import (BaseModel, ConfigDict, Field, ValidationInfo, field_valida
                       model_validator)
 
 URI_SCHEMES = ("runs:/", "models:/", "mlflow-artifacts:/")
-
-
-class ConfigError(ValueError):
-    """Bad user input. ``str(err)`` is one line: ``field: what is wrong; what is allowed``."""
 
 
 class Section(BaseModel):

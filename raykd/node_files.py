@@ -10,6 +10,8 @@ from __future__ import annotations
 
 from pathlib import Path
 
+from raykd.errors import ConfigError
+
 
 def where() -> str:
     """This process's node: ``node 10.0.0.5 (id 1a2b3c4d)`` inside Ray, else ``this machine``."""
@@ -27,8 +29,6 @@ def where() -> str:
 def require(path: str | Path, field: str, kind: str = "file") -> Path:
     """``path`` when it exists here (a file, or with ``kind="folder"`` anything); else a
     one-line ConfigError naming ``field`` and this node."""
-    from raykd.config import ConfigError
-
     p = Path(path).expanduser()
     if p.is_file() if kind == "file" else p.exists():
         return p

@@ -12,20 +12,29 @@ from pathlib import Path
 
 import torch
 
+from raykd import tracking
 from raykd.config import URI_SCHEMES, ConfigError, RaykdConfig
+from raykd.data import dataset_info
+from raykd.data.labelled import labelled_split
+from raykd.losses import DistillLoss
+from raykd.losses.registry import check_no_peer_terms
+from raykd.models import build_model
+from raykd.models.hooks import probe_shapes
+from raykd.models.init import init_student_from_teacher
+from raykd.models.lm_checks import check_language_models
+from raykd.teacher.actor import actor_gpus
+from raykd.teacher.loading import local_checkpoint
+from raykd.tracking import resolve_tracking_uri
+from raykd.train.checkpoint import load_model
+from raykd.train.storage import check_storage
 
 
 def _teacher_model(cfg: RaykdConfig, info):
     """The teacher as the job will load it: every given checkpoint read here, once, in the
     driver (MLflow URIs downloaded), so a missing or corrupt one stops the job before any fit."""
-    from raykd.models import build_model
-
     sources = cfg.teacher.ensemble or ([cfg.teacher.checkpoint] if cfg.teacher.checkpoint else [])
     if not sources:
         return build_model(cfg.teacher, info, field="teacher")
-    from raykd.teacher.loading import local_checkpoint
-    from raykd.tracking import resolve_tracking_uri
-    from raykd.train.checkpoint import load_model
 
     field = "teacher.ensemble" if cfg.teacher.ensemble else "teacher.checkpoint"
     uri = resolve_tracking_uri(cfg.tracking.uri)
@@ -53,23 +62,14 @@ def _teacher_model(cfg: RaykdConfig, info):
 def check_destinations(cfg: RaykdConfig) -> None:
     """Where the job writes: its storage folders or URIs and the tracking store (a server must
     answer within seconds) — one line naming the field, before Ray or MLflow starts."""
-    from raykd import tracking
-    from raykd.train.storage import check_storage
-
     check_storage(cfg)
     tracking.check_tracking(tracking.resolve_tracking_uri(cfg.tracking.uri))
 
 
 def preflight(cfg: RaykdConfig, roles: tuple[str, ...] = ("teacher", "student")) -> None:
-    from raykd.data import dataset_info
-    from raykd.losses.registry import check_no_peer_terms
-
     if "student" in roles:  # `raykd online` checks its cohort itself (preflight_online)
         check_no_peer_terms(cfg.distill)
     check_destinations(cfg)
-    from raykd.losses import DistillLoss
-    from raykd.models import build_model
-    from raykd.models.hooks import probe_shapes
 
     info = dataset_info(cfg.data)
     if cfg.data.labelled is not None:
@@ -83,8 +83,6 @@ def preflight(cfg: RaykdConfig, roles: tuple[str, ...] = ("teacher", "student"))
     teacher = _teacher_model(cfg, info)
     student = build_model(cfg.student, info, field="student")
     if text:
-        from raykd.models.lm_checks import check_language_models
-
         check_language_models(cfg, info, teacher, student, roles)
     if "student" not in roles:
         return
@@ -105,8 +103,6 @@ def preflight(cfg: RaykdConfig, roles: tuple[str, ...] = ("teacher", "student"))
     t_shapes = probe_shapes(teacher, t_paths, x, "teacher") if t_paths else {}
     DistillLoss(cfg.distill, s_shapes, t_shapes)
     if cfg.student.init_from_teacher:
-        from raykd.models.init import init_student_from_teacher
-
         init_student_from_teacher(student, teacher)
 
 
@@ -114,8 +110,6 @@ def preflight_cluster(cfg: RaykdConfig, cluster: dict[str, float] | None = None)
     """GPUs the job asks for and the cluster has not: one line now, instead of a fit waiting
     for resources that never come. (An autoscaling cluster that adds GPU nodes on demand would be
     refused too; such clusters are not supported yet.)"""
-    from raykd.teacher.actor import actor_gpus
-
     if cluster is None:
         import ray
 
@@ -131,8 +125,6 @@ def preflight_cluster(cfg: RaykdConfig, cluster: dict[str, float] | None = None)
 
 
 def _check_labelled(cfg: RaykdConfig) -> None:
-    from raykd.data.labelled import labelled_split
-
     labelled_split(cfg.data)  # a count larger than the train split: one line
     if cfg.distill.exclude_classes or cfg.distill.include_classes is not None:
         raise ConfigError("distill.exclude_classes: class filters need every label, but "

@@ -23,7 +23,10 @@ import torch
 
 from raykd import tracking
 from raykd.checksums import file_sha256
-from raykd.config import URI_SCHEMES, ConfigError
+from raykd.config import URI_SCHEMES, ConfigError, ModelConfig
+from raykd.models import build_model
+from raykd.models.registry import example_input
+from raykd.schemes.lineage import chain_markdown, read_chains
 
 MODEL_ROLES = ("teacher", "student", "baseline", "trial")
 WEIGHT_FOLDERS = ("checkpoint", "teacher", "model")
@@ -77,9 +80,6 @@ def measure_latency(model: torch.nn.Module, example: torch.Tensor, repeats: int 
 
 def describe_weights(path: Path) -> dict[str, Any]:
     """Parameters, size and latency of a raykd safetensors checkpoint (self-describing)."""
-    from raykd.config import ModelConfig
-    from raykd.models import build_model
-    from raykd.models.registry import example_input
     from raykd.train.checkpoint import read_checkpoint
 
     state, spec, info = read_checkpoint(path)
@@ -294,7 +294,6 @@ def run_report(experiment: str, tracking_uri: str | None, out_dir: str | Path) -
         raise ConfigError(f"--experiment: {experiment!r} has no finished run with a test "
                           f"accuracy and weights (run `raykd distill` or `raykd tune` first)")
     groups = group_rows(rows)
-    from raykd.schemes.lineage import chain_markdown, read_chains
 
     chains = read_chains(uri, experiment)
     text = markdown(experiment, uri, rows, groups) + "\n".join(chain_markdown(chains))

@@ -16,6 +16,10 @@ from contextlib import contextmanager
 from pathlib import Path
 from typing import Any
 
+from raykd import console
+from raykd.errors import ConfigError
+from raykd.train.storage import check_writable, default_root, in_ray_package
+
 DEFAULT_DB = "mlflow.db"
 # user:password@ in a URI (a tracking server with basic auth, s3://KEY:SECRET@bucket): the
 # password never reaches a print, a log line or MLflow; see redact().
@@ -40,8 +44,6 @@ def resolve_tracking_uri(uri: str | None, base: Path | None = None) -> str:
     (MLflow's own variable; a Ray job gets it from its runtime env), else a sqlite file in the
     working directory — in ~/.raykd inside a Ray job package, which Ray deletes
     (raykd/train/storage.py)."""
-    from raykd.train.storage import default_root, in_ray_package
-
     uri = uri or os.environ.get("MLFLOW_TRACKING_URI") or None
     base = Path(base or os.getcwd())
     if not uri:
@@ -65,11 +67,7 @@ def check_tracking(uri: str, connect_s: float = 5.0, answer_s: float = 60.0) -> 
     within ``answer_s`` (a server's first request creates its store: seconds) or refuses the
     credentials; a sqlite file whose folder cannot be written. MLflow's own client retries an
     unreachable server for minutes and then fails with a traceback."""
-    from raykd.config import ConfigError
-
     if uri.startswith("sqlite:///"):
-        from raykd.train.storage import check_writable
-
         return check_writable(str(Path(uri.removeprefix("sqlite:///")).parent), "tracking.uri",
                               "give a sqlite file in a folder you can write or an MLflow "
                               "server (http://HOST:5000)")
@@ -125,8 +123,6 @@ def check_tracking(uri: str, connect_s: float = 5.0, answer_s: float = 60.0) -> 
 def client(uri: str):
     """One ``MlflowClient`` per tracking URI for the process: each new client of a sqlite store
     opens its own engine and checks the schema again."""
-    from raykd import console
-
     console.configure()
     if has_secret(uri):  # MLflow prints "View run at <the URI>", password included
         os.environ["MLFLOW_SUPPRESS_PRINTING_URL_TO_STDOUT"] = "true"

@@ -371,22 +371,22 @@ def test_resume_keeps_the_fits_an_interrupted_job_finished(ray_session, mnist_ro
     finished fits back and trains only the distilled student."""
     from mlflow.tracking import MlflowClient
 
-    from raykd.schemes import offline
+    from raykd.schemes.hinton import job as hinton_job
 
     monkeypatch.chdir(tmp_path)
     uri = f"sqlite:///{tmp_path / 'mlflow.db'}"
     argv = ["hinton-mnist", "--data-root", str(mnist_root), *FAST, "--set", f"tracking.uri={uri}",
             "--set", "hinton.experiments=[table]", "--set", "hinton.reuse_teacher=false"]
-    run_student = offline.run_student
+    run_student = hinton_job.run_student
 
     def interrupted(cfg, role, *args, name=None, **kwargs):
         if name == "distilled":
             raise KeyboardInterrupt
         return run_student(cfg, role, *args, name=name, **kwargs)
 
-    monkeypatch.setattr(offline, "run_student", interrupted)
+    monkeypatch.setattr(hinton_job, "run_student", interrupted)
     assert main(argv) == 130
-    monkeypatch.setattr(offline, "run_student", run_student)
+    monkeypatch.setattr(hinton_job, "run_student", run_student)
     client = MlflowClient(uri)
     [first] = client.search_runs([client.get_experiment_by_name(EXPERIMENT).experiment_id],
                                  "tags.`raykd.scheme` = 'hinton-mnist'")

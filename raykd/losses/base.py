@@ -15,7 +15,7 @@ from typing import TYPE_CHECKING, Any, ClassVar
 import torch
 from torch import Tensor, nn
 
-from raykd.config import ConfigError
+from raykd.errors import ConfigError
 
 if TYPE_CHECKING:  # the teacher package imports torch models; the losses need only the type
     from raykd.teacher.token_topk import TokenTopK

@@ -30,11 +30,14 @@ from typing import TYPE_CHECKING
 import torch
 from torch import Tensor, nn
 
-from raykd.config import ConfigError, DistillConfig
+from raykd.errors import ConfigError
 from raykd.losses.base import LossInputs
+from raykd.losses.language import TokenKD
 from raykd.losses.registry import LOSSES, build_term, term_field
+from raykd.losses.response import CrossEntropy
 
-if TYPE_CHECKING:
+if TYPE_CHECKING:  # the config validates names through the loss registry: no import back
+    from raykd.config import DistillConfig
     from raykd.teacher.token_topk import TokenTopK
 
 
@@ -146,9 +149,6 @@ class DistillLoss(nn.Module):
 def _fusable_ce(terms, weights: list[float]) -> tuple[int, int] | None:
     """(index of ``ce``, index of the per-token divergence) when the two can share one pass:
     the first unsmoothed ``ce`` and the first token term at T = 1, both weighted above 0."""
-    from raykd.losses.language import TokenKD
-    from raykd.losses.response import CrossEntropy
-
     ce = [i for i, t in enumerate(terms) if type(t) is CrossEntropy and weights[i] > 0
           and t.label_smoothing == 0]
     token = [i for i, t in enumerate(terms) if isinstance(t, TokenKD) and weights[i] > 0

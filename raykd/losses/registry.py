@@ -11,11 +11,11 @@ from typing import TYPE_CHECKING, Any
 
 import torch
 
-from raykd.config import ConfigError
+from raykd.errors import ConfigError
 from raykd.losses import feature, language, online, relation, response
 from raykd.losses.base import NEEDS, BuildContext, LossTerm
 
-if TYPE_CHECKING:  # config imports this package lazily; keep runtime imports one-way
+if TYPE_CHECKING:  # the config validates names through this registry: no import back at run time
     from raykd.config import DistillConfig, LossTermConfig
 
 

@@ -49,13 +49,11 @@ from __future__ import annotations
 import math
 from contextlib import nullcontext
 from dataclasses import dataclass
-from typing import TYPE_CHECKING
 
 import torch
 from torch import Tensor
 
-if TYPE_CHECKING:
-    from raykd.teacher.token_topk import TokenTopK
+from raykd.teacher.token_topk import TokenTopK, teacher_log_probs
 
 KINDS = ("forward", "reverse", "gkd")
 # log of float32's smallest normal number (≈ -87.3): a teacher probability the cache cannot tell
@@ -196,8 +194,6 @@ def _teacher_chunk(plan: _Plan, cols: slice, rows: Tensor, dtype: torch.dtype,
                    device: torch.device) -> tuple[Tensor, Tensor | None]:
     """(teacher log-probabilities over the buckets [n, K], ids [n, k] or None) for the real
     positions ``rows`` ([B, c] bool) of the columns ``cols``."""
-    from raykd.teacher.token_topk import TokenTopK, teacher_log_probs
-
     if plan.teacher_logits is not None:
         t = plan.teacher_logits[:, cols][rows.to(plan.teacher_logits.device)]
         t = t.to(device=device, dtype=dtype)

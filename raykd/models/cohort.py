@@ -20,7 +20,9 @@ import copy
 import torch
 from torch import Tensor, nn
 
-from raykd.config import ModelConfig, RaykdConfig
+from raykd.config import ConfigError, ModelConfig, RaykdConfig
+from raykd.models import build_model
+from raykd.models.hooks import FeatureHooks, probe_shapes, resolve_module
 
 
 def ensemble_logits(logits: list[Tensor]) -> Tensor:
@@ -81,8 +83,6 @@ class Branches(Cohort):
 
     def __init__(self, base: nn.Module, spec: ModelConfig, split_at: str, k: int,
                  example: Tensor):
-        from raykd.models.hooks import FeatureHooks, resolve_module
-
         super().__init__()
         resolve_module(base, split_at, "online.split_at")
         self.spec, self.split_at = spec, split_at
@@ -171,8 +171,6 @@ class Exits(Cohort):
 
     def __init__(self, backbone: nn.Module, spec: ModelConfig, paths: list[str],
                  example: Tensor):
-        from raykd.models.hooks import FeatureHooks, probe_shapes
-
         super().__init__()
         self.backbone, self.spec, self.paths = backbone, spec, list(paths)
         self.deep_path = last_linear_input(backbone)
@@ -212,8 +210,6 @@ class Exits(Cohort):
 def last_linear_input(model: nn.Module) -> str:
     names = [n for n, m in model.named_modules() if isinstance(m, nn.Linear)]
     if not names:
-        from raykd.config import ConfigError
-
         raise ConfigError(f"online.exits: BYOT needs a last linear classifier in "
                           f"{type(model).__name__} (its input are the deepest features)")
     return f"{names[-1]}:input"
@@ -263,8 +259,6 @@ def _set_module(model: nn.Module, path: str, module: nn.Module) -> None:
 
 def build_cohort(cfg: RaykdConfig, info) -> Cohort:
     """The cohort ``cfg.online`` describes, around ``cfg.student`` (or ``online.models``)."""
-    from raykd.models import build_model
-
     online = cfg.online
     example = torch.zeros(2, *info.input_shape)
     if online.scheme == "dml":
@@ -281,8 +275,6 @@ def build_cohort(cfg: RaykdConfig, info) -> Cohort:
     base = build_model(spec, info, field="student")
     if online.scheme == "one":
         if not online.split_at:
-            from raykd.config import ConfigError
-
             raise ConfigError("online.split_at: ONE needs the last module of the shared trunk "
                               "(a module path of the student, e.g. layers.0 or layer2)")
         return Branches(base, spec, online.split_at, online.peers, example)

@@ -19,7 +19,7 @@ from typing import Any
 import torch
 from torch import nn
 
-from raykd.config import ConfigError
+from raykd.errors import ConfigError
 
 INPUT_SUFFIX = ":input"
 ATTENTION_SUFFIX = ":attention"

@@ -13,7 +13,8 @@ from __future__ import annotations
 import torch
 from torch import nn
 
-from raykd.config import ConfigError
+from raykd.errors import ConfigError
+from raykd.models.hf import block_list, describe_hf
 from raykd.models.mlp import MLP
 from raykd.models.transformer import TinyTransformer
 
@@ -49,8 +50,6 @@ def _hf_pairs(student: nn.Module, teacher: nn.Module) -> list[tuple[str, str]]:
     """Hugging Face causal LMs of one model type: student block i ← teacher block i·stride,
     and every module outside the blocks (embeddings, final norm, output head) by its own
     path — DistilBERT's initialisation for any architecture."""
-    from raykd.models.hf import block_list
-
     if student.config.model_type != teacher.config.model_type:
         return []
     s_blocks, t_blocks = block_list(student), block_list(teacher)
@@ -101,8 +100,6 @@ def _mapped_path(path: str, pairs: list[tuple[str, str]]) -> str | None:
 
 def _describe(model: nn.Module) -> str:
     if _is_hf(model):
-        from raykd.models.hf import describe_hf
-
         return describe_hf(model)
     describe = getattr(model, "describe", None)
     return describe() if callable(describe) else type(model).__name__

@@ -6,6 +6,7 @@ from __future__ import annotations
 from torch import nn
 
 from raykd.config import ConfigError, RaykdConfig
+from raykd.models.hf import max_positions
 
 
 def _vocab(model: nn.Module) -> int | None:
@@ -16,8 +17,6 @@ def _vocab(model: nn.Module) -> int | None:
 
 
 def _positions(model: nn.Module) -> int | None:
-    from raykd.models.hf import max_positions
-
     if getattr(model, "config", None) is not None:
         return max_positions(model)
     return getattr(model, "max_len", None)

@@ -11,12 +11,12 @@ from __future__ import annotations
 
 from collections.abc import Callable
 from dataclasses import dataclass, field
-from typing import Any
+from typing import TYPE_CHECKING, Any
 
 import torch
 from torch import nn
 
-from raykd.config import ConfigError, ModelConfig
+from raykd.errors import ConfigError
 from raykd.models.args import BadArgs, check_args
 from raykd.models.cifar_resnet import CIFAR_RESNETS, build_cifar_resnet
 from raykd.models.cnn import build_cnn
@@ -25,6 +25,9 @@ from raykd.models.mlp import build_mlp
 from raykd.models.torchvision_models import PREFIX, build_torchvision, is_torchvision_model
 from raykd.models.transformer import build_tiny_transformer
 from raykd.models.wrn import WIDE_RESNETS, build_wrn
+
+if TYPE_CHECKING:  # the config validates names through this registry: no import back at run time
+    from raykd.config import ModelConfig
 
 
 @dataclass(frozen=True)

@@ -22,8 +22,11 @@ import torch
 
 from raykd import tracking
 from raykd.config import BornAgainConfig, ConfigError, ModelConfig, RaykdConfig
+from raykd.preflight import preflight
 from raykd.schemes.chain import given_model, taught_config, train_chain
 from raykd.schemes.lineage import lineage_run, log_lineage, markdown, member_row
+from raykd.schemes.offline import _json_safe, log_config, predict_checkpoints
+from raykd.train.fit import RAY_START, ensure_ray, fit_session
 
 SCHEME = "born-again"
 
@@ -46,8 +49,6 @@ def generation_config(cfg: RaykdConfig, i: int) -> RaykdConfig:
 
 def preflight_born_again(cfg: RaykdConfig) -> None:
     """Every generation's models and loss terms, built on a probe batch, before Ray starts."""
-    from raykd.preflight import preflight
-
     if cfg.teacher.ensemble:
         raise ConfigError("teacher.ensemble: born-again's generation 0 is one model; give "
                           "teacher.checkpoint (or neither, to train it)")
@@ -65,17 +66,12 @@ def ban_probabilities(sources: list[str], cfg: RaykdConfig, uri: str, split: str
                       ) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
     """(each member's logits [M, N, C], BAN-E's probabilities [N, C] — the members' softmax
     probabilities averaged —, labels [N])."""
-    from raykd.schemes.offline import predict_checkpoints
-
     logits, labels = predict_checkpoints(sources, cfg, uri, split)
     return logits, torch.softmax(logits, -1).mean(0), labels
 
 
 def run_born_again(cfg: RaykdConfig, *, resume: bool = False,
                    config_path: str | None = None) -> dict[str, Any]:
-    from raykd.schemes.offline import _json_safe, log_config
-    from raykd.train.fit import RAY_START, ensure_ray, fit_session
-
     ban = settings(cfg)
     uri = tracking.resolve_tracking_uri(cfg.tracking.uri)
     ensure_ray()

@@ -15,6 +15,11 @@ from typing import Any
 from raykd import tracking
 from raykd.config import ModelConfig, RaykdConfig
 from raykd.schemes.lineage import Lineage, Member, member_tags
+from raykd.schemes.offline import (count_checkpoint_params, evaluate_checkpoints, run_student,
+                                   train_teacher)
+from raykd.teacher.loading import local_checkpoint
+from raykd.teacher.service import serve_teacher, stop_teacher
+from raykd.train.checkpoint import read_checkpoint
 
 # What each member reports beside its accuracy (see offline._fit_part / run_student).
 FIT_KEYS = ("val_accuracy", "best_epoch", "epochs", "wall_seconds", "worker_start_seconds",
@@ -33,9 +38,6 @@ def given_model(cfg: RaykdConfig) -> ModelConfig:
 
 @functools.lru_cache(maxsize=16)
 def _checkpoint_spec(source: str, uri: str) -> dict | None:
-    from raykd.teacher.loading import local_checkpoint
-    from raykd.train.checkpoint import read_checkpoint
-
     try:
         _, spec, _ = read_checkpoint(local_checkpoint(source, uri))
     except Exception:  # noqa: BLE001 - unreadable: preflight / the actor say why, in one line
@@ -56,9 +58,6 @@ def taught_config(cfg: RaykdConfig, teacher: ModelConfig, student: ModelConfig,
 def first_member(cfg: RaykdConfig, uri: str, lineage: Lineage) -> Member:
     """Member 0: the given ``teacher.checkpoint`` (evaluated, logged as a child run) or a
     teacher trained now with Ray Train (on the labelled part only, with ``data.labelled``)."""
-    from raykd.schemes.offline import (count_checkpoint_params, evaluate_checkpoints,
-                                       train_teacher)
-
     name = f"{lineage.word}-0"
     tags = member_tags(lineage.scheme, 0, None, None)
     source = cfg.teacher.checkpoint
@@ -83,9 +82,6 @@ def taught_member(cfg: RaykdConfig, index: int, teacher: Member, uri: str, linea
                   ) -> Member:
     """Member ``index``: ``cfg.student`` trained by ``teacher`` (the previous member) through a
     fresh teacher actor, whose cache is keyed by that teacher's weights."""
-    from raykd.schemes.offline import run_student
-    from raykd.teacher.service import serve_teacher, stop_teacher
-
     service = serve_teacher(cfg, [teacher.source], uri)
     try:
         key = service.cache.get("key")

@@ -19,8 +19,14 @@ from typing import Any
 
 from raykd import tracking
 from raykd.config import ConfigError, ModelConfig, NoisyStudentConfig, RaykdConfig
+from raykd.data import dataset_info
+from raykd.data.labelled import class_counts
+from raykd.models import build_model, count_params
+from raykd.preflight import preflight
 from raykd.schemes.chain import given_model, taught_config, train_chain
 from raykd.schemes.lineage import lineage_run, log_lineage, markdown, member_row
+from raykd.schemes.offline import _json_safe, log_config, run_student
+from raykd.train.fit import RAY_START, ensure_ray, fit_session
 
 SCHEME = "noisy-student"
 
@@ -67,10 +73,6 @@ def first_config(cfg: RaykdConfig) -> RaykdConfig:
 def preflight_noisy_student(cfg: RaykdConfig) -> None:
     """Everything checkable before Ray starts: the labelled split, each round's noised model
     (and that it is not smaller than its teacher), every round's loss terms."""
-    from raykd.data import dataset_info
-    from raykd.models import build_model, count_params
-    from raykd.preflight import preflight
-
     if cfg.data.labelled is None:
         raise ConfigError("data.labelled: Noisy Student needs a labelled part; set e.g. "
                           "--set data.labelled=0.1 (the rest of train becomes the unlabelled "
@@ -105,10 +107,6 @@ def preflight_noisy_student(cfg: RaykdConfig) -> None:
 
 def run_noisy_student(cfg: RaykdConfig, *, resume: bool = False, baseline: bool = False,
                       config_path: str | None = None) -> dict[str, Any]:
-    from raykd.data.labelled import class_counts
-    from raykd.schemes.offline import _json_safe, log_config, run_student
-    from raykd.train.fit import RAY_START, ensure_ray, fit_session
-
     ns = settings(cfg)
     uri = tracking.resolve_tracking_uri(cfg.tracking.uri)
     ensure_ray()

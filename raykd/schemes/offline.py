@@ -19,16 +19,19 @@ from typing import Any
 import torch
 
 from raykd import tracking
-from raykd.config import RaykdConfig, dump_yaml
+from raykd.config import ConfigError, RaykdConfig, dump_yaml
+from raykd.data import build_dataset, dataset_info
+from raykd.schemes.lineage import finished_roles, lineage_run
+from raykd.teacher.loading import local_checkpoint
+from raykd.teacher.service import serve_teacher, stop_teacher, teacher_stats
+from raykd.train.checkpoint import load_model, read_checkpoint
+from raykd.train.fit import RAY_START, ensure_ray, fit, fit_session
+from raykd.train.lm_eval import lm_test_report, perplexity
 
 
 def predict_checkpoints(sources: list[str], cfg: RaykdConfig, tracking_uri: str,
                         split: str = "test", fallback=None) -> tuple[torch.Tensor, torch.Tensor]:
     """Every model's logits on a split, in the driver: ([models, N, C] float32, labels [N])."""
-    from raykd.data import build_dataset
-    from raykd.teacher.loading import local_checkpoint
-    from raykd.train.checkpoint import load_model
-
     ds = build_dataset(cfg.data, split)
     models = [load_model(local_checkpoint(s, tracking_uri), fallback or cfg.teacher, ds.info)
               for s in sources]
@@ -53,11 +56,6 @@ def language_model_report(cfg: RaykdConfig, sources: list[str], student: dict[st
                           tracking_uri: str) -> dict[str, Any]:
     """Test split, in the driver: the teacher's and the student's accuracy, nats per token and
     perplexity, and the student's top-1 agreement with the teacher (raykd.train.lm_eval)."""
-    from raykd.data import build_dataset
-    from raykd.teacher.loading import local_checkpoint
-    from raykd.train.checkpoint import load_model
-    from raykd.train.lm_eval import lm_test_report
-
     test = build_dataset(cfg.data, "test")
     teacher = load_model(local_checkpoint(sources[0], tracking_uri), cfg.teacher, test.info)
     model = load_model(local_checkpoint(student["checkpoint"], tracking_uri), cfg.student,
@@ -66,9 +64,6 @@ def language_model_report(cfg: RaykdConfig, sources: list[str], student: dict[st
 
 
 def count_checkpoint_params(source: str, tracking_uri: str) -> int:
-    from raykd.teacher.loading import local_checkpoint
-    from raykd.train.checkpoint import read_checkpoint
-
     state, _, _ = read_checkpoint(local_checkpoint(source, tracking_uri))
     return int(sum(t.numel() for k, t in state.items() if t.is_floating_point()
                    and "running_" not in k))
@@ -89,8 +84,6 @@ def log_config(uri: str, run_id: str, cfg: RaykdConfig, config_path: str | None)
 def train_teacher(cfg: RaykdConfig, uri: str, parent_run_id: str | None,
                   name: str = "teacher", tags: dict[str, Any] | None = None) -> dict[str, Any]:
     """Train the teacher with Ray Train; checkpoint logged to MLflow. Returns its summary part."""
-    from raykd.train.fit import fit
-
     with tracking.tracked_run(uri, cfg.tracking.experiment, name, parent_run_id,
                               {"raykd.role": "teacher", **(tags or {})}) as run_id:
         if parent_run_id is None:
@@ -171,9 +164,6 @@ def run_student(cfg: RaykdConfig, role: str, uri: str, parent: str, teacher=None
                 name: str | None = None, init_from: str | None = None,
                 tags: dict[str, Any] | None = None) -> dict[str, Any]:
     """Fit a student (or the baseline), evaluate it on test, log it; return its summary part."""
-    from raykd.data import dataset_info
-    from raykd.train.fit import fit
-
     name = name or role
     with tracking.tracked_run(uri, cfg.tracking.experiment, name, parent,
                               {"raykd.role": role, **(tags or {})}) as run_id:
@@ -187,8 +177,6 @@ def run_student(cfg: RaykdConfig, role: str, uri: str, parent: str, teacher=None
         if result.test_loss is not None:
             final["test_loss"] = result.test_loss  # language models: nats per token
             if cfg.data.name == "text":
-                from raykd.train.lm_eval import perplexity
-
                 final["test_perplexity"] = perplexity(result.test_loss)
         tracking.log_metrics(uri, run_id, final)
         tracking.log_artifact(uri, run_id, weights, "checkpoint")
@@ -208,8 +196,6 @@ def run_student(cfg: RaykdConfig, role: str, uri: str, parent: str, teacher=None
 
 def _log_model(cfg: RaykdConfig, uri: str, run_id: str, weights: str, info, role: str
                ) -> str | None:
-    from raykd.train.checkpoint import load_model
-
     model = load_model(weights, cfg.student, info, field="student")
     if cfg.data.name == "text":  # a causal LM: MLflow's transformers flavour, with its tokenizer
         if not hasattr(model, "config"):
@@ -224,8 +210,6 @@ def register_student(cfg: RaykdConfig, uri: str, student: dict[str, Any],
     """``tracking.register_as`` (--register NAME): the student as a registered model version,
     tagged with what made it: its run, the teacher's run (or checkpoints), the cache, the scheme.
     """
-    from raykd.config import ConfigError
-
     if not student.get("model_uri"):
         raise ConfigError(f"tracking.register_as: the student of run {student['run_id']} could "
                           f"not be exported as an MLflow model (see its *_export_error.txt "
@@ -252,8 +236,6 @@ def _parent_run(uri: str, cfg: RaykdConfig, run_name: str, parent_run_id: str | 
     """(parent run id, the fits an interrupted run finished by role). A job of its own gets a
     lineage parent (tagged with the config's key, so ``resume`` finds it); one nested in
     another scheme's run a plain child run."""
-    from raykd.schemes.lineage import finished_roles, lineage_run
-
     if parent_run_id is not None:
         with tracking.tracked_run(uri, cfg.tracking.experiment, run_name, parent_run_id,
                                   {"raykd.scheme": "offline"}) as parent:
@@ -300,9 +282,6 @@ def run_distill(cfg: RaykdConfig, *, baseline: bool = False, config_path: str | 
                 parent_run_id: str | None = None, run_name: str = "distill",
                 resume: bool = False) -> dict[str, Any]:
     import ray
-
-    from raykd.teacher.service import serve_teacher, stop_teacher, teacher_stats
-    from raykd.train.fit import ensure_ray, fit_session
 
     uri = tracking.resolve_tracking_uri(cfg.tracking.uri)
     ensure_ray()
@@ -361,7 +340,6 @@ def run_distill(cfg: RaykdConfig, *, baseline: bool = False, config_path: str | 
         summary["mlflow"] = {"tracking_uri": uri, "run_id": parent,
                              "experiment": cfg.tracking.experiment}
         summary["seconds"] = round(time.perf_counter() - started, 1)
-        from raykd.train.fit import RAY_START
 
         summary["ray_start_seconds"] = RAY_START.get("seconds")
         tracking.log_dict(uri, parent, _json_safe(summary), "summary.json")

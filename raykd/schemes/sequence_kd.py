@@ -24,6 +24,15 @@ from typing import Any
 
 from raykd import tracking
 from raykd.config import ConfigError, RaykdConfig, SequenceKDConfig
+from raykd.data import build_dataset
+from raykd.losses.registry import LOSSES
+from raykd.preflight import _teacher_model, preflight
+from raykd.schemes.lineage import finished_roles, lineage_run
+from raykd.schemes.offline import (_json_safe, language_model_report, log_config, obtain_teacher,
+                                   resumed_part, run_student)
+from raykd.teacher.generate import prompt_rows
+from raykd.teacher.service import generate_with_teacher, serve_teacher, stop_teacher
+from raykd.train.fit import RAY_START, ensure_ray, fit_session
 
 SCHEME = "sequence-kd"
 
@@ -34,8 +43,6 @@ def settings(cfg: RaykdConfig) -> SequenceKDConfig:
 
 def needs_teacher(cfg: RaykdConfig) -> bool:
     """Whether a loss term reads the teacher (the combined word + sequence-level variant)."""
-    from raykd.losses.registry import LOSSES
-
     return any(set(LOSSES[t.name].needs) - {"labels"} for t in cfg.distill.terms())
 
 
@@ -47,10 +54,6 @@ def student_config(cfg: RaykdConfig, folder: str) -> RaykdConfig:
 
 def preflight_sequence_kd(cfg: RaykdConfig) -> None:
     """Models, losses and prompts checked in the driver, before Ray starts."""
-    from raykd.data import build_dataset
-    from raykd.preflight import _teacher_model, preflight
-    from raykd.teacher.generate import prompt_rows
-
     if cfg.data.name != "text":
         raise ConfigError(f"data.name: sequence-level KD generates text; it needs data.name: "
                           f"text, not {cfg.data.name!r}")
@@ -91,12 +94,6 @@ def run_sequence_kd(cfg: RaykdConfig, *, config_path: str | None = None, resume:
     """``resume``: the newest run of this config continues, its finished teacher, student and
     baseline kept (raykd.schemes.lineage; the generated rows are found by their fingerprint).
     ``baseline``: the same student on the corpus alone (cross-entropy), the same budget."""
-    from raykd.schemes.lineage import finished_roles, lineage_run
-    from raykd.schemes.offline import (_json_safe, language_model_report, log_config,
-                                       obtain_teacher, resumed_part, run_student)
-    from raykd.teacher.service import generate_with_teacher
-    from raykd.train.fit import RAY_START, ensure_ray, fit_session
-
     uri = tracking.resolve_tracking_uri(cfg.tracking.uri)
     ensure_ray()
     started = time.perf_counter()
@@ -149,9 +146,6 @@ def _fit_student(cfg: RaykdConfig, folder: str, sources: list[str], teacher: dic
                  uri: str, parent: str) -> dict[str, Any]:
     """The student on the generated rows (``folder``), read by the teacher actor as well when a
     loss term needs the teacher."""
-    from raykd.schemes.offline import run_student
-    from raykd.teacher.service import serve_teacher, stop_teacher
-
     student_cfg = student_config(cfg, folder)
     init_from = sources[0] if cfg.student.init_from_teacher else None
     service = serve_teacher(student_cfg, sources, uri) if needs_teacher(cfg) else None

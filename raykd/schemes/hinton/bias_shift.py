@@ -20,6 +20,8 @@ from dataclasses import asdict, dataclass
 import torch
 from torch import nn
 
+from raykd.models.hooks import resolve_module
+
 
 @dataclass(frozen=True)
 class ShiftChoice:
@@ -97,8 +99,6 @@ def choose_bias_shift(model: nn.Module, classes: list[int] | tuple, dataset, spl
 
 
 def head_of(model: nn.Module, path: str = "head") -> nn.Linear:
-    from raykd.models.hooks import resolve_module
-
     head = resolve_module(model, path, "student")
     if not isinstance(head, nn.Linear) or head.bias is None:
         raise ValueError(f"student: module {path!r} is not a Linear layer with a bias")

@@ -12,6 +12,8 @@ from typing import Any
 from pydantic import BaseModel, ConfigDict
 
 from raykd.config import ConfigError, HintonConfig, RaykdConfig, load_config, parse_overrides
+from raykd.data import dataset_info
+from raykd.preflight import preflight
 
 MAIN_CONFIG = "mnist_hinton_distill.yaml"
 JOB_SECTION = "hinton"
@@ -111,8 +113,6 @@ def _load_role(path: Path, field: str, pairs: dict[str, Any]) -> RaykdConfig:
 
 
 def _check_classes(plan: HintonPlan) -> None:
-    from raykd.data import dataset_info
-
     info = dataset_info(plan.distill.data)
     n = info.num_classes
     job = plan.job
@@ -125,8 +125,6 @@ def _check_classes(plan: HintonPlan) -> None:
 
 
 def preflight_plan(plan: HintonPlan) -> None:
-    from raykd.preflight import preflight
-
     preflight(plan.teacher, roles=("teacher",))
     preflight(plan.baseline)
     preflight(plan.distill)

@@ -35,19 +35,25 @@ from typing import Any
 
 from raykd import tracking
 from raykd.config import RaykdConfig, dump_yaml
+from raykd.data import build_dataset, dataset_info
+from raykd.schemes.hinton.bias_shift import apply_bias_shift, choose_bias_shift, error_counts
 from raykd.schemes.hinton.config import JOB_SECTION, HintonPlan, load_plan, preflight_plan
 from raykd.schemes.hinton.report import PAPER, benchmark_record, markdown_table, table_of
 from raykd.schemes.hinton.resume import SCHEME, finished_fit, finished_fits, plan_key
 from raykd.schemes.lineage import Lineage, lineage_run
+from raykd.schemes.offline import count_checkpoint_params, log_config, run_student, train_teacher
+from raykd.teacher.actor import teacher_views
+from raykd.teacher.loading import local_checkpoint
+from raykd.teacher.service import serve_teacher, stop_teacher, teacher_stats
+from raykd.train.checkpoint import load_model, save_checkpoint
+from raykd.train.fit import ensure_ray, fit_session
+from raykd.train.loop import RolePlan
 
 # ---------------------------------------------------------------------------------- teacher
 
 def teacher_key(cfg: RaykdConfig) -> str:
     """What the trained teacher's weights depend on: its model and training settings, the
     training settings that shape its optimisation, and the dataset's content identity."""
-    from raykd.data import dataset_info
-    from raykd.train.loop import RolePlan
-
     d = cfg.to_dict()
     # the epochs and lr the teacher's fit really uses (train.* only where teacher.* are unset),
     # so a student-budget variant (--set train.epochs=100) reuses the teacher
@@ -74,8 +80,6 @@ def teacher_key(cfg: RaykdConfig) -> str:
 def find_reusable_teacher(uri: str, experiment: str, key: str) -> dict[str, Any] | None:
     """The newest FINISHED teacher run of this experiment tagged with ``key`` whose weights can
     still be read, as ``{"run_id", "source", "checkpoint"}``; None when there is none."""
-    from raykd.teacher.loading import local_checkpoint
-
     runs = tracking.search_runs(uri, experiment, f"tags.`raykd.hinton.teacher_key` = '{key}' "
                                                  f"and attributes.status = 'FINISHED'",
                                 order_by=["attributes.start_time DESC"], max_results=5)
@@ -93,8 +97,6 @@ def find_reusable_teacher(uri: str, experiment: str, key: str) -> dict[str, Any]
 def obtain_hinton_teacher(plan: HintonPlan, lineage: Lineage) -> dict[str, Any]:
     """The teacher config's checkpoint if given, else the one an interrupted run of this job
     trained (--resume), else a reusable earlier run, else train now."""
-    from raykd.schemes.offline import train_teacher
-
     cfg, uri, parent = plan.teacher, lineage.uri, lineage.parent
     if cfg.teacher.checkpoint:
         return {"checkpoint": cfg.teacher.checkpoint, "source": "teacher.checkpoint",
@@ -123,21 +125,12 @@ def obtain_hinton_teacher(plan: HintonPlan, lineage: Lineage) -> dict[str, Any]:
 # ---------------------------------------------------------------------------------- evaluation
 
 def _load_student(checkpoint: str, cfg: RaykdConfig, uri: str):
-    from raykd.data import dataset_info
-    from raykd.teacher.loading import local_checkpoint
-    from raykd.train.checkpoint import load_model
-
     return load_model(local_checkpoint(checkpoint, uri), cfg.student, dataset_info(cfg.data),
                       field="student")
 
 
 def count_test_errors(checkpoint: str, cfg: RaykdConfig, uri: str, field: str = "student",
                 classes: tuple[int, ...] = ()) -> dict[str, Any]:
-    from raykd.data import build_dataset, dataset_info
-    from raykd.schemes.hinton.bias_shift import error_counts
-    from raykd.teacher.loading import local_checkpoint
-    from raykd.train.checkpoint import load_model
-
     fallback = cfg.teacher if field == "teacher" else cfg.student
     model = load_model(local_checkpoint(checkpoint, uri), fallback, dataset_info(cfg.data),
                        field=field)
@@ -147,10 +140,6 @@ def count_test_errors(checkpoint: str, cfg: RaykdConfig, uri: str, field: str = 
 def shift_experiment(cfg: RaykdConfig, student: dict[str, Any], classes: list[int],
                      grid: tuple[float, float, float], uri: str) -> dict[str, Any]:
     """Choose δ for ``classes`` on the validation split; test errors before and after."""
-    from raykd.data import build_dataset, dataset_info
-    from raykd.schemes.hinton.bias_shift import apply_bias_shift, choose_bias_shift, error_counts
-    from raykd.train.checkpoint import save_checkpoint
-
     _log_child_config(uri, student["run_id"], cfg)
     model = _load_student(student["checkpoint"], cfg, uri)
     test = build_dataset(cfg.data, "test")
@@ -188,8 +177,6 @@ def shift_experiment(cfg: RaykdConfig, student: dict[str, Any], classes: list[in
 def run_hinton(plan: HintonPlan, resume: bool = False) -> dict[str, Any]:
     """Run the planned experiments under one MLflow parent run; return the summary. ``resume``:
     continue the newest run of the same plan, keeping the fits it finished."""
-    from raykd.train.fit import ensure_ray, fit_session
-
     cfg, job = plan.distill, plan.job
     uri = tracking.resolve_tracking_uri(cfg.tracking.uri)
     ensure_ray()
@@ -225,16 +212,12 @@ def run_hinton(plan: HintonPlan, resume: bool = False) -> dict[str, Any]:
 
 
 def _log_job(uri: str, parent: str, plan: HintonPlan) -> None:
-    from raykd.schemes.offline import log_config
-
     log_config(uri, parent, plan.distill, plan.config_path)
     tracking.log_params(uri, parent, {JOB_SECTION: plan.job.model_dump(mode="json")})
     _log_role_configs(uri, parent, plan)
 
 
 def _teacher_part(plan: HintonPlan, lineage: Lineage) -> dict[str, Any]:
-    from raykd.schemes.offline import count_checkpoint_params
-
     teacher = obtain_hinton_teacher(plan, lineage)
     source = teacher["checkpoint"]
     counts = count_test_errors(source, plan.teacher, lineage.uri, field="teacher")
@@ -250,8 +233,6 @@ def _run_name(name: str, seed: int, runs: list) -> str:
 
 def _fitter(cfg: RaykdConfig, role: str, uri: str, parent: str, handoff=None):
     """A function of the run name that fits the student ``cfg`` describes (for finished_fit)."""
-    from raykd.schemes.offline import run_student
-
     return lambda name: run_student(cfg, role, uri, parent, handoff, name=name)
 
 
@@ -259,8 +240,6 @@ def _distillations(plan: HintonPlan, lineage: Lineage, teacher: dict[str, Any],
                    runs: list) -> dict[Any, dict[str, Any]]:
     """The distilled students (by seed for the table, "omitted", "two_class"), all taught by one
     teacher actor and one soft-label cache; none started when every one is kept (--resume)."""
-    from raykd.teacher.service import serve_teacher, stop_teacher, teacher_stats
-
     job = plan.job
     fits: dict[Any, tuple[str, RaykdConfig]] = {
         seed: (_run_name("distilled", seed, runs), dist) for seed, _, dist in runs}
@@ -323,14 +302,10 @@ def _student_part(result: dict[str, Any], cfg: RaykdConfig, uri: str) -> dict[st
 
 def _log_child_config(uri: str, run_id: str, cfg: RaykdConfig) -> None:
     """Each nested run carries the config it ran with (the omitted run's exclude_classes...)."""
-    from raykd.schemes.offline import log_config
-
     log_config(uri, run_id, cfg, None)
 
 
 def _settings(plan: HintonPlan) -> dict[str, Any]:
-    from raykd.teacher.actor import teacher_views
-
     t, s, d = plan.teacher, plan.baseline, plan.distill
     return {"temperature": d.distill.temperature, "alpha": d.distill.alpha,
             "teacher": {"model": t.teacher.model_dump(include={"name", "args"}),

@@ -5,12 +5,11 @@ features; the deployable model is the backbone without its exits."""
 from __future__ import annotations
 
 from raykd.config import ModelConfig, RaykdConfig
+from raykd.data import dataset_info
+from raykd.models.cohort import build_cohort
 
 
 def loss_terms(cfg: RaykdConfig) -> list[dict]:
-    from raykd.data import dataset_info
-    from raykd.models.cohort import build_cohort
-
     paths = build_cohort(cfg, dataset_info(cfg.data)).feature_paths()
     o = cfg.online
     return [{"name": "byot", "student_layers": paths,

@@ -9,6 +9,7 @@ summary.
 from __future__ import annotations
 
 import importlib
+import re
 import threading
 import time
 from typing import Any
@@ -17,6 +18,17 @@ import torch
 
 from raykd import tracking
 from raykd.config import ConfigError, RaykdConfig
+from raykd.data import dataset_info
+from raykd.losses import DistillLoss
+from raykd.models import build_model
+from raykd.models.cohort import build_cohort
+from raykd.models.hooks import probe_shapes
+from raykd.preflight import check_destinations, preflight
+from raykd.schemes.lineage import finished_by_name, lineage_run
+from raykd.schemes.offline import (_json_safe, count_checkpoint_params, log_config,
+                                   predict_checkpoints, run_student)
+from raykd.schemes.online.codistill import Exchange
+from raykd.train.fit import RAY_START, ensure_ray, fit, fit_session
 
 SCHEMES = ("dml", "one", "byot", "codistill")
 
@@ -29,11 +41,6 @@ def student_stages(cfg: RaykdConfig) -> list[str]:
     """The student's stages in order, as module paths: an MLP's input (``flatten``) and hidden
     layers (``layers.i``), a CNN's ``features.i``, a ResNet's ``layer1``, ``layer2``... — where
     ONE splits and BYOT hooks exits by default (with_stage_defaults)."""
-    import re
-
-    from raykd.data import dataset_info
-    from raykd.models import build_model
-
     children = dict(build_model(cfg.student, dataset_info(cfg.data), field="student")
                     .named_children())
     if isinstance(children.get("layers"), torch.nn.ModuleList):  # raykd's MLP
@@ -73,12 +80,6 @@ def preflight_online(cfg: RaykdConfig) -> RaykdConfig:
     """Build the cohort and its loss on a probe batch (module paths, shapes) before Ray."""
     import torch
 
-    from raykd.data import dataset_info
-    from raykd.losses import DistillLoss
-    from raykd.models.cohort import build_cohort
-    from raykd.models.hooks import probe_shapes
-    from raykd.preflight import check_destinations
-
     check_destinations(cfg)  # storage and tracking server, as preflight() does
     if cfg.online.scheme not in SCHEMES:
         raise ConfigError(f"online.scheme: {cfg.online.scheme!r} is not built yet; "
@@ -86,8 +87,6 @@ def preflight_online(cfg: RaykdConfig) -> RaykdConfig:
     info = dataset_info(cfg.data)
     train_cfg = training_config(cfg)
     if cfg.online.scheme == "codistill":
-        from raykd.preflight import preflight
-
         preflight(train_cfg, roles=("teacher",))  # the groups train plain students
         return train_cfg
     cohort = build_cohort(train_cfg, info)
@@ -100,8 +99,6 @@ def preflight_online(cfg: RaykdConfig) -> RaykdConfig:
 
 def _member_run(uri: str, cfg: RaykdConfig, parent: str, name: str, result) -> dict[str, Any]:
     """A member's child run: its validation curve, test accuracy, checkpoint when it has one."""
-    from raykd.schemes.offline import count_checkpoint_params
-
     tags = {"raykd.role": "member", "raykd.member": name}
     with tracking.tracked_run(uri, cfg.tracking.experiment, name, parent, tags) as run_id:
         curve = [{"epoch": h["epoch"], "val_accuracy": h[f"{name}_val_accuracy"],
@@ -124,8 +121,6 @@ def _member_run(uri: str, cfg: RaykdConfig, parent: str, name: str, result) -> d
 def baselines(cfg: RaykdConfig, uri: str, parent: str, done=None) -> list[dict[str, Any]]:
     """Each member's model trained alone (hard labels), the same budget and initial weights;
     ``done``: the fits an earlier run of this lineage finished, by run name (kept)."""
-    from raykd.schemes.offline import run_student
-
     out = []
     for name, spec, seed in scheme_module(cfg).alone(cfg):
         if f"{name}-alone" in (done or {}):
@@ -145,10 +140,6 @@ def run_codistill(cfg: RaykdConfig, uri: str, parent: str) -> tuple[list, dict, 
     """G groups, each its own Ray Train run, at the same time (one driver thread each), joined
     by the exchange actor. Returns (members, ensemble, the groups' fit results)."""
     import ray
-
-    from raykd.schemes.offline import predict_checkpoints
-    from raykd.schemes.online.codistill import Exchange
-    from raykd.train.fit import fit
 
     o = cfg.online
     exchange = ray.remote(num_cpus=0, max_concurrency=4 * o.peers)(Exchange).remote(o.peers)
@@ -204,8 +195,6 @@ def run_codistill(cfg: RaykdConfig, uri: str, parent: str) -> tuple[list, dict, 
 def _fit_cohort(train_cfg: RaykdConfig, uri: str, parent: str) -> dict[str, Any]:
     """The cohort's one fit, a child run per member, then the parent's metrics: the last step,
     so a parent with ``deployable_test_accuracy`` holds a finished cohort (_resumed_cohort)."""
-    from raykd.train.fit import fit
-
     scheme = train_cfg.online.scheme
     result = fit(train_cfg, "student", tracking_uri=uri, run_id=parent, name=scheme)
     members = [_member_run(uri, train_cfg, parent, name, result)
@@ -244,10 +233,6 @@ def run_online(cfg: RaykdConfig, *, baseline: bool = False, config_path: str | N
                resume: bool = False) -> dict[str, Any]:
     """``resume``: the newest run of this config continues (raykd.schemes.lineage); a cohort
     and baselines it finished are read back, not trained again."""
-    from raykd.schemes.lineage import finished_by_name, lineage_run
-    from raykd.schemes.offline import _json_safe, log_config
-    from raykd.train.fit import RAY_START, ensure_ray, fit_session
-
     scheme = cfg.online.scheme
     if scheme == "codistill":
         if resume:
@@ -283,9 +268,6 @@ def run_online(cfg: RaykdConfig, *, baseline: bool = False, config_path: str | N
 
 def _run_codistill_job(cfg: RaykdConfig, baseline: bool, config_path: str | None
                        ) -> dict[str, Any]:
-    from raykd.schemes.offline import _json_safe, log_config
-    from raykd.train.fit import RAY_START, ensure_ray
-
     uri = tracking.resolve_tracking_uri(cfg.tracking.uri)
     ensure_ray()
     started = time.perf_counter()

@@ -15,9 +15,12 @@ from typing import Any
 
 from raykd import tracking
 from raykd.config import RaykdConfig, dump_yaml, validate
+from raykd.schemes.offline import count_checkpoint_params, evaluate_checkpoints
+from raykd.schemes.tune.plots import plot_search
 from raykd.schemes.tune.space import Dim
 from raykd.schemes.tune.trial import _find_child
 from raykd.schemes.tune.tuner import TIME_ATTR
+from raykd.train.fit import TrainingError
 
 CHECKPOINT_PATH = "checkpoint_path"  # ray.tune.integration.ray_train.CHECKPOINT_PATH_KEY
 
@@ -98,10 +101,6 @@ def best_config_of(cfg: RaykdConfig, params: dict[str, Any], teacher_checkpoint:
 def finish_search(cfg: RaykdConfig, run_cfg: RaykdConfig, dims: list[Dim], results,
                   teacher: dict, sources: list[str], uri: str, parent: str, folder: Path,
                   best_config: str | None, resumed: bool) -> dict[str, Any]:
-    from raykd.schemes.offline import count_checkpoint_params, evaluate_checkpoints
-    from raykd.schemes.tune.plots import plot_search
-    from raykd.train.fit import TrainingError
-
     tc, experiment = cfg.tune, cfg.tracking.experiment
     rows = _trial_rows(results, dims, uri, experiment, parent, tc.metric)
     _close_children(rows, uri, run_cfg.train.epochs)

@@ -31,8 +31,15 @@ from typing import Any
 
 from raykd import tracking
 from raykd.config import ConfigError, RaykdConfig, load_config
+from raykd.preflight import preflight
+from raykd.schemes.offline import log_config, obtain_teacher
+from raykd.schemes.tune.finish import finish_search
 from raykd.schemes.tune.space import Dim, corner, parse_space
 from raykd.schemes.tune.trial import tune_trial
+from raykd.schemes.tune.tuner import build_tuner
+from raykd.teacher.service import serve_teacher, stop_teacher, teacher_stats
+from raykd.train.fit import ensure_ray
+from raykd.train.storage import is_uri, resolve
 
 STATE_FILE = "raykd_search.json"
 DEFAULT_STORAGE = Path(".raykd") / "tune"
@@ -93,8 +100,6 @@ def size_trials(cfg: RaykdConfig, cluster: dict[str, float]
 
 
 def _storage(cfg: RaykdConfig) -> Path:
-    from raykd.train.storage import is_uri, resolve
-
     path = resolve(cfg.tune.storage_path, "tune")  # resolved in the driver (load_config)
     if is_uri(path):  # the search's own state (STATE_FILE) lives in a folder
         raise ConfigError(f"tune.storage_path: {path} is a URI; give a local or shared folder")
@@ -128,8 +133,6 @@ def _write_state(folder: Path, state: dict[str, Any]) -> None:
 # -- the driver -------------------------------------------------------------------------------
 
 def run_tune_command(args) -> dict[str, Any]:
-    from raykd.preflight import preflight
-
     cfg = load_config(args.config, args.overrides)
     dims = check_tune_config(cfg)
     preflight(cfg)
@@ -142,12 +145,6 @@ def run_tune(cfg: RaykdConfig, dims: list[Dim] | None = None, *, resume: bool = 
              best_config: str | None = None, config_path: str | None = None) -> dict[str, Any]:
     import ray
     from ray import tune
-
-    from raykd.schemes.offline import log_config, obtain_teacher
-    from raykd.schemes.tune.finish import finish_search
-    from raykd.schemes.tune.tuner import build_tuner
-    from raykd.teacher.service import serve_teacher, stop_teacher, teacher_stats
-    from raykd.train.fit import ensure_ray
 
     dims = dims if dims is not None else check_tune_config(cfg)
     uri = tracking.resolve_tracking_uri(cfg.tracking.uri)

@@ -27,6 +27,7 @@ from typing import Any
 
 from raykd import tracking
 from raykd.config import RaykdConfig, validate
+from raykd.train.fit import fit
 
 TRIAL_ROLE = "trial"
 CHECKPOINT_TAG = "raykd.checkpoint_path"  # the Train checkpoint of a finished trial's last epoch
@@ -109,8 +110,6 @@ def tune_trial(config: dict[str, Any], setup: dict[str, Any], handoff: Any) -> N
     """The Tune function trainable: one Ray Train run of the student with this trial's values."""
     from ray import tune
 
-    from raykd.train.fit import fit
-
     keys = setup["keys"]
     params = {k: config[k] for k in keys if k in config}
     cfg = validate(setup["config"]).with_overrides(params)
@@ -159,8 +158,6 @@ def _fit_relaying_checkpoints(cfg: RaykdConfig, run: dict[str, Any]) -> None:
     with their checkpoints from here, so PBT can exploit and restore them."""
     from ray import tune
     from ray.util.queue import Empty, Queue
-
-    from raykd.train.fit import fit
 
     uri, run_id = run["tracking_uri"], run["run_id"]
     reports = Queue(actor_options={"num_cpus": 0})
