@@ -84,7 +84,7 @@ def test_build_inspect_verify_corrupt_truncate(ray_session, workdir, mlflow_uri,
 def test_bad_paths_are_one_line_errors(workdir, capsys):
     assert main(["cache", "verify", str(workdir / "nowhere")]) == 2
     assert "not a raykd cache" in capsys.readouterr().err
-    assert main(["cache", "inspect"]) == 2
-    assert "needs a cache folder" in capsys.readouterr().err
+    assert main(["cache", "inspect"]) == 2  # no PATH: the config's teacher.cache_dir, empty
+    assert "/.raykd/cache is not a raykd cache" in capsys.readouterr().err
     assert main(["cache", "build"]) == 2  # no teacher checkpoint to cache
     assert "teacher.checkpoint" in capsys.readouterr().err

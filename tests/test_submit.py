@@ -277,3 +277,21 @@ def test_nothing_secret_is_logged_or_printed(submitted):
     for path in ("config/config.resolved.yaml", "summary.json"):
         text = Path(client.download_artifacts(parent.info.run_id, path)).read_text()
         assert SECRET not in text and token not in text
+
+
+def test_a_job_runs_from_a_plain_checkout_through_ray_job_submit(submitted, tmp_path):
+    """The shared entry (jobs/_entry.py) under `ray job submit --working-dir`, from a folder
+    holding only `raykd/` and `jobs/` — no pyproject, nothing installed from it."""
+    cluster = submitted["cluster"]
+    checkout = tmp_path / "checkout"
+    for folder in ("raykd", "jobs"):
+        shutil.copytree(REPO / folder, checkout / folder,
+                        ignore=shutil.ignore_patterns("__pycache__", "*.egg-info"))
+    job_id = f"raykd-entry-{uuid.uuid4().hex[:8]}"
+    address = f"http://127.0.0.1:{cluster.dashboard}"
+    submit = cluster.ray("job", "submit", "--address", address, "--submission-id", job_id,
+                         "--working-dir", str(checkout), "--", "python", "jobs/online.py",
+                         "--help", timeout=300)
+    assert submit.returncode == 0, (submit.stdout + submit.stderr)[-3000:]
+    logs = cluster.ray("job", "logs", "--address", address, job_id).stdout
+    assert "usage: raykd online" in logs and "--scheme {dml,one,byot,codistill}" in logs, logs
