@@ -11,7 +11,7 @@ from raykd.schemes.offline import step_budget, steps_per_epoch
 def test_steps_per_epoch_follows_the_workers_share_and_the_batch():
     cfg = load_config(None, ["train.num_workers=2", "train.batch_size=64"])
     # each worker takes ceil(N / 2) samples in batches of 64
-    assert steps_per_epoch(1293, cfg) == 11  # 647 per worker
+    assert steps_per_epoch(1294, cfg) == 11  # 647 per worker
     assert steps_per_epoch(129, cfg) == 2  # 65 per worker: one full batch and one of 1
     assert steps_per_epoch(128, cfg) == 1
 
@@ -20,7 +20,7 @@ def test_a_labelled_part_gets_the_students_steps():
     cfg = load_config(None, ["data.labelled=0.1", "train.epochs=200", "train.num_workers=2",
                              "train.batch_size=64"])
     # the student learns the labelled part and every pool image: the whole train split
-    base, (student_steps, baseline_steps) = step_budget(cfg, {"transfer_size": 1293})
+    base, (student_steps, baseline_steps) = step_budget(cfg, {"transfer_size": 1294})
     assert student_steps == 200 * 11
     assert base.train.epochs == 1100 and baseline_steps == 1100 * 2  # 129 labelled images
     assert baseline_steps >= student_steps
@@ -31,7 +31,7 @@ def test_a_labelled_part_gets_the_students_steps():
 
 def test_fully_labelled_data_keeps_the_epochs():
     cfg = load_config(None, ["data.labelled=null", "train.epochs=20"])
-    base, (student_steps, baseline_steps) = step_budget(cfg, {"transfer_size": 1293})
+    base, (student_steps, baseline_steps) = step_budget(cfg, {"transfer_size": 1294})
     assert base is cfg and student_steps == baseline_steps == 20 * 11
     # a student on a class subset has fewer steps; the baseline is never cut down to them
     base, (student_steps, baseline_steps) = step_budget(cfg, {"transfer_size": 600})
