@@ -111,7 +111,7 @@ def preflight_cluster(cfg: RaykdConfig, cluster: dict[str, float] | None = None)
     """GPUs the job asks for and the cluster has not: one line now, instead of a fit waiting
     for resources that never come. (An autoscaling cluster that adds GPU nodes on demand would be
     refused too; such clusters are not supported yet.)"""
-    from raykd.teacher.actor import actor_gpus
+    from raykd.teacher.pool import actor_gpus, check_pool_fits
 
     if cluster is None:
         import ray
@@ -125,6 +125,7 @@ def preflight_cluster(cfg: RaykdConfig, cluster: dict[str, float] | None = None)
                           f"train.num_workers or train.gpus_per_worker, or set "
                           f"train.use_gpu=false")
     actor_gpus(cfg, gpus)  # teacher.use_gpu=true without room for it: one line too
+    check_pool_fits(cfg, cluster)  # a teacher pool larger than the cluster: one line
 
 
 def _check_labelled(cfg: RaykdConfig) -> None:
