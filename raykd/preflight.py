@@ -22,7 +22,7 @@ from raykd.models import build_model
 from raykd.models.hooks import probe_shapes
 from raykd.models.init import init_student_from_teacher
 from raykd.models.lm_checks import check_language_models
-from raykd.teacher.actor import actor_gpus
+from raykd.teacher.pool import actor_gpus, check_pool_fits
 from raykd.teacher.loading import local_checkpoint
 from raykd.tracking import resolve_tracking_uri
 from raykd.train.checkpoint import load_model
@@ -122,6 +122,7 @@ def preflight_cluster(cfg: RaykdConfig, cluster: dict[str, float] | None = None)
                           f"train.num_workers or train.gpus_per_worker, or set "
                           f"train.use_gpu=false")
     actor_gpus(cfg, gpus)  # teacher.use_gpu=true without room for it: one line too
+    check_pool_fits(cfg, cluster)  # a teacher pool larger than the cluster: one line
 
 
 def _check_labelled(cfg: RaykdConfig) -> None:

@@ -32,10 +32,12 @@ from typing import Any
 import numpy as np
 import torch
 
-from raykd.config import URI_SCHEMES, ConfigError, RaykdConfig, validate
+from raykd.config import URI_SCHEMES, RaykdConfig, validate
+from raykd.teacher.cache import nearest_cache
+from raykd.teacher.pool import (GPU_FRACTION, actor_gpus, check_pool_fits,  # noqa: F401
+                                teacher_device)
 
 ACTOR_NAMESPACE = "raykd"
-GPU_FRACTION = 0.25
 # Calls served at once by the (threaded) actor: every worker's live forward, plus the driver's.
 MAX_CONCURRENCY = 64
 
@@ -56,29 +58,6 @@ def teacher_views(cfg: RaykdConfig) -> int:
     return cfg.teacher.views if cfg.teacher.mode == "replay" else 1
 
 
-def previous_cache(root: Path, spec) -> tuple[str, list[str]] | None:
-    """The cache under ``root`` for the same data (dataset identity and split) whose spec differs
-    from ``spec`` in the fewest fields: ``(key, differing fields)``, or None. Only words the
-    report of a rebuild; it never changes what is served."""
-    if not root.is_dir():
-        return None
-    want = spec.to_dict()
-    best: tuple[int, str, list[str]] | None = None
-    for folder in sorted(p for p in root.iterdir() if p.is_dir() and not p.name.startswith(".")
-                         and p.name != spec.key())[:256]:
-        try:
-            got = json.loads((folder / "manifest.json").read_text())["spec"]
-        except (OSError, ValueError, KeyError, TypeError):
-            continue
-        if (got.get("dataset_identity"), got.get("split")) != (want["dataset_identity"],
-                                                               want["split"]):
-            continue
-        diff = sorted(k for k in want.keys() | got.keys() if got.get(k) != want.get(k))
-        if best is None or len(diff) < best[0]:
-            best = (len(diff), folder.name, diff)
-    return None if best is None else (best[1], best[2])
-
-
 class TeacherActor:
     """Load the (ensemble) teacher, build or reuse its soft-label cache, serve shards and live
     forwards. Created through :func:`start_teacher_actor` as a named, restartable Ray actor; it is
@@ -91,7 +70,7 @@ class TeacherActor:
 
         started = time.perf_counter()
         self.cfg = validate(config)  # files: checked by the driver, read below
-        self.sources = list(sources)
+        self.sources, self.tracking_uri = list(sources), tracking_uri
         self.device = teacher_device()
         self.dataset = build_dataset(self.cfg.data, "train")
         self.models = [m.to(self.device).eval() for m in
@@ -150,17 +129,22 @@ class TeacherActor:
         return (TokenCache if self.per_token else TeacherCache).open(self.root, self.spec,
                                                                      verify=False)
 
-    def _build(self) -> None:
-        if self.per_token:
+    def _build(self) -> dict[str, Any]:
+        """Build (or finish) the cache; returns what the run summary says about the build."""
+        if self.per_token:  # the per-token LM cache: one pass in this actor (token_cache.py)
             from raykd.teacher.token_cache import build_token_cache
 
-            build_token_cache(self.root, self.spec, lambda a, b: self._produce(a, b, 0),
+            build_token_cache(self.root, self.spec, self._produce_blocks,
                               self.cfg.teacher.batch_size)
-            return
-        from raykd.teacher.cache import build_cache
+            return {}
+        from raykd.teacher.pool import build_with_pool
 
-        build_cache(self.root, self.spec, self._produce, self.cfg.teacher.batch_size,
-                    progress=True)
+        result = build_with_pool(self.cfg, self.sources, self.tracking_uri, self.dataset,
+                                 self.spec, self.root)
+        with self._lock:  # the replicas' passes count as this teacher's forwards
+            self.forward_samples += result.computed_samples * self.spec.views
+        return {"replicas": self.cfg.teacher.replicas, "kept_shards": result.kept_shards,
+                "shards": result.shards}
 
     def _ensure_cache(self) -> dict[str, Any]:
         if self.cfg.teacher.mode == "live":
@@ -171,14 +155,16 @@ class TeacherActor:
                 self.cache = self._open()
                 self.cache_event = {"status": "reused", "reason": str(before)}
                 return self.stats()
-            prior = previous_cache(self.root, self.spec) if before.state == "missing" else None
+            prior = nearest_cache(self.root, self.spec, same_data=True) \
+                if before.state == "missing" else None
             start = time.perf_counter()
-            self._build()
+            built = self._build()
             seconds = time.perf_counter() - start
             self.cache = self._open()
             rows = self.spec.num_samples * self.spec.views
             event: dict[str, Any] = {"reason": str(before), "seconds": round(seconds, 3),
-                                     "samples_per_s": round(rows / max(seconds, 1e-9), 1)}
+                                     "samples_per_s": round(rows / max(seconds, 1e-9), 1),
+                                     **built}
             if before.state != "missing":
                 event.update(status="rebuilt", previous=before.state)
             elif prior is not None:
@@ -239,28 +225,18 @@ class TeacherActor:
         out["num_classes"] = np.array([cache.num_classes], dtype=np.int64)
         return out
 
-    def _produce(self, start: int, end: int, view: int) -> torch.Tensor:
-        from raykd.teacher.client import replay_inputs
-
-        idx = torch.arange(start, end)
-        _, x, _ = self.dataset.get_batch(idx)
-        if getattr(self.spec, "augment", ""):  # replay: view `view` of each sample, as seen
-            t = self.cfg.train
-            x = replay_inputs(x, idx, view, t.seed, t.jitter, t.flip)
+    def _produce_blocks(self, start: int, end: int) -> torch.Tensor:
+        _, x, _ = self.dataset.get_batch(torch.arange(start, end))
         return self._logits(x)
 
     # -- live --------------------------------------------------------------------------------
-    @torch.inference_mode()
     def _logits(self, x: torch.Tensor) -> torch.Tensor:
-        x = x.to(self.device, non_blocking=True)
-        # Ensembles average raw logits: stays consistent under any read-time temperature.
-        if len(self.models) == 1:
-            logits = self.models[0](x)
-        else:
-            logits = torch.stack([m(x) for m in self.models]).mean(0)
+        from raykd.teacher.loading import ensemble_logits
+
+        logits = ensemble_logits(self.models, x.to(self.device, non_blocking=True))
         with self._lock:
             self.forward_samples += len(x)
-        return logits.float().cpu()
+        return logits
 
     def _live_batcher(self):
         """Live mode: concurrent calls from the workers share teacher passes
@@ -356,46 +332,13 @@ def actor_name(cfg: RaykdConfig, sources: list[str]) -> str:
     return f"teacher-{hashlib.sha256(blob.encode()).hexdigest()[:16]}"
 
 
-def teacher_device() -> torch.device:
-    """Inside a Ray actor: the GPU Ray assigned to it, else the CPU. Ray leaves every GPU of the
-    node visible to an actor that asked for none, so ``torch.cuda.is_available()`` alone would
-    put the teacher on a GPU the training workers hold. In-process (benchmarks, tests): CUDA
-    when there is one."""
-    import ray
-
-    if ray.is_initialized() and ray.get_runtime_context().get_actor_id() is not None:
-        return torch.device("cuda" if ray.get_gpu_ids() else "cpu")
-    return torch.device("cuda" if torch.cuda.is_available() else "cpu")
-
-
-def actor_gpus(cfg: RaykdConfig, cluster_gpus: float) -> float:
-    """The teacher actor's GPU share (``teacher.use_gpu``). Unset (auto): a fraction when the
-    cluster has GPUs to spare beside the training workers (each takes a whole GPU), otherwise
-    0 — taking a slice the workers need would leave the fit waiting for resources forever.
-    true: the same fraction, or a ConfigError when it does not fit beside the workers.
-    false: none."""
-    t = cfg.train
-    workers = t.num_workers * t.gpus_per_worker if t.use_gpu else 0
-    fits = cluster_gpus - workers >= GPU_FRACTION
-    if cfg.teacher.use_gpu is None:
-        return GPU_FRACTION if fits else 0.0
-    if not cfg.teacher.use_gpu:
-        return 0.0
-    if not fits:
-        raise ConfigError(
-            f"teacher.use_gpu: the teacher actor needs {GPU_FRACTION:g} GPU beside the "
-            f"training workers' {workers:g}, and the cluster has {cluster_gpus:g} GPUs; add a "
-            f"GPU, lower train.num_workers or train.gpus_per_worker, or set "
-            f"teacher.use_gpu=false (teacher on CPU)")
-    return GPU_FRACTION
-
-
 def start_teacher_actor(cfg: RaykdConfig, sources: list[str], tracking_uri: str):
     """The job's named, restartable teacher actor (found again if it already runs). Its methods
     are retried across restarts (``max_task_retries=-1``), so a live forward in flight when
     the actor dies completes on the restarted one."""
     import ray
 
+    check_pool_fits(cfg, ray.cluster_resources())  # before anything is built: one line
     remote = ray.remote(TeacherActor).options(
         name=actor_name(cfg, sources), namespace=ACTOR_NAMESPACE, get_if_exists=True,
         max_restarts=cfg.teacher.max_restarts, max_task_retries=-1, num_cpus=0,

@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import torch
 from torch import nn
 
 from raykd.config import URI_SCHEMES, RaykdConfig
@@ -28,3 +29,14 @@ def load_teacher_models(sources: list[str], cfg: RaykdConfig, info, tracking_uri
 
     return [load_model(local_checkpoint(src, tracking_uri), cfg.teacher, info, field="teacher")
             for src in sources]
+
+
+def ensemble_logits(models: list[nn.Module], x: torch.Tensor) -> torch.Tensor:
+    """The teacher's raw float32 logits on the CPU: one model's, or the mean of an ensemble's
+    raw logits (consistent under any read-time temperature). ``x`` on the models' device."""
+    with torch.inference_mode():
+        if len(models) == 1:
+            logits = models[0](x)
+        else:
+            logits = torch.stack([m(x) for m in models]).mean(0)
+        return logits.float().cpu()

@@ -196,9 +196,9 @@ class ShardWriter:
                        "sha256": [self.sums[k] for k in range(len(self.bounds))]},
             "bytes_per_sample": bytes_per_row(spec.num_classes, spec.dtype, spec.topk),
             "created": datetime.now(UTC).isoformat(timespec="seconds")}
-        shutil.rmtree(self.path / DONE)
-        (self.path / BUILD).unlink()
         write_json_durable(self.path / MANIFEST, manifest)  # last: without it, never "fresh"
+        shutil.rmtree(self.path / DONE)  # the manifest holds the sums now
+        (self.path / BUILD).unlink()
         fsync_dir(self.path)
         return publish_folder(self.path, self.final, self.is_fresh)
 
