@@ -5,3 +5,7 @@ them, so no import runs back from a registry to the config."""
 
 class ConfigError(ValueError):
     """Bad user input. ``str(err)`` is one line: ``field: what is wrong; what is allowed``."""
+
+
+class TrainingError(RuntimeError):
+    """A training run failed on the cluster; the message names the run and the cause."""

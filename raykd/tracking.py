@@ -9,7 +9,6 @@ from __future__ import annotations
 import functools
 import json
 import os
-import re
 import tempfile
 from collections.abc import Iterator, Mapping
 from contextlib import contextmanager
@@ -18,18 +17,9 @@ from typing import Any
 
 from raykd import console
 from raykd.errors import ConfigError
-from raykd.train.storage import check_writable, default_root, in_ray_package
+from raykd.train.storage import check_writable, default_root, in_ray_package, redact  # noqa: F401
 
 DEFAULT_DB = "mlflow.db"
-# user:password@ in a URI (a tracking server with basic auth, s3://KEY:SECRET@bucket): the
-# password never reaches a print, a log line or MLflow; see redact().
-_USERINFO = re.compile(r"""(?P<head>\b[a-zA-Z][a-zA-Z0-9+.-]*://[^:/@\s]*):(?P<secret>[^\s"'<>]+)@""")
-
-
-def redact(text: str) -> str:
-    """``text`` with the password of every ``scheme://user:password@host`` URI in it masked."""
-    return _USERINFO.sub(r"\g<head>:***@", text)
-
 
 _TEXT_SUFFIXES = (".yaml", ".yml", ".json", ".txt", ".md")
 

@@ -30,7 +30,9 @@ from typing import Any
 
 import torch
 
-from raykd.data.text import IGNORE, file_sha256
+from raykd.checksums import file_sha256
+
+IGNORE = -100  # label of padding positions (torch's cross-entropy ignore_index)
 
 KIND = "generated_sequences"
 FORMAT_VERSION = 1

@@ -27,12 +27,12 @@ from torch.utils.data import Dataset
 from raykd.checksums import file_sha256, tensors_sha256
 from raykd.config import ConfigError
 from raykd.data.indexed import SPLITS, DatasetInfo
+from raykd.data.sequences import IGNORE, read_sequences, sequence_blocks
 
 if TYPE_CHECKING:
     from raykd.config import DataConfig
 
 TEST_FRACTION = 0.1  # nanoGPT holds out the last 10% of the token stream
-IGNORE = -100  # label of padding positions (torch's cross-entropy ignore_index)
 
 
 @dataclass(frozen=True)
@@ -208,7 +208,6 @@ def load_text(cfg: DataConfig) -> tuple[TextInfo, dict[str, TokenBlocks]]:
 def _generated_train(cfg: DataConfig, train: TokenBlocks, pad: int) -> tuple[TokenBlocks, str]:
     """The generated sequences of ``data.sequences`` as train blocks (then the corpus's own
     train blocks with ``data.sequences_with_original``), and the identity part naming them."""
-    from raykd.data.sequences import read_sequences, sequence_blocks
     from raykd.node_files import require
 
     require(cfg.sequences, "data.sequences", "folder")  # missing on a worker's node: says which

@@ -20,7 +20,7 @@ import uuid
 from collections.abc import Iterable
 from pathlib import Path
 
-from raykd.config import ConfigError
+from raykd.errors import ConfigError
 
 TOKENIZER_FILE = "tokenizer.json"
 EOS = "<|endoftext|>"  # GPT-2's document separator; the trained tokenizer's one special token

@@ -27,6 +27,9 @@ import threading
 import time
 from typing import Any
 
+from raykd.errors import TrainingError
+from raykd.train.ray_runtime import ensure_ray
+
 
 class FitCoordinator:
     """Ray actor (threaded): the queue of phases and what comes back from them."""
@@ -221,7 +224,6 @@ class FitGroup:
 
         from raykd import console
         from raykd.train.collective import process_group_backend, worker_resources
-        from raykd.train.fit import ensure_ray
         from raykd.train.storage import train_storage
 
         ensure_ray()
@@ -298,8 +300,6 @@ class FitGroup:
         import ray
 
         from raykd.config import ConfigError
-        from raykd.train.fit import TrainingError
-
         phase_id, self._next_id = self._next_id, self._next_id + 1
         # The loop goes by reference, in a list so Ray does not resolve it for the actor: the
         # coordinator never unpickles it (a teacher handoff would import torch there, ~4 s).

@@ -19,10 +19,22 @@ a URI such as s3://bucket/raykd): Ray Train writes each worker's checkpoint ther
 from __future__ import annotations
 
 import os
+import re
 import tempfile
 import uuid
 from pathlib import Path
-from raykd.config import ConfigError
+
+from raykd.errors import ConfigError
+
+# user:password@ in a URI (a tracking server with basic auth, s3://KEY:SECRET@bucket): the
+# password never reaches a print, a log line or MLflow; see redact().
+_USERINFO = re.compile(r"""(?P<head>\b[a-zA-Z][a-zA-Z0-9+.-]*://[^:/@\s]*):(?P<secret>[^\s"'<>]+)@""")
+
+
+def redact(text: str) -> str:
+    """``text`` with the password of every ``scheme://user:password@host`` URI in it masked."""
+    return _USERINFO.sub(r"\g<head>:***@", text)
+
 
 # The folder names Ray unpacks a job's working_dir under (its runtime_env constants and
 # runtime_env/working_dir.py; not a public API, so only a hint for picking a default).
@@ -136,8 +148,6 @@ def check_writable(path: str, field: str, hint: str = FOLDER_HINT,
 
 def _check_uri(uri: str, field: str, timeout_s: float) -> None:
     import threading
-
-    from raykd.tracking import redact
 
     outcome: list[BaseException | None] = []
 
