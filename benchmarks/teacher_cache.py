@@ -81,7 +81,7 @@ class Trainer:
         from raykd.data import build_dataset
         from raykd.losses import DistillLoss
         from raykd.models import build_model
-        from raykd.train.loop import DistillStep, _make_optimizer
+        from raykd.train.step import DistillStep, make_optimizer
 
         self.cfg = cfg
         self.ds = build_dataset(cfg.data, "train")
@@ -89,7 +89,7 @@ class Trainer:
         self.model = build_model(cfg.student, self.ds.info, field="student")
         self.loss = DistillLoss(distill, {}, {})
         self.step = DistillStep(self.model, self.loss, [])
-        self.opt = _make_optimizer(list(self.step.parameters()), cfg, cfg.train.lr)
+        self.opt = make_optimizer(list(self.step.parameters()), cfg, cfg.train.lr)
 
     def epoch(self, batches: list[torch.Tensor], teacher=None, epoch: int = 0) -> float:
         """Samples/s over ``batches`` (wall clock); ``teacher(idx, x, next_idx) -> (logits,
@@ -122,7 +122,7 @@ class Trainer:
 
     def accuracy(self, split: str = "test") -> float:
         from raykd.data import build_dataset
-        from raykd.train.loop import evaluate
+        from raykd.train.evaluate import evaluate
 
         return evaluate(self.model, build_dataset(self.cfg.data, split), torch.device("cpu"))
 

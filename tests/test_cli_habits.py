@@ -127,7 +127,7 @@ def test_one_and_byot_run_on_the_default_model_without_settings(scheme, field, e
     from raykd.models.cohort import build_cohort
     from raykd.models.hooks import probe_shapes
     from raykd.schemes.online.run import preflight_online
-    from raykd.train.loop import DistillStep
+    from raykd.train.step import DistillStep
 
     cfg = preflight_online(load_config(None, {"online.scheme": scheme}))
     assert getattr(cfg.online, field) == expected

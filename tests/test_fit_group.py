@@ -75,7 +75,7 @@ def test_checkpoint_cadence_every_two_epochs_and_the_last(session_fits):
 def test_kept_weights_are_the_best_validation_epoch(session_fits):
     from raykd.data import build_dataset
     from raykd.train.checkpoint import load_model
-    from raykd.train.loop import evaluate
+    from raykd.train.evaluate import evaluate
 
     fit = session_fits["cadence"]
     key = [(h["val_accuracy"], -h["val_loss"]) for h in fit.history]

@@ -69,7 +69,7 @@ def digits_student():
 def test_evaluation_reduces_on_the_workers_device(cuda_like_worker):
     """The model sits on the CPU here (it has to run); the reduce still goes to the worker's
     device, which only Ray Train names: no caller can hand NCCL a host tensor."""
-    from raykd.train.loop import evaluate_split
+    from raykd.train.evaluate import evaluate_split
 
     _, model, val = digits_student()
     with pytest.raises(Reached) as hit:
@@ -80,7 +80,7 @@ def test_evaluation_reduces_on_the_workers_device(cuda_like_worker):
 def test_cohort_evaluation_and_epoch_sums_reduce_on_the_workers_device(cuda_like_worker):
     from raykd.models.cohort import build_cohort
     from raykd.train.collective import all_reduce_sum
-    from raykd.train.loop import evaluate_members
+    from raykd.train.evaluate import evaluate_members
 
     cfg = load_config(None, {"online.scheme": "dml"})
     _, _, val = digits_student()
@@ -189,7 +189,7 @@ def test_fp16_student_step_on_the_gpu():
     scaler: the weights move and stay finite."""
     from raykd.config import DistillConfig, LossTermConfig
     from raykd.losses import DistillLoss
-    from raykd.train.loop import DistillStep
+    from raykd.train.step import DistillStep
     from raykd.train.precision import Precision
 
     _, model, val = digits_student()
@@ -217,7 +217,7 @@ def test_fp16_student_step_on_the_gpu():
 def test_bf16_student_forward_and_float32_loss():
     from raykd.config import DistillConfig, LossTermConfig
     from raykd.losses import DistillLoss
-    from raykd.train.loop import DistillStep
+    from raykd.train.step import DistillStep
     from raykd.train.precision import Precision
 
     cfg, model, val = digits_student()
@@ -240,8 +240,8 @@ def test_grad_scaler_state_goes_into_the_checkpoint(tmp_path, monkeypatch):
     read back on resume."""
     import ray.train
 
-    from raykd.train.loop import _restore, _save
     from raykd.train.precision import Precision
+    from raykd.train.state import restore_phase, save_phase_checkpoint
 
     cfg, model, val = digits_student()
     opt = torch.optim.Adam(model.parameters())
@@ -254,13 +254,13 @@ def test_grad_scaler_state_goes_into_the_checkpoint(tmp_path, monkeypatch):
     assert precision.scaler.get_scale() == 512.0  # ... and the scale backed off
     spec = {"name": cfg.student.name, "args": cfg.student.args}
     no_loss_modules = torch.nn.Module()
-    ckpt = _save(model, no_loss_modules, opt, None, spec, val.info, 3, {"val_accuracy": 0.5}, 7,
-                 None, [], precision=precision)
+    ckpt = save_phase_checkpoint(model, no_loss_modules, opt, None, spec, val.info, 3,
+                                 {"val_accuracy": 0.5}, 7, None, [], precision=precision)
     assert (Path(ckpt.path) / "scaler.pt").is_file()
     resumed = Precision("bf16", "cpu")
     resumed.scaler = torch.amp.GradScaler("cpu")
     monkeypatch.setattr(ray.train, "get_checkpoint", lambda: None)
-    restored, after_failure = _restore(model, no_loss_modules, opt, None, 7, ckpt,
+    restored, after_failure = restore_phase(model, no_loss_modules, opt, None, 7, ckpt,
                                        precision=resumed)
     assert restored.next_epoch == 4 and not after_failure
     assert resumed.scaler.get_scale() == 512.0

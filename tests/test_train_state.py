@@ -13,7 +13,7 @@ import torch
 from raykd.config import DistillConfig, LossTermConfig
 from raykd.losses import DistillLoss
 from raykd.models.mlp import MLP
-from raykd.train.loop import DistillStep
+from raykd.train.step import DistillStep
 from raykd.train.state import read_state, rng_file, write_state
 
 INFO = SimpleNamespace(input_shape=(1, 8, 8), num_classes=10)

@@ -20,6 +20,7 @@ from raykd.config import RaykdConfig
 from raykd.errors import TrainingError  # noqa: F401
 from raykd.train.ray_runtime import (RAY_START, TRAIN_ENV, ensure_ray, free_port,  # noqa: F401
                                      init_ray, local_ray_options)
+from raykd.train.step import RolePlan
 
 
 @dataclass
@@ -114,8 +115,6 @@ def fit(cfg: RaykdConfig, role: str, *, tracking_uri: str | None = None,
     loop: dict[str, Any] = {"config": cfg.to_dict(), "role": role, "tracking_uri": tracking_uri,
                             "teacher": teacher, "name": name, "init_from": init_from,
                             "resume_from": resume_from, **(extra or {})}
-    from raykd.train.loop import RolePlan
-
     progress = FitProgress(name, RolePlan.of(cfg, role).epochs)
 
     def on_epochs(epochs: list[dict[str, float]]) -> None:

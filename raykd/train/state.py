@@ -24,6 +24,7 @@ Tensors go to safetensors and plain state to JSON; no pickle anywhere.
 from __future__ import annotations
 
 import json
+import tempfile
 from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
@@ -132,3 +133,39 @@ def read_state(folder: str | Path, *, rank: int, model: nn.Module, loss: nn.Modu
     metrics = state.get("metrics") or {}
     return Restored(next_epoch=state["epoch"] + 1, best=best, history=state.get("history", []),
                     last_ended_at=metrics.get("_ended_at"), scheduler_restored=restored_scheduler)
+
+
+def restore_phase(model, loss, optimizer, scheduler, phase_id: int, resume_from=None,
+                  rank: int = 0, device=None, precision=None):
+    """Resume after a worker failure from Ray Train's latest checkpoint when it belongs to this
+    phase (else from ``resume_from``, a checkpoint handed in by a Tune trial): the student, the
+    loss's learned modules, optimiser, LR schedule and this rank's RNG.
+    Returns (:class:`Restored` or None, whether it follows a failure)."""
+    import ray.train
+
+    ckpt = ray.train.get_checkpoint()
+    if ckpt is not None:
+        with ckpt.as_directory() as d:
+            if read_phase(d) != phase_id:
+                ckpt = None  # an earlier phase's checkpoint: this phase starts afresh
+    after_failure = ckpt is not None
+    ckpt = ckpt or resume_from
+    if ckpt is None:
+        return None, False
+    with ckpt.as_directory() as d:
+        return read_state(d, rank=rank, model=model, loss=loss, optimizer=optimizer,
+                          scheduler=scheduler, device=device, precision=precision), after_failure
+
+
+def save_phase_checkpoint(model, loss, optimizer, scheduler, spec: dict, info, epoch: int,
+                          metrics: dict, phase_id: int, best: dict | None, history: list,
+                          rank: int = 0, device=None, precision=None):
+    """Every rank's checkpoint folder (Ray Train merges them): write_state."""
+    import ray.train
+
+    tmp = tempfile.mkdtemp(prefix="raykd-ckpt-")
+    write_state(tmp, rank=rank, model=model, loss=loss, optimizer=optimizer,
+                scheduler=scheduler, spec=spec, info=info, epoch=epoch, metrics=metrics,
+                phase_id=phase_id, best=best, history=history, device=device,
+                precision=precision)
+    return ray.train.Checkpoint.from_directory(tmp)

@@ -47,7 +47,7 @@ from raykd.teacher.loading import local_checkpoint
 from raykd.teacher.service import serve_teacher, stop_teacher, teacher_stats
 from raykd.train.checkpoint import load_model, save_checkpoint
 from raykd.train.fit import ensure_ray, fit_session
-from raykd.train.loop import RolePlan
+from raykd.train.step import RolePlan
 
 # ---------------------------------------------------------------------------------- teacher
 
