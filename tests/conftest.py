@@ -17,7 +17,7 @@ os.environ.setdefault("TQDM_DISABLE", "1")
 def same_data_default():
     """In-process tests read configs/digits_same_data.yaml where a user gets the embedded default.
 
-    The embedded default (README command 1) learns from 10% of the labels with a 300-epoch
+    The embedded default (README command 1) learns from 10% of the labels with a 600-epoch
     teacher; the suite's tests of mechanics (caches, storage, faults, schemes) were written, and
     their floors measured, on the fully labelled split, and they keep it. Tests of the default's
     own scenario run it in a subprocess (test_e2e_distill) or take ``embedded_default``.
