@@ -228,9 +228,9 @@ def test_runs_read_back_from_the_server(submitted):
                 if r.data.tags.get("mlflow.parentRunId") == parent.info.run_id}
     assert set(children) == {"teacher", "student"}
     assert {r.info.status for r in runs} == {"FINISHED"}
-    # One epoch each. Floors under what the same job measures run through the CLI directly
-    # (jobs/distill.py with these --set values, twice, 2026-12-07, 2 cores: teacher 0.9331,
-    # student 0.5682 — T=4, alpha 0.9 learns slowly in one epoch); chance is 0.1.
+    # One epoch each. Floors under what the same job measured run through the CLI directly
+    # (jobs/distill.py with these --set values, 2026-12-07, 2 cores: teacher 0.9331, student
+    # 0.5682 — T=4, alpha 0.9 learns slowly in one epoch); chance is 0.1.
     assert children["teacher"].data.metrics["test_accuracy"] > 0.85
     assert children["student"].data.metrics["test_accuracy"] > 0.48
     assert parent.data.params["train.epochs"] == "1"
