@@ -317,6 +317,14 @@ def build_cache(root: str | Path, spec: CacheSpec,
     """In-process build: ``produce(start, end, view) -> raw logits [end−start, C]`` over every
     batch and view of the shards still missing. Returns the published folder. (The teacher
     actor builds through a pool of replicas instead: ``pool.py``.)"""
+    return fill_cache(root, spec, shard_size or spec.num_samples,
+                      produced_rows(produce, spec, batch_size), progress).path
+
+
+def produced_rows(produce: Callable[[int, int, int], torch.Tensor], spec: CacheSpec,
+                  batch_size: int):
+    """``compute`` for :func:`fill_cache` from ``produce(start, end, view)``, batch by batch
+    within each missing shard (the batches the pool's replicas see: ``pool.input_rows``)."""
     if batch_size < 1:
         raise CacheError(f"batch_size must be ≥ 1, got {batch_size}")
 
@@ -327,7 +335,7 @@ def build_cache(root: str | Path, spec: CacheSpec,
                 yield np.arange(start, end), encode_views(
                     [produce(start, end, view) for view in range(spec.views)], spec, start, end)
 
-    return fill_cache(root, spec, shard_size or spec.num_samples, compute, progress).path
+    return compute
 
 
 # -- reading ---------------------------------------------------------------------------------
