@@ -173,10 +173,13 @@ class TeacherConfig(ModelConfig):
     max_restarts: int = Field(3, ge=0)
     batch_size: int = Field(512, ge=1)  # teacher inference batch
     # The cache is built by a pool of teacher replicas (Ray Data map_batches over the train split,
-    # raykd/teacher/pool.py), each with these resources; replica_gpus null follows
-    # teacher.use_gpu (the actor's share). The pool must fit the cluster: checked before training.
+    # raykd/teacher/pool.py), each reserving these resources. replica_cpus 0 (default) reserves
+    # none, as the teacher actor: the build runs while the job's training workers, which hold
+    # the CPUs, wait for it (a reserved CPU would wait for them forever on a full cluster); give
+    # 1 for a pool with CPUs of its own. replica_gpus null follows teacher.use_gpu (the actor's
+    # share). A pool larger than the cluster is refused before training.
     replicas: int = Field(1, ge=1)
-    replica_cpus: float = Field(1.0, gt=0)
+    replica_cpus: float = Field(0.0, ge=0)
     replica_gpus: float | None = Field(None, ge=0)
     # The teacher actor's GPU: null (auto) takes a fraction only when GPUs are left beside the
     # training workers; true asks for it (an error when none is left); false keeps it on CPU.

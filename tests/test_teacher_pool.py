@@ -74,7 +74,7 @@ def test_shard_corrupted_on_disk_is_rebuilt_alone_never_served(ray_session, teac
 def test_a_pool_larger_than_the_cluster_is_refused_in_one_line(ray_session, teacher, tmp_path):
     from raykd.teacher.service import serve_teacher
 
-    cfg = make_cfg(tmp_path, teacher, **{"teacher.replicas": 64})
+    cfg = make_cfg(tmp_path, teacher, **{"teacher.replicas": 64, "teacher.replica_cpus": 1})
     with pytest.raises(ConfigError) as err:
         serve_teacher(cfg, [cfg.teacher.checkpoint], cfg.tracking.uri)
     message = str(err.value)
@@ -85,5 +85,6 @@ def test_a_pool_larger_than_the_cluster_is_refused_in_one_line(ray_session, teac
 
     with pytest.raises(ConfigError, match="teacher.replicas: 1 teacher replicas × 1 GPU"):
         check_pool_fits(gpus, {"CPU": 4})
-    check_pool_fits(make_cfg(tmp_path, teacher, **{"teacher.mode": "live",
-                                                    "teacher.replicas": 64}), {"CPU": 4})
+    for free in ({"teacher.replicas": 64},  # replica_cpus 0 (default): nothing reserved
+                 {"teacher.mode": "live", "teacher.replicas": 64, "teacher.replica_cpus": 1}):
+        check_pool_fits(make_cfg(tmp_path, teacher, **free), {"CPU": 4})

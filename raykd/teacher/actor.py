@@ -137,10 +137,17 @@ class TeacherActor:
             build_token_cache(self.root, self.spec, self._produce_blocks,
                               self.cfg.teacher.batch_size)
             return {}
+        from raykd.teacher.cache import fill_cache, produced_rows
         from raykd.teacher.pool import build_with_pool
 
-        result = build_with_pool(self.cfg, self.sources, self.tracking_uri, self.dataset,
-                                 self.spec, self.root)
+        if self.cfg.teacher.replicas > 1:
+            result = build_with_pool(self.cfg, self.sources, self.tracking_uri, self.dataset,
+                                     self.spec, self.root)
+        else:  # one replica: this actor is it. A pool actor would ask Ray for a slot that the
+            # job's waiting worker group may hold (README command 1 hung so on 2 cores).
+            result = fill_cache(self.root, self.spec, self.cfg.teacher.shard_size,
+                                produced_rows(self._produce, self.spec,
+                                              self.cfg.teacher.batch_size))
         with self._lock:  # the replicas' passes count as this teacher's forwards
             self.forward_samples += result.computed_samples * self.spec.views
         return {"replicas": self.cfg.teacher.replicas, "kept_shards": result.kept_shards,
@@ -226,7 +233,16 @@ class TeacherActor:
         return out
 
     def _produce_blocks(self, start: int, end: int) -> torch.Tensor:
-        _, x, _ = self.dataset.get_batch(torch.arange(start, end))
+        return self._produce(start, end, 0)
+
+    def _produce(self, start: int, end: int, view: int) -> torch.Tensor:
+        from raykd.teacher.client import replay_inputs
+
+        idx = torch.arange(start, end)
+        _, x, _ = self.dataset.get_batch(idx)
+        if getattr(self.spec, "augment", ""):  # replay: view `view` of each sample, as seen
+            t = self.cfg.train
+            x = replay_inputs(x, idx, view, t.seed, t.jitter, t.flip)
         return self._logits(x)
 
     # -- live --------------------------------------------------------------------------------

@@ -29,8 +29,8 @@ which is cheap next to serving a silently damaged cache to every trial; ``verify
 Atomicity and resuming: caches are written shard by shard into a hidden sibling folder that a
 restarted build finds again (``shards.py``: finished shards are checksummed and kept, the rest
 recomputed); the manifest is written last and the folder renamed into place, so nothing
-half-written is ever visible under ``<key>``. The teacher actor fills it from a pool of teacher
-replicas (``pool.py``); :func:`build_cache` fills it from a plain ``produce`` function.
+half-written is ever visible under ``<key>``. Filled by a pool of replicas (``pool.py``) or a
+``produce`` function (:func:`build_cache`, the actor's own teacher when replicas = 1).
 """
 
 from __future__ import annotations
@@ -55,9 +55,9 @@ from raykd.teacher.topk import (DTYPES, STORAGE, CacheShard, array_layout, bytes
                                 effective_topk, encode_rows, lookup, reconstruct_topk)
 
 __all__ = ["FORMAT_VERSION", "BuildResult", "CacheError", "CacheShard", "CacheSpec", "CacheStatus",
-           "TeacherCache", "build_cache", "check_cache", "encode_views", "fill_cache",
-           "inspect_cache", "lookup", "nearest_cache", "reconstruct_topk", "teacher_fingerprint",
-           "verify_cache"]
+           "TeacherCache", "build_cache", "check_cache", "encode_views", "fill_cache", "lookup",
+           "inspect_cache", "nearest_cache", "produced_rows", "reconstruct_topk",
+           "teacher_fingerprint", "verify_cache"]
 
 FORMAT_VERSION = 1  # bump whenever the layout or encoding changes: old folders then go unread
 STATES = ("fresh", "missing", "stale", "truncated", "corrupt")
@@ -250,18 +250,17 @@ def verify_cache(path: str | Path, verify: bool = True) -> CacheStatus:
 
 # -- building --------------------------------------------------------------------------------
 @dataclass(frozen=True)
-class BuildResult:
+class BuildResult:  # computed: samples labelled now (all views); kept: verified old shards
     path: Path
-    computed_samples: int  # samples the teacher labelled in this build (all views each)
-    kept_shards: int  # finished shards found on disk, verified and kept (a resumed build)
+    computed_samples: int
+    kept_shards: int
     shards: int
 
 
 def encode_views(per_view: Sequence[Any], spec: CacheSpec, start: int, end: int
                  ) -> dict[str, np.ndarray]:
-    """Raw logits of samples ``start:end``, one [B, C] per view, → ``{array name: rows
-    [B, V, ...]}`` in the cache's on-disk encoding. A wrong shape, a non-finite logit or one that
-    overflows the cache dtype is a CacheError: nothing of it reaches the cache."""
+    """Raw logits of samples ``start:end`` (one [B, C] per view) → ``{array: rows [B, V, ...]}``,
+    encoded; a wrong shape, a non-finite or overflowing logit is a CacheError, never stored."""
     encoded = []
     for view, out in enumerate(per_view):
         logits = torch.as_tensor(out).detach().to("cpu", torch.float32)
@@ -317,6 +316,14 @@ def build_cache(root: str | Path, spec: CacheSpec,
     """In-process build: ``produce(start, end, view) -> raw logits [end−start, C]`` over every
     batch and view of the shards still missing. Returns the published folder. (The teacher
     actor builds through a pool of replicas instead: ``pool.py``.)"""
+    return fill_cache(root, spec, shard_size or spec.num_samples,
+                      produced_rows(produce, spec, batch_size), progress).path
+
+
+def produced_rows(produce: Callable[[int, int, int], torch.Tensor], spec: CacheSpec,
+                  batch_size: int):
+    """``compute`` for :func:`fill_cache` from ``produce(start, end, view)``, batch by batch
+    within each missing shard (the batches the pool's replicas see: ``pool.input_rows``)."""
     if batch_size < 1:
         raise CacheError(f"batch_size must be ≥ 1, got {batch_size}")
 
@@ -327,7 +334,7 @@ def build_cache(root: str | Path, spec: CacheSpec,
                 yield np.arange(start, end), encode_views(
                     [produce(start, end, view) for view in range(spec.views)], spec, start, end)
 
-    return fill_cache(root, spec, shard_size or spec.num_samples, compute, progress).path
+    return compute
 
 
 # -- reading ---------------------------------------------------------------------------------

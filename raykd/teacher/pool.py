@@ -106,8 +106,9 @@ class TeacherReplica:
         from raykd.teacher.client import replay_inputs
         from raykd.teacher.loading import ensemble_logits
 
-        idx = torch.from_numpy(np.ascontiguousarray(batch["index"]))
-        x = torch.from_numpy(np.ascontiguousarray(batch["x"]))
+        idx = torch.tensor(batch["index"], dtype=torch.int64)
+        x = batch["x"]  # Ray Data hands read-only arrays; torch wants to own writable memory
+        x = torch.from_numpy(x if x.flags.writeable and x.flags.c_contiguous else x.copy())
         t = self.cfg.train
         per_view = []
         for view in range(self.spec.views):
