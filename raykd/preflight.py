@@ -69,6 +69,9 @@ def check_destinations(cfg: RaykdConfig) -> None:
 def preflight(cfg: RaykdConfig, roles: tuple[str, ...] = ("teacher", "student")) -> None:
     if "student" in roles:  # `raykd online` checks its cohort itself (preflight_online)
         check_no_peer_terms(cfg.distill)
+        if cfg.online is not None:  # the loop would build the cohort and train it silently
+            raise ConfigError("online: this section configures `raykd online` (members trained "
+                              "together); remove it for this verb, or run `raykd online`")
     check_destinations(cfg)
 
     info = dataset_info(cfg.data)

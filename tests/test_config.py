@@ -212,6 +212,21 @@ def test_online_terms_are_refused_by_verbs_without_a_cohort(verb, term, tmp_path
     assert sorted(p.name for p in tmp_path.iterdir()) == made
 
 
+@pytest.mark.parametrize("verb", ["distill", "born-again"])
+def test_an_online_section_is_refused_by_verbs_without_a_cohort(verb, tmp_path, monkeypatch,
+                                                                 cli_stderr):
+    """`raykd distill` with an `online:` section built the cohort in the loop and trained it as
+    the student, without a word."""
+    from raykd.cli import main
+
+    monkeypatch.chdir(tmp_path)
+    assert main([verb, "--set", "online.scheme=dml"]) == 2
+    err = cli_stderr()
+    assert len(err.splitlines()) == 1, err
+    assert err.startswith("raykd: error: online: this section configures `raykd online`"), err
+    assert sorted(p.name for p in tmp_path.iterdir()) == []
+
+
 @pytest.mark.parametrize("scheme", ["dml", "codistill"])
 def test_the_online_verb_still_takes_its_terms(scheme, tmp_path, monkeypatch):
     from raykd.schemes.online.run import preflight_online
