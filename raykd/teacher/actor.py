@@ -143,13 +143,13 @@ class TeacherActor:
         if self.cfg.teacher.replicas > 1:
             result = build_with_pool(self.cfg, self.sources, self.tracking_uri, self.dataset,
                                      self.spec, self.root)
+            with self._lock:  # the replicas' passes count as this teacher's forwards
+                self.forward_samples += result.computed_samples * self.spec.views
         else:  # one replica: this actor is it. A pool actor would ask Ray for a slot that the
             # job's waiting worker group may hold (README command 1 hung so on 2 cores).
             result = fill_cache(self.root, self.spec, self.cfg.teacher.shard_size,
                                 produced_rows(self._produce, self.spec,
                                               self.cfg.teacher.batch_size))
-        with self._lock:  # the replicas' passes count as this teacher's forwards
-            self.forward_samples += result.computed_samples * self.spec.views
         return {"replicas": self.cfg.teacher.replicas, "kept_shards": result.kept_shards,
                 "shards": result.shards}
 
