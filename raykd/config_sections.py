@@ -22,6 +22,13 @@ class Section(BaseModel):
     model_config = ConfigDict(extra="forbid", frozen=True)
 
 
+def known(name: str, names, what: str) -> str:
+    """``name`` when a registry knows it, else the validation error listing what it knows."""
+    if name not in names:
+        raise ValueError(f"unknown {what} {name!r}; allowed: {', '.join(sorted(names))}")
+    return name
+
+
 class DataConfig(Section):
     name: str = "digits"
     root: str | None = None  # folder for mnist/fashion_mnist/cifar*/imagefolder
@@ -72,9 +79,7 @@ class DataConfig(Section):
     def _known_dataset(cls, name: str) -> str:
         from raykd.data import DATASETS
 
-        if name not in DATASETS:
-            raise ValueError(f"unknown dataset {name!r}; allowed: {', '.join(sorted(DATASETS))}")
-        return name
+        return known(name, DATASETS, "dataset")
 
     @model_validator(mode="after")
     def _root_needed(self, info: ValidationInfo) -> DataConfig:
@@ -224,9 +229,7 @@ class LossTermConfig(Section):
     def _known_term(cls, name: str) -> str:
         from raykd.losses import LOSSES
 
-        if name not in LOSSES:
-            raise ValueError(f"unknown loss {name!r}; allowed: {', '.join(sorted(LOSSES))}")
-        return name
+        return known(name, LOSSES, "loss")
 
 
 class DistillConfig(Section):

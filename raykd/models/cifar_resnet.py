@@ -13,6 +13,7 @@ import torch
 from torch import nn
 
 from raykd.models.args import Probability
+from raykd.models.init import repdistiller_init
 
 
 class BasicBlock(nn.Module):
@@ -80,12 +81,7 @@ class CifarResNet(nn.Module):
         self.avgpool = nn.AdaptiveAvgPool2d(1)
         self.flatten = nn.Flatten()
         self.fc = nn.Linear(filters[3], num_classes)
-        for m in self.modules():  # RepDistiller's initialisation
-            if isinstance(m, nn.Conv2d):
-                nn.init.kaiming_normal_(m.weight, mode="fan_out", nonlinearity="relu")
-            elif isinstance(m, nn.BatchNorm2d):
-                nn.init.ones_(m.weight)
-                nn.init.zeros_(m.bias)
+        repdistiller_init(self)
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:
         x = self.relu(self.bn1(self.conv1(x)))

@@ -103,3 +103,16 @@ def _describe(model: nn.Module) -> str:
         return describe_hf(model)
     describe = getattr(model, "describe", None)
     return describe() if callable(describe) else type(model).__name__
+
+
+def repdistiller_init(model: nn.Module, zero_linear_bias: bool = False) -> None:
+    """RepDistiller's initialisation of its CIFAR networks: Kaiming-normal convolutions (fan out),
+    unit-scale zero-shift batch norms and, for the WRNs, zero linear biases."""
+    for m in model.modules():
+        if isinstance(m, nn.Conv2d):
+            nn.init.kaiming_normal_(m.weight, mode="fan_out", nonlinearity="relu")
+        elif isinstance(m, nn.BatchNorm2d):
+            nn.init.ones_(m.weight)
+            nn.init.zeros_(m.bias)
+        elif isinstance(m, nn.Linear) and zero_linear_bias:
+            nn.init.zeros_(m.bias)

@@ -12,6 +12,7 @@ import torch.nn.functional as F
 from torch import nn
 
 from raykd.models.args import Probability
+from raykd.models.init import repdistiller_init
 
 
 class WideBasicBlock(nn.Module):
@@ -71,14 +72,7 @@ class WideResNet(nn.Module):
         self.avgpool = nn.AdaptiveAvgPool2d(1)
         self.flatten = nn.Flatten()
         self.fc = nn.Linear(widths[3], num_classes)
-        for m in self.modules():  # RepDistiller's initialisation
-            if isinstance(m, nn.Conv2d):
-                nn.init.kaiming_normal_(m.weight, mode="fan_out", nonlinearity="relu")
-            elif isinstance(m, nn.BatchNorm2d):
-                nn.init.ones_(m.weight)
-                nn.init.zeros_(m.bias)
-            elif isinstance(m, nn.Linear):
-                nn.init.zeros_(m.bias)
+        repdistiller_init(self, zero_linear_bias=True)
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:
         x = self.layer3(self.layer2(self.layer1(self.conv1(x))))
