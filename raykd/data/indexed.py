@@ -17,6 +17,14 @@ from raykd.checksums import tensors_sha256
 SPLITS = ("train", "val", "test")
 
 
+def split_checksum(split) -> str:
+    """A split's identity in cache keys: sha256 of its ``inputs`` then ``labels`` tensors,
+    computed once and kept on the split (``_checksum``)."""
+    if split._checksum is None:
+        split._checksum = tensors_sha256(split.inputs, split.labels)
+    return split._checksum
+
+
 @dataclass(frozen=True)
 class DatasetInfo:
     """What a model and a teacher cache need to know about a dataset, without its data."""
@@ -76,9 +84,7 @@ class IndexedDataset(Dataset):
 
     def checksum(self) -> str:
         """sha256 hex of the stored input bytes followed by the int64 label bytes (cached)."""
-        if self._checksum is None:
-            self._checksum = tensors_sha256(self.inputs, self.labels)
-        return self._checksum
+        return split_checksum(self)
 
     def subset_indices(self, include: list[int] | None = None,
                        exclude: list[int] | tuple[int, ...] = ()) -> torch.Tensor:

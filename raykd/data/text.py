@@ -24,9 +24,9 @@ from typing import TYPE_CHECKING
 import torch
 from torch.utils.data import Dataset
 
-from raykd.checksums import file_sha256, tensors_sha256
+from raykd.checksums import file_sha256
 from raykd.config import ConfigError
-from raykd.data.indexed import SPLITS, DatasetInfo
+from raykd.data.indexed import SPLITS, DatasetInfo, split_checksum
 from raykd.data.sequences import IGNORE, read_sequences, sequence_blocks
 
 if TYPE_CHECKING:
@@ -74,9 +74,7 @@ class TokenBlocks(Dataset):
         return int((self.labels != IGNORE).sum())
 
     def checksum(self) -> str:
-        if self._checksum is None:
-            self._checksum = tensors_sha256(self.inputs, self.labels)
-        return self._checksum
+        return split_checksum(self)
 
     def subset_indices(self, include: list[int] | None = None,
                        exclude: list[int] | tuple[int, ...] = ()) -> torch.Tensor:

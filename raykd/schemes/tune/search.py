@@ -141,14 +141,9 @@ def run_tune_command(args) -> dict[str, Any]:
                     config_path=args.config)
 
 
-def run_tune(cfg: RaykdConfig, dims: list[Dim] | None = None, *, resume: bool = False,
-             best_config: str | None = None, config_path: str | None = None) -> dict[str, Any]:
-    import ray
-    from ray import tune
-
-    dims = dims if dims is not None else check_tune_config(cfg)
-    uri = tracking.resolve_tracking_uri(cfg.tracking.uri)
-    started = time.perf_counter()
+def _search_folder(cfg: RaykdConfig, uri: str, resume: bool) -> tuple[Path, dict[str, Any]]:
+    """The search's folder and saved state: the newest one of this config with ``resume``,
+    else a new, timestamped one."""
     if resume:
         folder = find_search(cfg)
         if folder is None:
@@ -161,6 +156,18 @@ def run_tune(cfg: RaykdConfig, dims: list[Dim] | None = None, *, resume: bool = 
             folder = folder.with_name(folder.name + "x")
         state = {"config_digest": config_digest(cfg), "tracking_uri": uri}
     folder.mkdir(parents=True, exist_ok=True)
+    return folder, state
+
+
+def run_tune(cfg: RaykdConfig, dims: list[Dim] | None = None, *, resume: bool = False,
+             best_config: str | None = None, config_path: str | None = None) -> dict[str, Any]:
+    import ray
+    from ray import tune
+
+    dims = dims if dims is not None else check_tune_config(cfg)
+    uri = tracking.resolve_tracking_uri(cfg.tracking.uri)
+    started = time.perf_counter()
+    folder, state = _search_folder(cfg, uri, resume)
 
     ensure_ray()
     run_cfg, adjusted = size_trials(cfg, ray.cluster_resources())
