@@ -15,7 +15,6 @@ evaluation in the driver → plot, table and summary on the parent run.
 from __future__ import annotations
 
 import json
-import time
 from typing import Any
 
 import torch
@@ -23,10 +22,9 @@ import torch
 from raykd import tracking
 from raykd.config import BornAgainConfig, ConfigError, ModelConfig, RaykdConfig
 from raykd.preflight import preflight
-from raykd.schemes.chain import given_model, taught_config, train_chain
-from raykd.schemes.lineage import lineage_run, log_lineage, markdown, member_row
-from raykd.schemes.offline import _json_safe, log_config, predict_checkpoints
-from raykd.train.fit import RAY_START, ensure_ray, fit_session
+from raykd.schemes.chain import chain_run, given_model, taught_config, train_chain
+from raykd.schemes.lineage import log_lineage, markdown, member_row
+from raykd.schemes.offline import predict_checkpoints
 
 SCHEME = "born-again"
 
@@ -73,14 +71,7 @@ def ban_probabilities(sources: list[str], cfg: RaykdConfig, uri: str, split: str
 def run_born_again(cfg: RaykdConfig, *, resume: bool = False,
                    config_path: str | None = None) -> dict[str, Any]:
     ban = settings(cfg)
-    uri = tracking.resolve_tracking_uri(cfg.tracking.uri)
-    ensure_ray()
-    started = time.perf_counter()
-    # One worker group trains every generation (they share the scaling): one start, not K+1.
-    with fit_session(cfg, SCHEME, start=True), lineage_run(
-            uri, cfg, SCHEME, resume, SCHEME) as lineage:
-        if not lineage.finished:  # a resumed parent has its config already
-            log_config(uri, lineage.parent, cfg, config_path)
+    with chain_run(cfg, SCHEME, resume, config_path) as (uri, lineage, finish):
         members = train_chain(cfg, ban.generations, lambda i: generation_config(cfg, i), uri,
                               lineage)
         # Every generation evaluated here, in the driver, with the same code; BAN-E likewise.
@@ -106,14 +97,8 @@ def run_born_again(cfg: RaykdConfig, *, resume: bool = False,
             "generations": [member_row(SCHEME, m) for m in members], "ensemble": ensemble,
             "claims": {"generation_1_ge_0": members[1].accuracy >= members[0].accuracy,
                        "ban_e_ge_best": ensemble["accuracy"] >= best.accuracy},
-            "markdown": table,
-            "mlflow": {"tracking_uri": uri, "run_id": lineage.parent,
-                       "experiment": cfg.tracking.experiment},
-            "resumed": sorted(lineage.finished),
-            "seconds": round(time.perf_counter() - started, 1),
-            "ray_start_seconds": RAY_START.get("seconds")}
-        tracking.log_dict(uri, lineage.parent, _json_safe(summary), "summary.json")
-    return summary
+            "markdown": table}
+        return finish(summary)
 
 
 def run_born_again_command(cfg: RaykdConfig, args) -> dict[str, Any]:

@@ -10,16 +10,20 @@ the offline scheme already has: ``train_teacher``, ``serve_teacher``, ``run_stud
 from __future__ import annotations
 
 import functools
+import time
+from collections.abc import Callable, Iterator
+from contextlib import contextmanager
 from typing import Any
 
 from raykd import tracking
 from raykd.config import ModelConfig, RaykdConfig
-from raykd.schemes.lineage import Lineage, Member, member_tags
-from raykd.schemes.offline import (count_checkpoint_params, evaluate_checkpoints, run_student,
-                                   train_teacher)
+from raykd.schemes.lineage import Lineage, Member, lineage_run, member_tags
+from raykd.schemes.offline import (_json_safe, count_checkpoint_params, evaluate_checkpoints,
+                                   log_config, run_student, train_teacher)
 from raykd.teacher.loading import local_checkpoint
 from raykd.teacher.service import serve_teacher, stop_teacher
 from raykd.train.checkpoint import read_checkpoint
+from raykd.train.fit import RAY_START, ensure_ray, fit_session
 
 # What each member reports beside its accuracy (see offline._fit_part / run_student).
 FIT_KEYS = ("val_accuracy", "best_epoch", "epochs", "wall_seconds", "worker_start_seconds",
@@ -112,3 +116,31 @@ def train_chain(cfg: RaykdConfig, length: int, member_config, uri: str, lineage:
         else:
             members.append(taught_member(member_config(i), i, members[-1], uri, lineage))
     return members
+
+
+@contextmanager
+def chain_run(cfg: RaykdConfig, scheme: str, resume: bool, config_path: str | None
+              ) -> Iterator[tuple[str, Lineage, Callable[[dict[str, Any]], dict[str, Any]]]]:
+    """A chain scheme's run (born-again, Noisy Student): Ray up, one worker group for every member
+    (they share the scaling: one start, not one per member) and the lineage's parent run, its
+    config logged once. Yields (tracking URI, lineage, ``finish``): ``finish(summary)`` adds
+    what every chain's summary holds (MLflow run, resumed members, seconds) and logs it."""
+    uri = tracking.resolve_tracking_uri(cfg.tracking.uri)
+    ensure_ray()
+    started = time.perf_counter()
+    with fit_session(cfg, scheme, start=True), lineage_run(
+            uri, cfg, scheme, resume, scheme) as lineage:
+        if not lineage.finished:  # a resumed parent has its config already
+            log_config(uri, lineage.parent, cfg, config_path)
+
+        def finish(summary: dict[str, Any]) -> dict[str, Any]:
+            summary.update({
+                "mlflow": {"tracking_uri": uri, "run_id": lineage.parent,
+                           "experiment": cfg.tracking.experiment},
+                "resumed": sorted(lineage.finished),
+                "seconds": round(time.perf_counter() - started, 1),
+                "ray_start_seconds": RAY_START.get("seconds")})
+            tracking.log_dict(uri, lineage.parent, _json_safe(summary), "summary.json")
+            return summary
+
+        yield uri, lineage, finish

@@ -14,7 +14,6 @@ labelled part alone, for round 0's budget (``teacher.epochs``): what the pool ad
 
 from __future__ import annotations
 
-import time
 from typing import Any
 
 from raykd import tracking
@@ -23,10 +22,9 @@ from raykd.data import dataset_info
 from raykd.data.labelled import class_counts
 from raykd.models import build_model, count_params
 from raykd.preflight import preflight
-from raykd.schemes.chain import given_model, taught_config, train_chain
-from raykd.schemes.lineage import lineage_run, log_lineage, markdown, member_row
-from raykd.schemes.offline import _json_safe, log_config, run_student
-from raykd.train.fit import RAY_START, ensure_ray, fit_session
+from raykd.schemes.chain import chain_run, given_model, taught_config, train_chain
+from raykd.schemes.lineage import log_lineage, markdown, member_row
+from raykd.schemes.offline import run_student
 
 SCHEME = "noisy-student"
 
@@ -108,13 +106,7 @@ def preflight_noisy_student(cfg: RaykdConfig) -> None:
 def run_noisy_student(cfg: RaykdConfig, *, resume: bool = False, baseline: bool = False,
                       config_path: str | None = None) -> dict[str, Any]:
     ns = settings(cfg)
-    uri = tracking.resolve_tracking_uri(cfg.tracking.uri)
-    ensure_ray()
-    started = time.perf_counter()
-    with fit_session(cfg, SCHEME, start=True), lineage_run(
-            uri, cfg, SCHEME, resume, SCHEME) as lineage:
-        if not lineage.finished:
-            log_config(uri, lineage.parent, cfg, config_path)
+    with chain_run(cfg, SCHEME, resume, config_path) as (uri, lineage, finish):
         members = train_chain(first_config(cfg), ns.rounds, lambda r: round_config(cfg, r),
                               uri, lineage)
         extra_rows, lines = [], {}
@@ -139,14 +131,8 @@ def run_noisy_student(cfg: RaykdConfig, *, resume: bool = False, baseline: bool 
                          "pool": members[-1].fit.get("transfer", {}).get("pool")},
             "claims": {"each_round_beats_last": [
                 members[r].accuracy > members[r - 1].accuracy for r in range(1, len(members))]},
-            "markdown": table,
-            "mlflow": {"tracking_uri": uri, "run_id": lineage.parent,
-                       "experiment": cfg.tracking.experiment},
-            "resumed": sorted(lineage.finished),
-            "seconds": round(time.perf_counter() - started, 1),
-            "ray_start_seconds": RAY_START.get("seconds")})
-        tracking.log_dict(uri, lineage.parent, _json_safe(summary), "summary.json")
-    return summary
+            "markdown": table})
+        return finish(summary)
 
 
 def run_noisy_student_command(cfg: RaykdConfig, args) -> dict[str, Any]:
