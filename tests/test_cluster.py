@@ -23,6 +23,7 @@ import pytest
 from raykd.cli import main
 
 HERE = Path(__file__).parent
+EMBEDDED = HERE.parent / "raykd" / "configs" / "digits.yaml"
 # data.labelled=null: the fully labelled split these floors were measured on (the embedded
 # default learns 10% of the labels, README command 1)
 SAME = ["--set", "data.labelled=null", "--set", "train.epochs=3", "--set", "train.num_workers=2",
@@ -74,8 +75,10 @@ def one_node(ray_session, digits_teacher, tmp_path_factory):
     student has finished), then `raykd distill --baseline --resume` here."""
     root = tmp_path_factory.mktemp("resume")
     uri = f"sqlite:///{root / 'mlflow.db'}"
-    args = ["--baseline", "--set", f"teacher.checkpoint={digits_teacher}", *SAME,
-            "--set", f"tracking.uri={uri}"]
+    # The config named for both drivers: the suite's in-process default (conftest) is not the
+    # embedded one a subprocess reads, and a resume finds its run by the config's key.
+    args = ["--baseline", "--config", str(EMBEDDED), "--set",
+            f"teacher.checkpoint={digits_teacher}", *SAME, "--set", f"tracking.uri={uri}"]
     env = {**os.environ, "RAY_ADDRESS": ray_session.get_runtime_context().gcs_address}
     with (root / "killed.txt").open("w") as console:
         proc = subprocess.Popen([sys.executable, "-m", "raykd.cli", "distill", *args], cwd=root,

@@ -200,8 +200,10 @@ def test_online_terms_are_refused_by_verbs_without_a_cohort(verb, term, tmp_path
     def no_ray(*args, **kwargs):
         raise AssertionError("Ray was started for a config error")
 
+    # ray.init only: a patched raykd.train.fit.ensure_ray would be bound for good by the scheme
+    # modules this test imports first (the tune tests then found it). Where the session's Ray
+    # is already up, a check that let the job through would train and write files (below).
     monkeypatch.setattr(ray, "init", no_ray)
-    monkeypatch.setattr("raykd.train.fit.ensure_ray", no_ray)  # also where Ray is already up
     argv = [verb, "--set", f"distill.losses=[{{name: {term}}}]", *PEER_VERBS[verb]]
     assert main(argv) == 2
     err = cli_stderr()

@@ -70,7 +70,7 @@ def test_rayjob_manifest_parses_and_runs_a_real_job():
     assert words[0] == "python" and re.fullmatch(r"jobs/\w+\.py", words[1])
     script = ROOT / words[1]
     assert script.is_file()
-    verb = re.search(r'main\(\["([\w-]+)"', script.read_text()).group(1)
+    verb = re.search(r'run_verb\("([\w-]+)"\)', script.read_text()).group(1)
     args = build_parser().parse_args([verb, *words[2:]])
     cfg = load_config(args.config, args.overrides)
     assert cfg.tracking.uri.startswith("http://")  # a server, not a file on one pod

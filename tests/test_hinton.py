@@ -82,6 +82,9 @@ def job(ray_session, mnist_root, tmp_path_factory, monkeypatch_module):
     argv = ["--data-root", str(mnist_root), *FAST, *SEEDS, "--set", f"tracking.uri={uri}",
             "--summary", str(root / "summary.json"), "--markdown", str(root / "table.md")]
     monkeypatch_module.setattr(sys, "argv", [str(JOB), *argv])
+    # `python jobs/hinton_mnist.py` puts jobs/ first on sys.path, where the job's _entry is;
+    # runpy does not.
+    monkeypatch_module.syspath_prepend(str(JOB.parent))
     with pytest.raises(SystemExit) as stopped:
         runpy.run_path(str(JOB), run_name="__main__")
     plan = hinton.load_plan(CONFIG, _pairs(FAST + SEEDS) + [f"tracking.uri={uri}"],
@@ -523,4 +526,4 @@ def test_default_config_is_found_from_the_checkout(tmp_path, monkeypatch):
 def test_job_script_runs_from_a_bare_checkout():
     assert JOB.is_file() and os.access(JOB, os.R_OK)
     text = JOB.read_text()
-    assert 'main(["hinton-mnist", *sys.argv[1:]])' in text
+    assert "from _entry import run_verb" in text and 'run_verb("hinton-mnist")' in text
