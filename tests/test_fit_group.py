@@ -129,7 +129,10 @@ def test_killed_worker_continues_exactly_from_its_last_checkpoint(ray_session, w
     assert "error" not in outcome, outcome.get("error")
     result, unkilled = outcome["result"], session_fits["first"]
     [recovery] = result.recoveries  # one restart, resumed after the epoch-0 checkpoint
-    assert recovery["resumed_epoch"] == 1 and recovery["epochs_lost"] in (0, 1)
+    # Train V2's workers do not wait for the paused controller: they can finish epochs 1 and 2
+    # before the kill lands (seen in CI: 2 lost). What is lost is at most the epochs after the
+    # checkpoint; resuming at epoch 1 is what shows the checkpoint was used.
+    assert recovery["resumed_epoch"] == 1 and 0 <= recovery["epochs_lost"] <= 2
     resumed_end = next(h["_ended_at"] for h in result.history if h["epoch"] == 1)
     print(f"\nkilled worker: {recovery['epochs_lost']} finished epoch(s) lost, "
           f"{recovery['recovery_seconds']} s from the last epoch to training again, "
