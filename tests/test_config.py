@@ -52,9 +52,11 @@ def test_defaults_are_the_embedded_digits_config(tmp_path, monkeypatch, embedded
     cfg = load_config()
     assert cfg.data.name == "digits"
     assert cfg.train.num_workers == 2
-    assert cfg.distill.temperature > 0 and 0 <= cfg.distill.alpha <= 1
-    # README command 1's scenario: a labelled part, the rest of train an unlabelled pool
-    assert 0 < cfg.data.labelled < 1
+    # README command 1's recipe, as its table states it: Hinton's loss at T=4, alpha 0.9; 10% of
+    # train labelled (the rest an unlabelled pool); a 600-epoch teacher, a 100-epoch student
+    assert (cfg.distill.temperature, cfg.distill.alpha) == (4.0, 0.9)
+    assert cfg.data.labelled == 0.1
+    assert (cfg.teacher.epochs, cfg.train.epochs) == (600, 100)
     repo = Path(__file__).resolve().parents[1]
     shipped = (repo / "raykd" / "configs" / "digits.yaml").read_text()
     assert (repo / "configs" / "digits.yaml").read_text() == shipped  # the editable copy
