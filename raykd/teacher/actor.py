@@ -236,14 +236,11 @@ class TeacherActor:
         return self._produce(start, end, 0)
 
     def _produce(self, start: int, end: int, view: int) -> torch.Tensor:
-        from raykd.teacher.client import replay_inputs
+        from raykd.teacher.client import cache_view
 
         idx = torch.arange(start, end)
         _, x, _ = self.dataset.get_batch(idx)
-        if getattr(self.spec, "augment", ""):  # replay: view `view` of each sample, as seen
-            t = self.cfg.train
-            x = replay_inputs(x, idx, view, t.seed, t.jitter, t.flip)
-        return self._logits(x)
+        return self._logits(cache_view(x, idx, view, self.spec, self.cfg.train))
 
     # -- live --------------------------------------------------------------------------------
     def _logits(self, x: torch.Tensor) -> torch.Tensor:

@@ -50,7 +50,7 @@ import torch
 
 from raykd.checksums import file_sha256, update_with_tensors
 from raykd.teacher.files import CacheError, build_lock
-from raykd.teacher.shards import ShardWriter
+from raykd.teacher.shards import ShardWriter, batch_ranges
 from raykd.teacher.topk import (DTYPES, STORAGE, CacheShard, array_layout, bytes_per_row,
                                 effective_topk, encode_rows, lookup, reconstruct_topk)
 
@@ -328,11 +328,9 @@ def produced_rows(produce: Callable[[int, int, int], torch.Tensor], spec: CacheS
         raise CacheError(f"batch_size must be ≥ 1, got {batch_size}")
 
     def compute(todo: list[tuple[int, int]]) -> Iterator[tuple[np.ndarray, dict]]:
-        for first, last in todo:
-            for start in range(first, last, batch_size):
-                end = min(start + batch_size, last)
-                yield np.arange(start, end), encode_views(
-                    [produce(start, end, view) for view in range(spec.views)], spec, start, end)
+        for start, end in batch_ranges(todo, batch_size):
+            yield np.arange(start, end), encode_views(
+                [produce(start, end, view) for view in range(spec.views)], spec, start, end)
 
     return compute
 

@@ -67,6 +67,14 @@ def replay_inputs(x: torch.Tensor, idx: torch.Tensor, view: torch.Tensor | int, 
     return augment(x, view_seeds(idx, view, seed), jitter, flip)
 
 
+def cache_view(x: torch.Tensor, idx: torch.Tensor, view: int, spec, train) -> torch.Tensor:
+    """The inputs a cache labels as ``view``: a replay cache's view rendered by
+    :func:`replay_inputs` (as the student will see it), other caches' inputs as they are."""
+    if not getattr(spec, "augment", ""):
+        return x
+    return replay_inputs(x, idx, view, train.seed, train.jitter, train.flip)
+
+
 # -- cached ----------------------------------------------------------------------------------
 class ShardTable:
     """One cache shard as torch tensors over the SAME memory as its arrays (zero-copy: for a shard

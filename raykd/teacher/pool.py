@@ -23,6 +23,7 @@ import torch
 
 from raykd.config import ConfigError, RaykdConfig, validate
 from raykd.teacher.cache import BuildResult, CacheError, encode_views, fill_cache
+from raykd.teacher.shards import batch_ranges
 
 GPU_FRACTION = 0.25
 
@@ -103,18 +104,15 @@ class TeacherReplica:
                              f"cache is built for ({spec.teacher_fingerprint[:12]})")
 
     def __call__(self, batch: dict[str, np.ndarray]) -> dict[str, np.ndarray]:
-        from raykd.teacher.client import replay_inputs
+        from raykd.teacher.client import cache_view
         from raykd.teacher.loading import ensemble_logits
 
         idx = torch.tensor(batch["index"], dtype=torch.int64)
         x = batch["x"]  # Ray Data hands read-only arrays; torch wants to own writable memory
         x = torch.from_numpy(x if x.flags.writeable and x.flags.c_contiguous else x.copy())
-        t = self.cfg.train
-        per_view = []
-        for view in range(self.spec.views):
-            seen = replay_inputs(x, idx, view, t.seed, t.jitter, t.flip) if self.spec.augment \
-                else x
-            per_view.append(ensemble_logits(self.models, seen.to(self.device)))
+        per_view = [ensemble_logits(self.models, cache_view(x, idx, view, self.spec,
+                                                            self.cfg.train).to(self.device))
+                    for view in range(self.spec.views)]
         start = int(idx[0])
         return {"index": batch["index"],
                 **encode_views(per_view, self.spec, start, start + len(idx))}
@@ -127,11 +125,10 @@ def input_rows(dataset, todo: list[tuple[int, int]], batch_size: int):
     from ray.data.extensions import ArrowTensorArray
 
     blocks = []
-    for first, last in todo:
-        for start in range(first, last, batch_size):
-            idx, x, _ = dataset.get_batch(torch.arange(start, min(start + batch_size, last)))
-            blocks.append(pa.table({"index": pa.array(idx.numpy()),
-                                    "x": ArrowTensorArray.from_numpy(x.numpy())}))
+    for start, end in batch_ranges(todo, batch_size):
+        idx, x, _ = dataset.get_batch(torch.arange(start, end))
+        blocks.append(pa.table({"index": pa.array(idx.numpy()),
+                                "x": ArrowTensorArray.from_numpy(x.numpy())}))
     return ray.data.from_arrow(blocks)
 
 

@@ -23,6 +23,7 @@ from __future__ import annotations
 
 import json
 import shutil
+from collections.abc import Iterator
 from datetime import UTC, datetime
 from pathlib import Path
 from typing import Any
@@ -210,3 +211,11 @@ class ShardWriter:
 
 def _read_json(path: Path) -> Any:
     return json.loads(path.read_text())
+
+
+def batch_ranges(todo: list[tuple[int, int]], batch_size: int) -> Iterator[tuple[int, int]]:
+    """(start, end) of each teacher batch over the row ranges ``todo``: the same batches in the
+    actor and on the pool, so a cache is bit for bit the same whoever builds it."""
+    for first, last in todo:
+        for start in range(first, last, batch_size):
+            yield start, min(start + batch_size, last)
