@@ -27,6 +27,7 @@ from raykd.teacher.service import serve_teacher, stop_teacher, teacher_stats
 from raykd.train.checkpoint import load_model, read_checkpoint
 from raykd.train.fit import RAY_START, ensure_ray, fit, fit_session
 from raykd.train.lm_eval import lm_test_report, perplexity
+from raykd.train.transfer import transfer_set
 
 
 def predict_checkpoints(sources: list[str], cfg: RaykdConfig, tracking_uri: str,
@@ -107,9 +108,6 @@ def run_train_teacher(cfg: RaykdConfig, *, resume: bool = False,
                       config_path: str | None = None) -> dict[str, Any]:
     """``raykd train-teacher``: the teacher fit under a lineage parent run, so ``resume`` keeps
     a teacher the newest run of this config finished (raykd.schemes.lineage)."""
-    from raykd.schemes.lineage import finished_roles, lineage_run
-    from raykd.train.fit import ensure_ray
-
     uri = tracking.resolve_tracking_uri(cfg.tracking.uri)
     with lineage_run(uri, cfg, "train-teacher", resume, "train-teacher",
                      finished_roles) as lineage:
@@ -260,9 +258,6 @@ def step_budget(cfg: RaykdConfig, student: dict[str, Any]
     steps, and equal epochs would compare a student against an undertrained baseline. The
     baseline's epochs are scaled up (never down) until its steps reach the student's; it keeps
     its best validation epoch as every fit does."""
-    from raykd.data import build_dataset
-    from raykd.train.transfer import transfer_set
-
     # a resumed student has no transfer size in its summary part: the whole train split bounds it
     learnt = student.get("transfer_size") or len(build_dataset(cfg.data, "train"))
     student_steps = cfg.train.epochs * steps_per_epoch(learnt, cfg)
