@@ -9,6 +9,7 @@ One real Ray Train fit (the kill-mid-training test) is the expensive unit of thi
 
 from __future__ import annotations
 
+import dataclasses
 import threading
 import time
 from pathlib import Path
@@ -22,7 +23,7 @@ from raykd.data.augment import augment, view_seeds
 from raykd.models import build_model
 from raykd.teacher.cache import TeacherCache
 from raykd.teacher.client import (CachedTeacher, LiveTeacher, TeacherHandoff, replay_inputs,
-                                  replay_view, shard_local_order)
+                                  replay_view)
 from raykd.train.checkpoint import load_model, save_checkpoint
 
 HIDDEN = [48]
@@ -102,32 +103,85 @@ def teachers(tmp_path_factory):
 
 
 # -- the worker's per-step read path (no Ray) ------------------------------------------------
+def handoff_of(cache, mode: str = "cached"):
+    return TeacherHandoff(mode=mode, table=cache.table(), spec=cache.spec,
+                          bytes_per_row=cache.bytes_per_sample * cache.spec.views)
+
+
 @pytest.mark.parametrize("dtype", ["float16", "bfloat16", "float32"])
 @pytest.mark.parametrize("classes,topk", [(10, None), (10, 3), (300, None), (300, 7)])
-def test_shard_table_decodes_exactly_as_lookup(tmp_path, dtype, classes, topk):
-    """ShardTable (torch ops over the shard's own memory) == cache.lookup, for every dtype, dense
-    and top-k, uint8 and uint16 class indices, int and per-sample views, across shards."""
+def test_reader_decodes_exactly_as_lookup(tmp_path, monkeypatch, dtype, classes, topk):
+    """The worker's reader (rows read from the shard files) == cache.lookup, for every dtype,
+    dense and top-k, uint8 and uint16 class indices, int and per-sample views, random indices
+    across shards (repeats included), read now or prefetched, by one pread per batch or one per
+    run of rows."""
+    from raykd.teacher import reader
     from raykd.teacher.cache import CacheSpec, TeacherCache, build_cache, lookup
-    from raykd.teacher.client import ShardTable
 
     spec = CacheSpec(teacher_fingerprint="f" * 64, dataset_identity="synthetic:x", split="train",
                      preprocessing="none", num_samples=50, num_classes=classes, views=2,
                      dtype=dtype, topk=topk)
     table = torch.randn(50, 2, classes, generator=torch.Generator().manual_seed(0)) * 4
-    build_cache(tmp_path, spec, lambda s, e, v: table[s:e, v], 16, progress=False)
+    build_cache(tmp_path, spec, lambda s, e, v: table[s:e, v], 16, progress=False,
+                shard_size=20)
     cache = TeacherCache.open(tmp_path, spec)
-    shards = cache.shards(20, copy=True)
-    for shard in shards:  # as a worker gets them from the object store: read-only
-        for a in shard.arrays.values():
-            a.flags.writeable = False
-    tables = [ShardTable(s.start, s.end, s.arrays) for s in shards]
-    idx = torch.randperm(50, generator=torch.Generator().manual_seed(1))
-    views = torch.randint(0, 2, (50,), generator=torch.Generator().manual_seed(2))
-    for shard, tab in zip(shards, tables, strict=True):
-        local = idx[(idx >= shard.start) & (idx < shard.end)]
-        sel = (idx >= shard.start) & (idx < shard.end)
-        for view in (0, 1, views[sel]):
-            assert torch.equal(tab.logits(local - shard.start, view), lookup(shards, local, view))
+    shards = cache.shards(50)
+    assert cache.table().bounds == [(0, 20), (20, 40), (40, 50)]
+    g = torch.Generator().manual_seed(1)
+    for span_bytes in (reader._SPAN_BYTES, 0):  # 0: one pread per run of consecutive rows
+        monkeypatch.setattr(reader, "_SPAN_BYTES", span_bytes)
+        teacher = CachedTeacher(handoff_of(cache))
+        for _ in range(4):
+            idx = torch.randint(0, 50, (37,), generator=g)
+            views = torch.randint(0, 2, (37,), generator=g)
+            for view in (0, 1, views):
+                assert torch.equal(teacher.logits(idx, view), lookup(shards, idx, view))
+            teacher.prefetch(idx)  # read in the thread, then served
+            assert torch.equal(teacher.logits(idx, views), lookup(shards, idx, views))
+        assert teacher.logits(torch.arange(0), 0).shape == (0, classes)
+        with pytest.raises(IndexError, match="outside the cache"):
+            teacher.logits(torch.tensor([50]))
+        teacher.close()
+
+
+def test_reader_refuses_a_damaged_shard_and_a_missing_folder(tmp_path):
+    """A byte changed on disk after the build: the shard that holds it is refused in one line
+    naming the file and `raykd cache verify` (never served); the other shards still are. A cache
+    folder this node does not see: one line asking for shared storage."""
+    from raykd.config import ConfigError
+    from raykd.teacher.cache import CacheSpec, TeacherCache, build_cache
+
+    spec = CacheSpec(teacher_fingerprint="f" * 64, dataset_identity="synthetic:x", split="train",
+                     preprocessing="none", num_samples=60, num_classes=10, dtype="float32")
+    table = torch.randn(60, 10, generator=torch.Generator().manual_seed(0))
+    build_cache(tmp_path, spec, lambda s, e, v: table[s:e], 16, progress=False, shard_size=20)
+    cache = TeacherCache.open(tmp_path, spec)
+    handoff = handoff_of(cache)
+    file = cache.path / "logits.npy"
+    raw = bytearray(file.read_bytes())
+    raw[len(raw) - 40 * 30] ^= 0x5A  # row 30: shard 1 of 3
+    file.write_bytes(bytes(raw))
+    teacher = CachedTeacher(handoff)
+    assert torch.equal(teacher.logits(torch.arange(20)), table[:20])  # shard 0 is intact
+    for _ in range(2):  # refused every time, not only the first
+        with pytest.raises(ConfigError) as err:
+            teacher.logits(torch.tensor([3, 25]))
+        message = str(err.value)
+        assert message.startswith(f"teacher.cache_dir: {file} rows 20:40 do not match their "
+                                  f"sha256 checksum")
+        assert f"raykd cache verify {cache.path}" in message and "\n" not in message
+    teacher.close()
+    build_cache(tmp_path, spec, lambda s, e, v: table[s:e], 16, progress=False, shard_size=20)
+    repaired = CachedTeacher(handoff_of(TeacherCache.open(tmp_path, spec)))
+    assert torch.equal(repaired.logits(torch.arange(60)), table)
+    repaired.close()
+
+    gone = TeacherHandoff(**{**handoff.__dict__, "table": dataclasses.replace(
+        handoff.table, path=str(tmp_path / "elsewhere" / spec.key()))})
+    with pytest.raises(ConfigError, match=r"^teacher.cache_dir: the teacher cache .* is not on "
+                                          r"this node .*storage every node reads \(a shared "
+                                          r"path\)$"):
+        CachedTeacher(gone).logits(torch.arange(3))
 
 
 # -- identity: reuse, invalidation, repair ---------------------------------------------------
@@ -184,7 +238,7 @@ def test_live_equals_cached_sharded_and_both_survive_restart(ray_session, teache
     cfg = make_cfg(tmp_path, a, **{"teacher.shard_size": 300})
     cached = serve(cfg)
     live = serve(make_cfg(tmp_path, a, **{"teacher.mode": "live"}))
-    assert live.cache["status"] == "live" and live.handoff.refs == []
+    assert live.cache["status"] == "live" and live.handoff.table is None
     assert cached.handoff.bounds == [(0, 300), (300, 600), (600, 900), (900, 1200),
                                      (1200, 1294)]
     ds = build_dataset(cfg.data, "train")
@@ -192,10 +246,10 @@ def test_live_equals_cached_sharded_and_both_survive_restart(ray_session, teache
     _, x, _ = ds.get_batch(idx)
 
     teacher = CachedTeacher(cached.handoff)
-    assert teacher.all_resident and teacher.fetches == 5
     from_cache = teacher.logits(idx)
+    assert teacher.reader.verified_bytes == 1294 * 40  # idx spans all five shards: each once
     disk = TeacherCache.open(Path(cached.cache["path"]).parent, cached.handoff.spec)
-    assert torch.equal(from_cache, disk.read(idx))  # idx spans all five shards
+    assert torch.equal(from_cache, disk.read(idx))
     live_teacher = LiveTeacher(live.handoff, [])
     from_live, feats = live_teacher.forward(x)
     assert feats == {}
@@ -203,24 +257,18 @@ def test_live_equals_cached_sharded_and_both_survive_restart(ray_session, teache
     assert torch.allclose(from_live, from_cache, atol=1e-5, rtol=1e-5)
     assert torch.equal(from_live.argmax(-1), from_cache.argmax(-1))
 
-    # A cache "larger than the worker's memory": a two-shard budget, shard-local order, and
-    # the next batch's shards fetched ahead in a thread — same logits as all-resident.
-    small = TeacherHandoff(**{**cached.handoff.__dict__, "max_resident_bytes": 2 * 300 * 40})
-    budget = CachedTeacher(small)
-    assert not budget.all_resident and budget.capacity == 2 and budget.fetches == 0
-    order = shard_local_order(torch.randperm(1294, generator=torch.Generator().manual_seed(1)),
-                              budget, torch.Generator().manual_seed(2))
-    shards = budget.shard_of(order)
-    assert (shards.diff() != 0).sum() == 4  # each shard visited once, in one run
+    # An epoch as the loop reads it: each batch's rows read ahead in a thread while the step
+    # runs; the same logits, and every shard checksummed once over the epoch.
+    order = torch.randperm(1294, generator=torch.Generator().manual_seed(1))
     batches = order.split(64)
+    epoch = CachedTeacher(cached.handoff)
     got = []
     for i, bidx in enumerate(batches):
-        got.append(budget.logits(bidx))
-        assert len(budget.resident) <= 2
+        got.append(epoch.logits(bidx))
         if i + 1 < len(batches):
-            budget.prefetch(batches[i + 1])
-    budget.close()
-    assert budget.fetches == 5  # every shard fetched exactly once over the epoch
+            epoch.prefetch(batches[i + 1])
+    epoch.close()
+    assert epoch.reader.verified_bytes == 1294 * 40
     assert torch.equal(torch.cat(got), teacher.logits(order))
 
     # Kill both actors for real; Ray restarts them (max_restarts), nothing is recomputed.
@@ -228,7 +276,7 @@ def test_live_equals_cached_sharded_and_both_survive_restart(ray_session, teache
     ray.kill(cached.actor, no_restart=False)
     ray.kill(live.actor, no_restart=False)
     assert torch.equal(ray.get(in_flight)[0], from_live)  # retried if it was cut off
-    after = CachedTeacher(cached.handoff)  # driver-owned shard refs outlive the actor
+    after = CachedTeacher(cached.handoff)  # the files outlive the actor
     assert torch.equal(after.logits(idx), from_cache)
     stats = restarted(cached.actor, cached.cache["pid"])
     assert stats["reconstructed"] and stats["status"] == "reused"

@@ -1,9 +1,10 @@
-"""The teacher actor: one per job, owns the teacher, builds/verifies the cache, serves it.
+"""The teacher actor: one per job, owns the teacher, builds/verifies the cache, describes it.
 
-Why shards are *task returns* (``actor.shard.remote(i)``): a return value is owned by the caller
-(the job driver), so the object-store copies outlive this actor. Killing or restarting the actor
-never invalidates the references the workers hold; a restarted actor reopens the cache from disk
-(``__init__`` finds it fresh) and recomputes nothing.
+Serving a cache is describing it: :meth:`TeacherActor.cache_table` gives the folder, the arrays
+and the per-shard checksums from the manifest, and the workers read the rows they need from the
+files themselves (``reader.py``); no shard passes through this actor or Ray's object store.
+Killing or restarting the actor therefore never disturbs a cached fit; a restarted actor reopens
+the cache from disk (``__init__`` finds it fresh) and recomputes nothing.
 
 Cache outcomes (``ensure_cache()["status"]``, also in the run summary under ``teacher.cache``):
 
@@ -29,7 +30,6 @@ import warnings
 from pathlib import Path
 from typing import Any
 
-import numpy as np
 import torch
 
 from raykd.config import URI_SCHEMES, RaykdConfig, validate
@@ -117,10 +117,8 @@ class TeacherActor:
 
     def _check(self, verify: bool):
         from raykd.teacher.cache import check_cache
-        from raykd.teacher.token_cache import check_token_cache
 
-        return (check_token_cache if self.per_token else check_cache)(self.root, self.spec,
-                                                                      verify=verify)
+        return check_cache(self.root, self.spec, verify=verify)  # either spec: same checks
 
     def _open(self):
         from raykd.teacher.cache import TeacherCache
@@ -130,13 +128,9 @@ class TeacherActor:
                                                                      verify=False)
 
     def _build(self) -> dict[str, Any]:
-        """Build (or finish) the cache; returns what the run summary says about the build."""
-        if self.per_token:  # the per-token LM cache: one pass in this actor (token_cache.py)
-            from raykd.teacher.token_cache import build_token_cache
-
-            build_token_cache(self.root, self.spec, self._produce_blocks,
-                              self.cfg.teacher.batch_size)
-            return {}
+        """Build (or finish) the cache, shard by shard, in this actor or on the pool of replicas;
+        the same path for the per-token cache of language models (its spec encodes the rows).
+        Returns what the run summary says about the build."""
         from raykd.teacher.cache import fill_cache, produced_rows
         from raykd.teacher.pool import build_with_pool
 
@@ -201,7 +195,10 @@ class TeacherActor:
                        bytes_per_sample=self.cache.bytes_per_sample,
                        num_samples=self.cache.num_samples, num_classes=self.spec.num_classes,
                        topk=self.spec.topk, views=self.spec.views, dtype=self.spec.dtype,
-                       shard_size=self.cfg.teacher.shard_size, per_token=self.per_token)
+                       per_token=self.per_token,
+                       # the size the cache was built and is checked with (the manifest's)
+                       shard_size=(self.cache.manifest.get("shards") or {}).get(
+                           "size", self.spec.num_samples))
             if self.per_token:
                 out["bytes_per_token"] = self.cache.manifest["bytes_per_token"]
         return out
@@ -210,30 +207,10 @@ class TeacherActor:
         self._require_cache()
         return self.spec
 
-    def shard_bounds(self) -> list[tuple[int, int]]:
-        cache = self._require_cache()
-        size = self.cfg.teacher.shard_size
-        return [(s, min(s + size, cache.num_samples)) for s in range(0, cache.num_samples, size)]
-
-    def shard(self, i: int) -> dict[str, np.ndarray]:
-        """One shard's arrays, returned (not ray.put) so the caller owns the object-store copy."""
-        cache = self._require_cache()
-        size = self.cfg.teacher.shard_size
-        start = i * size
-        if not 0 <= start < cache.num_samples:
-            raise IndexError(f"shard {i} is outside the cache ({cache.num_samples} samples, "
-                             f"{size} per shard)")
-        end = min(start + size, cache.num_samples)
-        if self.per_token:
-            from raykd.teacher.token_cache import shard_arrays
-
-            return shard_arrays(cache.topk, start, end)
-        out = {name: np.ascontiguousarray(arr[start:end]) for name, arr in cache.arrays.items()}
-        out["num_classes"] = np.array([cache.num_classes], dtype=np.int64)
-        return out
-
-    def _produce_blocks(self, start: int, end: int) -> torch.Tensor:
-        return self._produce(start, end, 0)
+    def cache_table(self):
+        """The folder, arrays, shard bounds and per-shard checksums the workers read the cache
+        by (``reader.CacheTable``), from the manifest of the cache this actor verified."""
+        return self._require_cache().table()
 
     def _produce(self, start: int, end: int, view: int) -> torch.Tensor:
         from raykd.teacher.client import cache_view

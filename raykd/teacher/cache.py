@@ -102,6 +102,23 @@ class CacheSpec:
         blob = json.dumps(self.to_dict(), sort_keys=True, separators=(",", ":"))
         return hashlib.sha256(blob.encode()).hexdigest()[:20]
 
+    # What the writer, the checks and the pool ask of a spec (the per-token spec of language
+    # models, token_cache.TokenCacheSpec, answers the same four): the arrays, how a teacher
+    # batch is encoded into their rows, how many rows one teacher pass takes, manifest fields.
+    def layout(self) -> dict[str, tuple[tuple[int, ...], np.dtype]]:
+        return array_layout(self.num_samples, self.views, self.num_classes, self.dtype,
+                            self.topk)
+
+    def encode(self, per_view: Sequence[Any], start: int, end: int) -> dict[str, np.ndarray]:
+        return encode_views(per_view, self, start, end)
+
+    def teacher_batch(self, batch_size: int) -> int:
+        return batch_size
+
+    def manifest_extras(self) -> dict[str, Any]:
+        return {"encoding": "topk" if self.topk else "dense",
+                "bytes_per_sample": bytes_per_row(self.num_classes, self.dtype, self.topk)}
+
 
 @dataclass(frozen=True)
 class CacheStatus:
@@ -143,8 +160,8 @@ def _read_manifest(path: Path) -> dict[str, Any]:
     return manifest
 
 
-def _spec_layout(spec: CacheSpec) -> dict[str, tuple[tuple[int, ...], np.dtype]]:
-    return array_layout(spec.num_samples, spec.views, spec.num_classes, spec.dtype, spec.topk)
+def _spec_layout(spec) -> dict[str, tuple[tuple[int, ...], np.dtype]]:
+    return spec.layout()
 
 
 def _check_arrays(path: Path, manifest: dict[str, Any], spec: CacheSpec,
@@ -230,19 +247,21 @@ def check_cache(root: str | Path, spec: CacheSpec, verify: bool = True) -> Cache
     return _check_arrays(path, manifest, spec, verify)
 
 
-def verify_cache(path: str | Path, verify: bool = True) -> CacheStatus:
-    """A cache folder checked against its own manifest (``raykd cache verify``)."""
+def verify_cache(path: str | Path, verify: bool = True, spec_type: type = None) -> CacheStatus:
+    """A cache folder checked against its own manifest (``raykd cache verify``); ``spec_type``:
+    the spec class its manifest holds (:class:`CacheSpec` unless said otherwise)."""
     path = Path(path).expanduser()
     if not (path / MANIFEST).is_file():
         return CacheStatus("missing", f"no {MANIFEST} in {path}")
     try:
         manifest = _read_manifest(path)
-        spec = CacheSpec(**manifest["spec"])
+        spec = (spec_type or CacheSpec)(**manifest["spec"])
     except (OSError, ValueError, TypeError, CacheError) as err:
         return CacheStatus("corrupt", f"{path / MANIFEST} is unreadable ({err})")
-    if spec.format_version != FORMAT_VERSION:
+    current = type(spec).__dataclass_fields__["format_version"].default
+    if spec.format_version != current:
         return CacheStatus("stale", f"format version {spec.format_version}, this raykd reads "
-                                    f"{FORMAT_VERSION}")
+                                    f"{current}")
     if path.name != spec.key():
         return CacheStatus("stale", f"folder {path.name} is not its spec's key {spec.key()}")
     return _check_arrays(path, manifest, spec, verify)
@@ -328,9 +347,9 @@ def produced_rows(produce: Callable[[int, int, int], torch.Tensor], spec: CacheS
         raise CacheError(f"batch_size must be ≥ 1, got {batch_size}")
 
     def compute(todo: list[tuple[int, int]]) -> Iterator[tuple[np.ndarray, dict]]:
-        for start, end in batch_ranges(todo, batch_size):
-            yield np.arange(start, end), encode_views(
-                [produce(start, end, view) for view in range(spec.views)], spec, start, end)
+        for start, end in batch_ranges(todo, spec.teacher_batch(batch_size)):
+            yield np.arange(start, end), spec.encode(
+                [produce(start, end, view) for view in range(spec.views)], start, end)
 
     return compute
 
@@ -345,7 +364,7 @@ class TeacherCache:
         self.is_topk = spec.topk is not None
         self.num_samples, self.num_classes, self.views = (spec.num_samples, spec.num_classes,
                                                           spec.views)
-        self.bytes_per_sample = bytes_per_row(spec.num_classes, spec.dtype, spec.topk)
+        self.bytes_per_sample = int(manifest.get("bytes_per_sample", 0))
 
     @classmethod
     def open(cls, root: str | Path, spec: CacheSpec, verify: bool = True) -> TeacherCache:
@@ -356,6 +375,12 @@ class TeacherCache:
         arrays = {name: np.load(path / f"{name}.npy", mmap_mode="r", allow_pickle=False)
                   for name in _spec_layout(spec)}
         return cls(path, spec, _read_manifest(path), arrays)
+
+    def table(self):
+        """What a worker needs to read this cache from its files (``reader.CacheTable``)."""
+        from raykd.teacher.reader import CacheTable
+
+        return CacheTable.from_manifest(self.path, self.manifest)
 
     def shards(self, shard_size: int, copy: bool = False) -> list[CacheShard]:
         """Contiguous row ranges of at most ``shard_size`` samples (all views). Arrays are

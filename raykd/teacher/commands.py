@@ -79,7 +79,7 @@ def build(cfg: RaykdConfig) -> dict[str, Any]:
     preflight(cfg, roles=("teacher",))
     uri = tracking.resolve_tracking_uri(cfg.tracking.uri)
     ensure_ray()
-    # No shard references: building needs the actor only, not the object-store copies.
+    # Building needs the actor only: no handoff for workers.
     actor, out = ensure_teacher(cfg, sources, uri)
     stop_teacher(TeacherService(actor, None, out, actor_name(cfg, sources)))
     print(json.dumps(out, indent=2, default=str))

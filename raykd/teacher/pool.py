@@ -8,6 +8,9 @@ one block per ``teacher.batch_size`` rows and one block per batch (``batch_size=
 batch holds the same rows whatever the number of replicas or the order they finish in: a cache
 built by 2 replicas is bit for bit the one built by 1. Each replica returns (index, encoded rows
 of every view); the actor's writer places them by index (``shards.py``) as they stream back.
+A language model's per-token top-k cache goes the same way: its spec (``token_cache.py``)
+encodes a batch's [B, L, V] logits into top-k rows and caps a batch's rows
+(``spec.teacher_batch``) exactly as the actor does, so 2 replicas build the 1-replica cache.
 
 Placement: a pool larger than the cluster would wait for resources forever, so
 :func:`check_pool_fits` refuses it before anything runs, in one line naming ``teacher.replicas``.
@@ -22,7 +25,7 @@ import numpy as np
 import torch
 
 from raykd.config import ConfigError, RaykdConfig, validate
-from raykd.teacher.cache import BuildResult, CacheError, encode_views, fill_cache
+from raykd.teacher.cache import BuildResult, CacheError, fill_cache
 from raykd.teacher.shards import batch_ranges
 
 GPU_FRACTION = 0.25
@@ -86,7 +89,8 @@ def check_pool_fits(cfg: RaykdConfig, cluster: dict[str, float]) -> None:
 
 class TeacherReplica:
     """One replica of the pool: loads the teacher once, then labels batches of (index, x) rows
-    with every view's raw logits, encoded as the cache stores them."""
+    with every view's raw logits, encoded as the cache stores them (``spec.encode``: class
+    logits per view, or a language model's per-token top-k)."""
 
     def __init__(self, config: dict[str, Any], sources: list[str], tracking_uri: str, info,
                  spec):
@@ -114,8 +118,7 @@ class TeacherReplica:
                                                             self.cfg.train).to(self.device))
                     for view in range(self.spec.views)]
         start = int(idx[0])
-        return {"index": batch["index"],
-                **encode_views(per_view, self.spec, start, start + len(idx))}
+        return {"index": batch["index"], **self.spec.encode(per_view, start, start + len(idx))}
 
 
 def input_rows(dataset, todo: list[tuple[int, int]], batch_size: int):
@@ -145,7 +148,8 @@ def build_with_pool(cfg: RaykdConfig, sources: list[str], tracking_uri: str, dat
     data_context.print_on_execution_start = False
 
     def compute(todo: list[tuple[int, int]]):
-        labelled = input_rows(dataset, todo, cfg.teacher.batch_size).map_batches(
+        batch = spec.teacher_batch(cfg.teacher.batch_size)  # the actor's batches, exactly
+        labelled = input_rows(dataset, todo, batch).map_batches(
             TeacherReplica, batch_size=None, batch_format="numpy",
             fn_constructor_args=(cfg.to_dict(), list(sources), tracking_uri, dataset.info, spec),
             concurrency=cfg.teacher.replicas, num_cpus=cpus, num_gpus=gpus or None)

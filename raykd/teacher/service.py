@@ -1,4 +1,5 @@
-"""Driver side of the teacher: start the actor, make sure the cache is fresh, hand out shards."""
+"""Driver side of the teacher: start the actor, make sure the cache is fresh, hand the workers
+where it is (or the live actor)."""
 
 from __future__ import annotations
 
@@ -68,12 +69,12 @@ def _config_error(text: str) -> str | None:
                  if marker in line), None)
 
 
-def serve_teacher(cfg: RaykdConfig, sources: list[str], tracking_uri: str,
-                  max_resident_bytes: int | None = None) -> TeacherService:
+def serve_teacher(cfg: RaykdConfig, sources: list[str], tracking_uri: str) -> TeacherService:
     """Start (or find) the job's teacher actor and build the handoff every worker receives.
 
-    Shard references are created here, by the driver, so the driver owns them: they stay valid
-    while the actor restarts, and the workers never call the actor in cached/replay mode."""
+    Cached/replay: the cache's table (folder, arrays, shard bounds, per-shard checksums) from
+    the actor; the workers read the files themselves, so nothing is put in the object store and
+    a restarting actor disturbs no fit. Live: the actor handle."""
     import ray
 
     from raykd.teacher.actor import actor_name
@@ -85,13 +86,10 @@ def serve_teacher(cfg: RaykdConfig, sources: list[str], tracking_uri: str,
         shapes = ray.get(actor.feature_shapes.remote(paths)) if paths else {}
         return TeacherService(actor, TeacherHandoff(mode="live", actor=actor,
                                                   feature_shapes=shapes), cache, name)
-    bounds, spec = ray.get([actor.shard_bounds.remote(), actor.cache_spec.remote()])
-    refs = [actor.shard.remote(i) for i in range(len(bounds))]
-    handoff = TeacherHandoff(mode=cfg.teacher.mode, bounds=bounds, refs=refs, spec=spec,
+    table, spec = ray.get([actor.cache_table.remote(), actor.cache_spec.remote()])
+    handoff = TeacherHandoff(mode=cfg.teacher.mode, table=table, spec=spec,
                              bytes_per_row=int(cache["bytes_per_sample"]) * spec.views,
                              per_token=bool(cache.get("per_token")))
-    if max_resident_bytes is not None:
-        handoff.max_resident_bytes = int(max_resident_bytes)
     return TeacherService(actor, handoff, cache, name)
 
 

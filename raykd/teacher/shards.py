@@ -33,7 +33,6 @@ import numpy as np
 from raykd.checksums import file_sha256
 from raykd.teacher.files import (CacheError, fsync_dir, fsync_file, publish_folder,
                                  write_json_durable)
-from raykd.teacher.topk import array_layout, bytes_per_row
 
 BUILD = "build.json"
 DONE = "done"
@@ -58,8 +57,10 @@ def npy_data_offset(file: Path) -> int:
 class ShardWriter:
     """The partial build of one cache: which shards are finished, where rows go, publishing.
 
-    ``spec`` is a :class:`raykd.teacher.cache.CacheSpec`; ``is_fresh()`` says whether a fresh
-    cache under the key exists (a concurrent builder may publish first)."""
+    ``spec`` is a :class:`raykd.teacher.cache.CacheSpec` (or the per-token
+    ``token_cache.TokenCacheSpec``: the same ``layout()`` / ``manifest_extras()``);
+    ``is_fresh()`` says whether a fresh cache under the key exists (a concurrent builder may
+    publish first)."""
 
     def __init__(self, root: Path, spec, shard_size: int, is_fresh=lambda: False):
         self.root, self.spec, self.is_fresh = root, spec, is_fresh
@@ -68,8 +69,7 @@ class ShardWriter:
         self.path = root / f".partial-{self.key}"
         self.bounds = shard_bounds(spec.num_samples, shard_size)
         self.shard_size = shard_size
-        self.layout = array_layout(spec.num_samples, spec.views, spec.num_classes, spec.dtype,
-                                   spec.topk)
+        self.layout = spec.layout()
         self.meta = {"spec": spec.to_dict(), "shard_size": shard_size}
         self.sums: dict[int, dict[str, str]] = {}  # shard → {file: sha256 of its byte range}
         self.kept: list[int] = []  # finished shards found on disk and verified
@@ -188,14 +188,13 @@ class ShardWriter:
         spec = self.spec
         manifest: dict[str, Any] = {
             "format_version": spec.format_version, "key": self.key, "spec": spec.to_dict(),
-            "encoding": "topk" if spec.topk else "dense", "dtype": spec.dtype,
+            "dtype": spec.dtype, **spec.manifest_extras(),
             "arrays": {name: {"file": f"{name}.npy", "shape": list(shape), "storage_dtype": dt.str}
                        for name, (shape, dt) in self.layout.items()},
             "checksums": {f"{name}.npy": file_sha256(self.path / f"{name}.npy", fsync=True)
                           for name in self.layout},
             "shards": {"size": self.shard_size,
                        "sha256": [self.sums[k] for k in range(len(self.bounds))]},
-            "bytes_per_sample": bytes_per_row(spec.num_classes, spec.dtype, spec.topk),
             "created": datetime.now(UTC).isoformat(timespec="seconds")}
         write_json_durable(self.path / MANIFEST, manifest)  # last: without it, never "fresh"
         shutil.rmtree(self.path / DONE)  # the manifest holds the sums now

@@ -2,15 +2,19 @@
 teacher's top-k logits, their token ids and the log-mass of the rest (``TokenTopK``, format and
 math in raykd.teacher.token_topk), at T = 1; the loss applies its temperature when it reads.
 
-Layout ``<teacher.cache_dir>/<key>/``: ``manifest.json`` (the spec, the sha256 of the data file,
-bytes per token) and ``token_topk.safetensors`` (no pickle; read memory-mapped). The key hashes
-the :class:`TokenCacheSpec`: the teacher's weights, the tokenizer, the corpus checksum, the block
+The same format as the image cache with a sequence axis (``cache.py``, ``shards.py``):
+``<teacher.cache_dir>/<key>/`` holds ``manifest.json`` and one ``.npy`` per array over all N
+blocks — ``values`` [N, L, k] (float16, float32, or bfloat16 as its uint16 bits), ``ids``
+[N, L, k] (uint8 / uint16 / int32) and ``tail_logmass`` [N, L] (float32). The key hashes the
+:class:`TokenCacheSpec`: the teacher's weights, the tokenizer, the corpus checksum, the block
 size, k, the dtype and the format — any change lands in a new folder, so nothing stale is read.
-Written in a hidden sibling folder and renamed into place (manifest last), as the image cache.
 
-The actor serves it in row shards of ``teacher.shard_size`` blocks through the object store,
-as plain numpy arrays (:func:`shard_arrays`); workers rebuild a ``TokenTopK`` from them
-(:func:`topk_from_shards`) and index it locally per step.
+Built shard by shard of ``teacher.shard_size`` blocks through :func:`raykd.teacher.cache.fill_cache`
+— by the teacher actor, or by the pool of replicas (``pool.py``) when ``teacher.replicas`` > 1 —
+so an interrupted build resumes from its finished shards and a damaged shard is recomputed
+alone. Nothing concatenates the whole cache: the writer places each teacher batch's rows in the
+files, and the workers read the rows of their batches from the files (``reader.py``,
+:func:`topk_from_rows`), each shard checksummed once before it is served.
 """
 
 from __future__ import annotations
@@ -18,25 +22,21 @@ from __future__ import annotations
 import dataclasses
 import hashlib
 import json
-import os
-import shutil
-import uuid
-from collections.abc import Callable
+from collections.abc import Callable, Sequence
 from dataclasses import dataclass
-from datetime import UTC, datetime
 from pathlib import Path
 from typing import Any
 
 import numpy as np
 import torch
 
-from raykd.checksums import file_sha256
-from raykd.teacher.cache import CacheError, CacheStatus
-from raykd.teacher.files import publish_folder, write_json_durable
+from raykd.teacher.cache import (CacheError, CacheStatus, TeacherCache, check_cache, fill_cache,
+                                 produced_rows, verify_cache)
+from raykd.teacher.topk import STORAGE
+from raykd.teacher.topk import index_dtype as np_index_dtype
 
-FORMAT_VERSION = 1
+FORMAT_VERSION = 2  # 2: sharded .npy arrays (1 was one safetensors file, built in one pass)
 KIND = "token_topk"
-DATA_FILE = "token_topk.safetensors"
 MANIFEST = "manifest.json"
 DEFAULT_TOPK = 32  # teacher.topk unset: k per token (a few hundred bytes per token in fp16)
 MAX_LOGITS_BYTES = 1 << 28  # one teacher pass holds at most this much float32 logits
@@ -65,14 +65,52 @@ class TokenCacheSpec:
         blob = json.dumps(self.to_dict(), sort_keys=True, separators=(",", ":"))
         return hashlib.sha256(blob.encode()).hexdigest()[:20]
 
+    # -- what the shard writer, the checks and the pool ask of a spec (as cache.CacheSpec) ----
+    def layout(self) -> dict[str, tuple[tuple[int, ...], np.dtype]]:
+        n, length, k = self.num_samples, self.block_size, self.topk
+        return {"values": ((n, length, k), STORAGE[self.dtype]),
+                "ids": ((n, length, k), np_index_dtype(self.num_classes)),
+                "tail_logmass": ((n, length), np.dtype("<f4"))}
+
+    def encode(self, per_view: Sequence[Any], start: int, end: int) -> dict[str, np.ndarray]:
+        """Teacher logits [end−start, L, V] of blocks ``start:end`` → rows of every array."""
+        from raykd.teacher.token_topk import encode_token_topk
+
+        (logits,) = per_view
+        logits = torch.as_tensor(logits).detach()
+        if tuple(logits.shape) != (end - start, self.block_size, self.num_classes):
+            raise CacheError(f"teacher logits for blocks {start}:{end} have shape "
+                             f"{tuple(logits.shape)}, expected ({end - start}, "
+                             f"{self.block_size}, {self.num_classes})")
+        if not bool(torch.isfinite(logits).all()):
+            raise CacheError(f"teacher logits for blocks {start}:{end} are not finite")
+        top = encode_token_topk(logits.float(), self.topk, getattr(torch, self.dtype))
+        values = top.values.cpu()
+        if values.dtype == torch.bfloat16:  # numpy has no bfloat16: its bits, as uint16
+            values = values.view(torch.int16).numpy().view(np.uint16)
+        else:
+            values = values.numpy()
+        return {"values": values, "ids": top.ids.cpu().numpy(),
+                "tail_logmass": top.tail_logmass.cpu().numpy()}
+
+    def teacher_batch(self, batch_size: int) -> int:
+        """Blocks per teacher pass: ``teacher.batch_size``, fewer when their float32 logits
+        would pass MAX_LOGITS_BYTES (a large vocabulary)."""
+        per_block = 4 * self.block_size * self.num_classes
+        return max(1, min(batch_size, MAX_LOGITS_BYTES // per_block))
+
+    def manifest_extras(self) -> dict[str, Any]:
+        from raykd.teacher.token_topk import bytes_per_token
+
+        per_token = bytes_per_token(self.topk, self.num_classes, self.dtype)
+        return {"kind": KIND, "encoding": KIND, "tokens": self.num_samples * self.block_size,
+                "bytes_per_token": per_token,
+                "bytes_per_sample": int(round(per_token * self.block_size))}
+
 
 def token_spec(cfg, info, fingerprint: str, num_blocks: int) -> TokenCacheSpec:
-    if cfg.teacher.cache_dtype not in ("float16", "bfloat16"):
-        from raykd.config import ConfigError
-
-        raise ConfigError(f"teacher.cache_dtype: the per-token cache stores float16 or "
-                          f"bfloat16, not {cfg.teacher.cache_dtype}; set "
-                          f"teacher.cache_dtype=float16")
+    """The spec of the per-token cache for this config's train blocks (``teacher.cache_dtype``:
+    float16 or bfloat16 as usual; float32, twice the bytes, for exact comparisons)."""
     return TokenCacheSpec(
         teacher_fingerprint=fingerprint, dataset_identity=info.identity,
         corpus_sha256=info.corpus_sha256, tokenizer_sha256=info.tokenizer_sha256,
@@ -88,147 +126,52 @@ def is_token_cache(path: str | Path) -> bool:
         return False
 
 
-def _check_folder(path: Path, spec_dict: dict[str, Any] | None, verify: bool) -> CacheStatus:
-    if not (path / MANIFEST).is_file():
-        return CacheStatus("missing", f"no per-token cache {path.name} under {path.parent}")
-    try:
-        manifest = json.loads((path / MANIFEST).read_text())
-        recorded = manifest["spec"]
-    except (OSError, ValueError, KeyError, TypeError) as err:
-        return CacheStatus("corrupt", f"{path / MANIFEST} is unreadable ({err})")
-    if spec_dict is not None and recorded != spec_dict:
-        diff = sorted(k for k in spec_dict.keys() | recorded.keys()
-                      if recorded.get(k) != spec_dict.get(k))
-        return CacheStatus("stale", f"{path} was built for a different {', '.join(diff)}")
-    if not (path / DATA_FILE).is_file():
-        return CacheStatus("truncated", f"{DATA_FILE} is missing")
-    if (path / DATA_FILE).stat().st_size != manifest.get("data_bytes"):
-        return CacheStatus("truncated", f"{DATA_FILE} has {(path / DATA_FILE).stat().st_size} "
-                                        f"bytes, the manifest says {manifest.get('data_bytes')}")
-    if verify and file_sha256(path / DATA_FILE) != manifest.get("sha256"):
-        return CacheStatus("corrupt", f"{DATA_FILE} does not match its sha256 checksum")
-    checked = " verified" if verify else ""
-    return CacheStatus("fresh", f"{path.name}: {recorded['num_samples']} blocks × "
-                                f"{recorded['block_size']} tokens{checked}")
-
-
 def check_token_cache(root: str | Path, spec: TokenCacheSpec, verify: bool = True
                       ) -> CacheStatus:
-    return _check_folder(Path(root).expanduser() / spec.key(), spec.to_dict(), verify)
+    """fresh | missing | stale | truncated | corrupt, as :func:`raykd.teacher.cache.check_cache`
+    (the same checks: shapes against the spec, then every array's sha256)."""
+    return check_cache(root, spec, verify=verify)
 
 
 def build_token_cache(root: str | Path, spec: TokenCacheSpec,
-                      produce: Callable[[int, int], torch.Tensor], batch_size: int) -> Path:
-    """Run ``produce(start, end) -> logits [end−start, L, V]`` over the blocks, encode each
-    batch's top-k, write the file and (last) the manifest, publish the folder atomically."""
-    from raykd.teacher.token_topk import (TokenTopK, bytes_per_token, encode_token_topk,
-                                          save_token_topk)
-
-    dtype = getattr(torch, spec.dtype)
-    rows = max(1, min(batch_size, MAX_LOGITS_BYTES // (4 * spec.block_size * spec.num_classes)))
-    parts = []
-    for start in range(0, spec.num_samples, rows):
-        end = min(start + rows, spec.num_samples)
-        logits = produce(start, end)
-        if tuple(logits.shape) != (end - start, spec.block_size, spec.num_classes):
-            raise CacheError(f"teacher logits for blocks {start}:{end} have shape "
-                             f"{tuple(logits.shape)}, expected ({end - start}, "
-                             f"{spec.block_size}, {spec.num_classes})")
-        if not bool(torch.isfinite(logits).all()):
-            raise CacheError(f"teacher logits for blocks {start}:{end} are not finite")
-        parts.append(encode_token_topk(logits.float(), spec.topk, dtype))
-    topk = TokenTopK(torch.cat([p.values for p in parts]), torch.cat([p.ids for p in parts]),
-                     torch.cat([p.tail_logmass for p in parts]), spec.num_classes)
-    root = Path(root).expanduser()
-    root.mkdir(parents=True, exist_ok=True)
-    tmp = root / f".tmp-{spec.key()}-{os.getpid()}-{uuid.uuid4().hex[:8]}"
-    tmp.mkdir()
-    try:
-        save_token_topk(tmp / DATA_FILE, topk)
-        manifest = {"kind": KIND, "format_version": FORMAT_VERSION, "key": spec.key(),
-                    "spec": spec.to_dict(), "dtype": spec.dtype,
-                    "sha256": file_sha256(tmp / DATA_FILE, fsync=True),
-                    "data_bytes": (tmp / DATA_FILE).stat().st_size,
-                    "tokens": spec.num_samples * spec.block_size,
-                    "bytes_per_token": bytes_per_token(spec.topk, spec.num_classes, dtype),
-                    "created": datetime.now(UTC).isoformat(timespec="seconds")}
-        write_json_durable(tmp / MANIFEST, manifest)  # last: without it, never "fresh"
-        return publish_folder(tmp, root / spec.key(),
-                              lambda: check_token_cache(root, spec).fresh)
-    except BaseException:
-        shutil.rmtree(tmp, ignore_errors=True)
-        raise
+                      produce: Callable[[int, int], torch.Tensor], batch_size: int,
+                      shard_size: int | None = None, progress: bool = False) -> Path:
+    """In-process build: ``produce(start, end) -> logits [end−start, L, V]`` over the blocks of
+    the shards still missing, encoded batch by batch into the shard files; publishes atomically.
+    (The teacher actor and the pool go through ``fill_cache`` themselves.)"""
+    compute = produced_rows(lambda start, end, view: produce(start, end), spec, batch_size)
+    return fill_cache(root, spec, shard_size or spec.num_samples, compute, progress).path
 
 
-@dataclass
-class TokenCache:
-    """A fresh per-token cache, opened (memory-mapped through safetensors)."""
-
-    path: Path
-    spec: TokenCacheSpec
-    manifest: dict[str, Any]
-    topk: Any  # TokenTopK
+class TokenCache(TeacherCache):
+    """A fresh per-token cache (the arrays memory-mapped, read-only; nothing loaded)."""
 
     @classmethod
     def open(cls, root: str | Path, spec: TokenCacheSpec, verify: bool = True) -> TokenCache:
-        from raykd.teacher.token_topk import load_token_topk
-
         status = check_token_cache(root, spec, verify)
         if not status.fresh:
             raise CacheError(f"per-token teacher cache is {status.state}: {status.reason}")
-        path = Path(root).expanduser() / spec.key()
-        return cls(path, spec, json.loads((path / MANIFEST).read_text()),
-                   load_token_topk(path / DATA_FILE))
+        return super().open(root, spec, verify=False)
 
-    @property
-    def num_samples(self) -> int:
-        return self.spec.num_samples
-
-    @property
-    def num_classes(self) -> int:
-        return self.spec.num_classes
-
-    @property
-    def bytes_per_sample(self) -> int:
-        return int(round(self.manifest["bytes_per_token"] * self.spec.block_size))
+    def read(self, idx) -> Any:
+        """The ``TokenTopK`` rows [B, L, k] of blocks ``idx`` (local use and tests)."""
+        rows = {name: np.asarray(a[np.asarray(idx, dtype=np.int64)])
+                for name, a in self.arrays.items()}
+        return topk_from_rows(rows, self.spec.num_classes)
 
 
-# -- through the object store -------------------------------------------------------------------
-def _numpy(t: torch.Tensor) -> np.ndarray:
-    # numpy has no bfloat16: its bits travel as int16 (shard_arrays records the dtype)
-    t = t.contiguous()
-    return (t.view(torch.int16) if t.dtype == torch.bfloat16 else t).numpy()
-
-
-def shard_arrays(topk, start: int, end: int) -> dict[str, np.ndarray]:
-    """Blocks ``start:end`` as contiguous numpy arrays (what Ray's object store holds)."""
-    from raykd.teacher.token_topk import slice_rows
-
-    part = slice_rows(topk, slice(start, end))
-    return {"values": np.ascontiguousarray(_numpy(part.values)),
-            "ids": np.ascontiguousarray(_numpy(part.ids)),
-            "tail_logmass": np.ascontiguousarray(_numpy(part.tail_logmass)),
-            "vocab_size": np.array([topk.vocab_size], dtype=np.int64),
-            "bfloat16": np.array([topk.values.dtype == torch.bfloat16], dtype=np.bool_)}
-
-
-def topk_from_shards(shards: list[dict[str, np.ndarray]]):
-    """One ``TokenTopK`` over all rows of ``shards`` (in order)."""
-    import warnings
-
+def topk_from_rows(rows: dict[str, np.ndarray], vocab_size: int):
+    """A ``TokenTopK`` over rows read from the cache's arrays (writable copies: no warning,
+    no shared memory). bfloat16 values come back from their uint16 bits."""
     from raykd.teacher.token_topk import TokenTopK
 
-    def joined(name: str) -> torch.Tensor:
-        parts = [torch.from_numpy(s[name]) for s in shards]
-        # one shard: the object store's (node-shared) memory itself, no copy
-        return parts[0] if len(parts) == 1 else torch.cat(parts)
-
-    with warnings.catch_warnings():  # object-store arrays are read-only; they are only read
-        warnings.simplefilter("ignore", UserWarning)
-        values, ids, tail = joined("values"), joined("ids"), joined("tail_logmass")
-    if bool(shards[0]["bfloat16"][0]):
-        values = values.view(torch.bfloat16)
-    return TokenTopK(values, ids, tail, int(shards[0]["vocab_size"][0]))
+    values = rows["values"]
+    if values.dtype == np.uint16:  # values are never stored as integers otherwise
+        values = torch.from_numpy(values.view(np.int16)).view(torch.bfloat16)
+    else:
+        values = torch.from_numpy(values)
+    return TokenTopK(values, torch.from_numpy(rows["ids"]),
+                     torch.from_numpy(rows["tail_logmass"]), int(vocab_size))
 
 
 # -- raykd cache inspect / verify -------------------------------------------------------------
@@ -237,6 +180,8 @@ def inspect_token_cache(path: str | Path) -> dict[str, Any]:
     manifest = json.loads((path / MANIFEST).read_text())
     spec = manifest["spec"]
     files = {p.name: p.stat().st_size for p in sorted(path.iterdir()) if p.is_file()}
+    payload = sum(int(np.prod(a["shape"])) * np.dtype(a["storage_dtype"]).itemsize
+                  for a in manifest["arrays"].values())
     dense = spec["num_classes"] * 4  # float32 logits of every token of the vocabulary
     per_token = float(manifest["bytes_per_token"])
     return {"path": str(path), "key": path.name, "kind": KIND,
@@ -244,17 +189,10 @@ def inspect_token_cache(path: str | Path) -> dict[str, Any]:
             "dtype": manifest.get("dtype"), "spec": spec, "created": manifest.get("created"),
             "files": files, "total_bytes": sum(files.values()), "tokens": manifest["tokens"],
             "bytes_per_token": per_token,
-            "measured_bytes_per_token": round(manifest["data_bytes"] / manifest["tokens"], 2),
+            "measured_bytes_per_token": round(payload / manifest["tokens"], 2),
             "dense_float32_bytes_per_token": dense,
             "compression": round(dense / per_token, 2) if per_token else None}
 
 
 def verify_token_cache(path: str | Path, verify: bool = True) -> CacheStatus:
-    path = Path(path).expanduser()
-    status = _check_folder(path, None, verify)
-    if status.fresh:
-        spec = json.loads((path / MANIFEST).read_text())["spec"]
-        blob = json.dumps(spec, sort_keys=True, separators=(",", ":"))
-        if hashlib.sha256(blob.encode()).hexdigest()[:20] != path.name:
-            return CacheStatus("stale", f"folder {path.name} is not its spec's key")
-    return status
+    return verify_cache(path, verify, spec_type=TokenCacheSpec)

@@ -30,7 +30,7 @@ from raykd.models.cohort import build_cohort
 from raykd.models.hooks import probe_shapes
 from raykd.models.init import init_student_from_teacher
 from raykd.teacher.client import (CachedTeacher, LiveTeacher, TokenCachedTeacher, replay_inputs,
-                                  replay_view, shard_local_order)
+                                  replay_view)
 from raykd.teacher.loading import local_checkpoint
 from raykd.train.checkpoint import checkpoint_bytes, load_model
 from raykd.train.collective import all_reduce_sum
@@ -202,9 +202,9 @@ def _teacher_targets(ph: Phase, idx, x, y, view, next_batch):
         t_topk = topk_to(ph.cached.topk(idx), ph.device)
     elif ph.cached is not None:
         t_logits = ph.cached.logits(idx, view)
-        if next_batch is not None:
-            ph.cached.prefetch(next_batch)
         y, t_logits = ph.tset.targets(idx, y, t_logits)
+    if ph.cached is not None and next_batch is not None:  # read while this step computes
+        ph.cached.prefetch(next_batch)
     elif ph.live is not None:
         t_logits, t_feats = ph.live.forward(x)
     return y, t_logits, t_feats, t_topk
@@ -232,8 +232,6 @@ def train_epoch(ph: Phase, epoch: int, sampler, global_step: int
     sampler.set_epoch(epoch)
     order = ph.tset.indices[torch.tensor(list(sampler), dtype=torch.long)]
     gen = torch.Generator().manual_seed(cfg.train.seed * 1_000_003 + epoch)
-    if ph.cached is not None:
-        order = shard_local_order(order, ph.cached, gen)
     batches = order.split(cfg.train.batch_size)
     pretrain = epoch < ph.loss.pretrain_epochs
     sums = {"loss": 0.0, "n": 0.0}
