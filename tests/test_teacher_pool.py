@@ -10,9 +10,11 @@ from pathlib import Path
 
 import numpy as np
 import pytest
+import torch
 
 from raykd.config import ConfigError
 from raykd.teacher.cache import CacheError, TeacherCache, check_cache
+from raykd.teacher.client import CachedTeacher, TeacherHandoff
 from tests.test_teacher_actor import make_cfg, save_teacher
 
 N = 1294  # digits train split
@@ -54,9 +56,12 @@ def test_two_replicas_build_the_one_replica_cache_bit_for_bit(ray_session, teach
 
 def test_shard_corrupted_on_disk_is_rebuilt_alone_never_served(ray_session, teacher, tmp_path):
     cfg = make_cfg(tmp_path, teacher, **{"teacher.shard_size": 300, "teacher.replicas": 2})
-    first = actor(cfg).ensure_cache()
+    built = actor(cfg)
+    first = built.ensure_cache()
     want = manifest(first)["checksums"]
     path = Path(first["path"])
+    handoff = TeacherHandoff(mode="cached", table=built.cache_table(), spec=built.spec)
+    before = CachedTeacher(handoff).logits(torch.arange(N))  # what a worker was served
     raw = np.load(path / "logits.npy", mmap_mode="r+")
     raw[650, 0, 3] += 0.5  # shard 2 of 5 (rows 600..899)
     raw.flush()
@@ -65,10 +70,17 @@ def test_shard_corrupted_on_disk_is_rebuilt_alone_never_served(ray_session, teac
     assert check_cache(tmp_path / "cache", spec).state == "corrupt"
     with pytest.raises(CacheError, match="corrupt"):
         TeacherCache.open(tmp_path / "cache", spec)
+    worker = CachedTeacher(handoff)  # a worker reading the damaged cache from its files
+    assert torch.equal(worker.logits(torch.arange(0, 600, 7)), before[0:600:7])
+    with pytest.raises(ConfigError, match=r"logits.npy rows 600:900 do not match their sha256 "
+                                          r"checksum; it is not served. Run `raykd cache verify"):
+        worker.logits(torch.tensor([5, 650]))
+    worker.close()
     repaired = actor(cfg).ensure_cache()
     assert repaired["status"] == "rebuilt" and repaired["previous"] == "corrupt"
     assert repaired["kept_shards"] == 4 and repaired["forward_samples"] == 300
     assert manifest(repaired)["checksums"] == want
+    assert torch.equal(CachedTeacher(handoff).logits(torch.arange(N)), before)
 
 
 def test_a_pool_larger_than_the_cluster_is_refused_in_one_line(ray_session, teacher, tmp_path):

@@ -9,9 +9,10 @@ and nothing else: no shard travels through Ray's object store, so nothing pins t
 A :class:`CacheReader` opens the files lazily; the first time a step touches a shard it
 re-hashes that shard's byte ranges (streamed through a 1 MiB buffer) and compares them with the
 manifest: a mismatch is refused with one line naming the file and ``raykd cache verify``, never
-served. Rows are read with ``os.pread`` into fresh buffers (no memory map of the whole file), so a
-worker's resident memory holds a batch's rows, whatever the size of the cache; the page cache,
-which the kernel reclaims, is not the process's memory.
+served. Rows are read with ``os.preadv`` into the batch's own arrays (no memory map of the file, whose
+touched pages would count as the worker's memory), so a worker's resident memory holds a batch's
+rows, whatever the size of the cache; the page cache, which the kernel reclaims, is not the
+process's memory.
 
 Why a shared folder: the workers read ``teacher.cache_dir`` where the teacher actor wrote it.
 On one node that is simply the folder; on a cluster it must be storage every node reads (NFS, a
@@ -150,32 +151,33 @@ class CacheReader:
         return {name: self._read(name, uniq)[inverse] for name in self.table.arrays}
 
     def _read(self, name: str, uniq: np.ndarray) -> np.ndarray:
-        """Rows ``uniq`` (sorted, distinct) of one array: one pread over their span when it is
-        small, else one pread per run of consecutive rows."""
+        """Rows ``uniq`` (sorted, distinct) of one array: one read over their span when it is
+        small, else one read per run of consecutive rows; straight into the result's memory
+        (``os.preadv``), so a batch leaves no garbage of small buffers behind."""
         fd, offset, row, dtype, shape = self._files[name]
         out = np.empty((len(uniq), *shape), dtype=dtype)
         if not len(uniq):
             return out
         lo, hi = int(uniq[0]), int(uniq[-1]) + 1
         if (hi - lo) * row <= max(_SPAN_BYTES, 4 * len(uniq) * row):
-            span = self._pread(name, fd, (hi - lo) * row, offset + lo * row)
-            out[:] = np.frombuffer(span, dtype=dtype).reshape(hi - lo, *shape)[uniq - lo]
+            span = np.empty((hi - lo, *shape), dtype=dtype)
+            self._pread_into(name, fd, memoryview(span).cast("B"), offset + lo * row)
+            out[:] = span[uniq - lo]
             return out
+        view = memoryview(out).cast("B")
         breaks = np.flatnonzero(np.diff(uniq) != 1) + 1
         pos = 0
         for run in np.split(uniq, breaks):
             n = len(run)
-            data = self._pread(name, fd, n * row, offset + int(run[0]) * row)
-            out[pos:pos + n] = np.frombuffer(data, dtype=dtype).reshape(n, *shape)
+            self._pread_into(name, fd, view[pos * row:(pos + n) * row],
+                             offset + int(run[0]) * row)
             pos += n
         return out
 
-    def _pread(self, name: str, fd: int, length: int, offset: int) -> bytes:
+    def _pread_into(self, name: str, fd: int, buf: memoryview, offset: int) -> None:
         self.read_calls += 1
-        data = os.pread(fd, length, offset)
-        if len(data) != length:  # the file shrank after it was verified
+        if os.preadv(fd, [buf], offset) != len(buf):  # the file shrank after it was verified
             raise ConfigError(self._damaged(self.table.arrays[name][0], "is truncated"))
-        return data
 
     def close(self) -> None:
         with self._lock:  # not while a prefetch reads
