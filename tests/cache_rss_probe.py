@@ -61,8 +61,8 @@ def read(root: str, n: int, c: int) -> None:
             assert torch.equal(logits, ((idx[:, None] + torch.arange(c)[None]) % 251).float())
             checked += 1
     teacher.close()
-    print(json.dumps({"base_mb": base, "before_mb": before, "after_mb": peak_mb(), "checked": checked,
-                      "verified_bytes": teacher.reader.verified_bytes}))
+    print(json.dumps({"base_mb": base, "before_mb": before, "after_mb": peak_mb(),
+                      "checked": checked, "verified_bytes": teacher.reader.verified_bytes}))
 
 
 if __name__ == "__main__":

@@ -9,10 +9,10 @@ and nothing else: no shard travels through Ray's object store, so nothing pins t
 A :class:`CacheReader` opens the files lazily; the first time a step touches a shard it
 re-hashes that shard's byte ranges (streamed through a 1 MiB buffer) and compares them with the
 manifest: a mismatch is refused with one line naming the file and ``raykd cache verify``, never
-served. Rows are read with ``os.preadv`` into the batch's own arrays (no memory map of the file, whose
-touched pages would count as the worker's memory), so a worker's resident memory holds a batch's
-rows, whatever the size of the cache; the page cache, which the kernel reclaims, is not the
-process's memory.
+served. Rows are read with ``os.preadv`` into the batch's own arrays (no memory map of the
+file, whose touched pages would count as the worker's memory), so a worker's resident memory
+holds a batch's rows, whatever the size of the cache; the page cache, which the kernel
+reclaims, is not the process's memory.
 
 Why a shared folder: the workers read ``teacher.cache_dir`` where the teacher actor wrote it.
 On one node that is simply the folder; on a cluster it must be storage every node reads (NFS, a
