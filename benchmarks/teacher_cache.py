@@ -13,7 +13,7 @@ the thread count Ray gives the teacher actor):
   comparison. Reported as samples/s of the median step (under ``wall_clock``: of the whole run,
   which on a shared machine also holds other jobs' bursts).
   The teacher side is the real pipeline: ``serve_teacher`` starts the Ray teacher actor, cached
-  mode reads driver-owned shard refs through ``CachedTeacher``, live mode calls the actor through
+  mode reads the cache files through ``CachedTeacher`` (as a worker does), live mode calls the actor through
   ``LiveTeacher`` (one call per batch). ``live_inprocess`` runs the same teacher in the
   training process (no Ray hop) for reference;
 - cache build: ``TeacherActor.ensure_cache()`` (teacher forward, fp16 encoding, memmap writes,
@@ -419,17 +419,14 @@ LIMITS = {
 
 
 def local_cached(cfg: RaykdConfig, ckpt: Path) -> CachedTeacher:
-    """The teacher's cache through an in-process TeacherActor (built, or reused from disk) and
-    driver-put shards: the worker's read path without starting another Ray actor."""
-    import ray
-
+    """The teacher's cache through an in-process TeacherActor (built, or reused from disk), read
+    from its files as a worker reads it: the worker's read path without another Ray actor."""
     from raykd.teacher.actor import TeacherActor
     from raykd.teacher.client import TeacherHandoff
 
     actor = TeacherActor(cfg.to_dict(), [str(ckpt)], cfg.tracking.uri)
     info = actor.ensure_cache()
-    refs = [ray.put(actor.shard(i)) for i in range(len(actor.shard_bounds()))]
-    return CachedTeacher(TeacherHandoff(mode="cached", bounds=actor.shard_bounds(), refs=refs,
+    return CachedTeacher(TeacherHandoff(mode="cached", table=actor.cache_table(),
                                         spec=actor.spec, bytes_per_row=info["bytes_per_sample"]))
 
 
