@@ -174,7 +174,7 @@ class TeacherConfig(ModelConfig):
     cache_dir: str | None = None  # a folder; default .raykd/cache (raykd/train/storage.py)
     cache_dtype: Literal["float16", "bfloat16", "float32"] = "float16"
     topk: int | None = Field(None, ge=1)  # keep only the top-k logits per sample
-    shard_size: int = Field(65536, ge=1)  # rows per object-store shard
+    shard_size: int = Field(65536, ge=1)  # rows per cache shard (resumed, checksummed as one)
     max_restarts: int = Field(3, ge=0)
     batch_size: int = Field(512, ge=1)  # teacher inference batch
     # The cache is built by a pool of teacher replicas (Ray Data map_batches over the train split,
