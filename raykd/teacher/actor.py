@@ -145,7 +145,7 @@ class TeacherActor:
                                 produced_rows(self._produce, self.spec,
                                               self.cfg.teacher.batch_size))
         return {"replicas": self.cfg.teacher.replicas, "kept_shards": result.kept_shards,
-                "shards": result.shards}
+                "shards": result.shards, "first_rows_s": result.first_rows_s}
 
     def _ensure_cache(self) -> dict[str, Any]:
         if self.cfg.teacher.mode == "live":

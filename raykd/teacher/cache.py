@@ -40,6 +40,7 @@ import hashlib
 import json
 import numbers
 import sys
+import time
 from collections.abc import Callable, Iterator, Mapping, Sequence
 from dataclasses import dataclass
 from pathlib import Path
@@ -274,6 +275,7 @@ class BuildResult:  # computed: samples labelled now (all views); kept: verified
     computed_samples: int
     kept_shards: int
     shards: int
+    first_rows_s: float = 0.0  # until the first labelled rows arrived: the build's start-up
 
 
 def encode_views(per_view: Sequence[Any], spec: CacheSpec, start: int, end: int
@@ -316,17 +318,19 @@ def fill_cache(root: str | Path, spec: CacheSpec, shard_size: int,
         try:
             todo = writer.missing()
             total = sum(end - start for start, end in todo)
+            started, first = time.perf_counter(), None
             # In an actor stderr is a pipe to the driver's log: a line every 10 s, not per batch.
             with tqdm(total=total * spec.views, unit="sample", desc=f"teacher cache {spec.key()}",
                       disable=not progress,
                       mininterval=0.1 if sys.stderr.isatty() else 10.0) as bar:
                 for index, rows in compute(todo):
+                    first = first or time.perf_counter() - started
                     writer.put(index, rows)
                     bar.update(len(index) * spec.views)
             path = writer.publish()
         finally:
             writer.close()
-    return BuildResult(path, total, len(writer.kept), len(writer.bounds))
+    return BuildResult(path, total, len(writer.kept), len(writer.bounds), round(first or 0.0, 3))
 
 
 def build_cache(root: str | Path, spec: CacheSpec,
