@@ -14,8 +14,8 @@ the thread count Ray gives the teacher actor):
   which on a shared machine also holds other jobs' bursts).
   The teacher side is the real pipeline: ``serve_teacher`` starts the Ray teacher actor, cached
   mode reads the cache files through ``CachedTeacher`` (as a worker does), live mode calls the
-  actor through ``LiveTeacher`` (one call per batch). ``live_inprocess`` runs the same teacher in the
-  training process (no Ray hop) for reference;
+  actor through ``LiveTeacher`` (one call per batch). ``live_inprocess`` runs the same teacher
+  in the training process (no Ray hop) for reference;
 - cache build: ``TeacherActor.ensure_cache()`` (teacher forward, fp16 encoding, memmap writes,
   sha256, atomic publish, reopen) against a bare batched ``inference_mode`` loop over the same
   batches, both in this process;
