@@ -12,8 +12,9 @@ import pytest
 import torch
 
 from raykd.teacher.cache import (FORMAT_VERSION, CacheError, CacheShard, CacheSpec, TeacherCache,
-                                 build_cache, check_cache, inspect_cache, lookup,
-                                 teacher_fingerprint, verify_cache)
+                                 build_cache, check_cache, lookup, teacher_fingerprint,
+                                 verify_cache)
+from raykd.teacher.commands import inspect_cache
 from raykd.teacher.topk import (bytes_per_row, decode_rows, encode_rows, index_dtype,
                                 reconstruct_topk)
 

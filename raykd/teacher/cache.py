@@ -1,8 +1,7 @@
-"""Teacher soft-label cache: the teacher's RAW logits over a dataset split, on disk, memory-mapped.
+"""Teacher soft-label cache: the teacher's RAW logits over a dataset split, on disk.
 
-Layout ``<root>/<key>/``: ``manifest.json`` plus ``.npy`` arrays (written with
-``np.lib.format.open_memmap``, read with ``np.load(mmap_mode="r", allow_pickle=False)``; nothing
-is ever pickled, so opening a cache cannot execute code)::
+Layout ``<root>/<key>/``: ``manifest.json`` plus ``.npy`` arrays (written through memory maps;
+workers read rows with ``reader.py``; nothing is ever pickled, so opening one runs no code)::
 
     dense  logits.npy        [N, V, C]  cache dtype (bfloat16 as raw uint16 bits)
     top-k  topk_values.npy   [N, V, k]  cache dtype
@@ -52,12 +51,12 @@ import torch
 from raykd.checksums import file_sha256, update_with_tensors
 from raykd.teacher.files import CacheError, build_lock
 from raykd.teacher.shards import ShardWriter, batch_ranges
-from raykd.teacher.topk import (DTYPES, STORAGE, CacheShard, array_layout, bytes_per_row,
+from raykd.teacher.topk import (DTYPES, CacheShard, array_layout, bytes_per_row,
                                 effective_topk, encode_rows, lookup, reconstruct_topk)
 
 __all__ = ["FORMAT_VERSION", "BuildResult", "CacheError", "CacheShard", "CacheSpec", "CacheStatus",
            "TeacherCache", "build_cache", "check_cache", "encode_views", "fill_cache", "lookup",
-           "inspect_cache", "nearest_cache", "produced_rows", "reconstruct_topk",
+           "nearest_cache", "produced_rows", "read_manifest", "reconstruct_topk",
            "teacher_fingerprint", "verify_cache"]
 
 FORMAT_VERSION = 1  # bump whenever the layout or encoding changes: old folders then go unread
@@ -153,7 +152,7 @@ def teacher_fingerprint(state_dicts: Sequence[Mapping[str, torch.Tensor]]) -> st
 
 
 # -- integrity -------------------------------------------------------------------------------
-def _read_manifest(path: Path) -> dict[str, Any]:
+def read_manifest(path: Path) -> dict[str, Any]:
     """The folder's manifest; ValueError (or OSError) if it is not a JSON object."""
     manifest = json.loads((path / MANIFEST).read_text())
     if not isinstance(manifest, dict) or not isinstance(manifest.get("spec"), dict):
@@ -161,14 +160,10 @@ def _read_manifest(path: Path) -> dict[str, Any]:
     return manifest
 
 
-def _spec_layout(spec) -> dict[str, tuple[tuple[int, ...], np.dtype]]:
-    return spec.layout()
-
-
 def _check_arrays(path: Path, manifest: dict[str, Any], spec: CacheSpec,
                   verify: bool) -> CacheStatus:
     """Shapes/sizes against what the spec implies (not what the manifest claims), then sums."""
-    layout = _spec_layout(spec)
+    layout = spec.layout()
     for name, (shape, dtype) in layout.items():
         file = path / f"{name}.npy"
         if not file.is_file():
@@ -217,7 +212,7 @@ def nearest_cache(root: Path, spec, same_data: bool = False) -> tuple[str, list[
                if p.is_dir() and not p.name.startswith(".") and p.name != spec.key()]
     for folder in sorted(folders)[:256]:  # bounded: a message is not worth a long scan
         try:
-            got = _read_manifest(folder)["spec"]
+            got = read_manifest(folder)["spec"]
         except (OSError, ValueError):
             continue
         if same_data and [got.get("dataset_identity"), got.get("split")] != [
@@ -239,7 +234,7 @@ def check_cache(root: str | Path, spec: CacheSpec, verify: bool = True) -> Cache
         near = f"; nearest cache {near[0]} differs in {', '.join(near[1])}" if near else ""
         return CacheStatus("missing", f"no cache {spec.key()} under {root}{near}")
     try:
-        manifest = _read_manifest(path)
+        manifest = read_manifest(path)
     except (OSError, ValueError) as err:
         return CacheStatus("corrupt", f"{path / MANIFEST} is unreadable ({err})")
     diff = _spec_diff(manifest["spec"], spec)
@@ -255,7 +250,7 @@ def verify_cache(path: str | Path, verify: bool = True, spec_type: type = None) 
     if not (path / MANIFEST).is_file():
         return CacheStatus("missing", f"no {MANIFEST} in {path}")
     try:
-        manifest = _read_manifest(path)
+        manifest = read_manifest(path)
         spec = (spec_type or CacheSpec)(**manifest["spec"])
     except (OSError, ValueError, TypeError, CacheError) as err:
         return CacheStatus("corrupt", f"{path / MANIFEST} is unreadable ({err})")
@@ -377,8 +372,8 @@ class TeacherCache:
             raise CacheError(f"teacher cache is {status.state}: {status.reason}")
         path = Path(root).expanduser() / spec.key()
         arrays = {name: np.load(path / f"{name}.npy", mmap_mode="r", allow_pickle=False)
-                  for name in _spec_layout(spec)}
-        return cls(path, spec, _read_manifest(path), arrays)
+                  for name in spec.layout()}
+        return cls(path, spec, read_manifest(path), arrays)
 
     def table(self):
         """What a worker needs to read this cache from its files (``reader.CacheTable``)."""
@@ -387,9 +382,8 @@ class TeacherCache:
         return CacheTable.from_manifest(self.path, self.manifest)
 
     def shards(self, shard_size: int, copy: bool = False) -> list[CacheShard]:
-        """Contiguous row ranges of at most ``shard_size`` samples (all views). Arrays are
-        read-only memmap slices, or with ``copy`` plain contiguous in-memory ndarrays (what
-        Ray's object store holds zero-copy)."""
+        """Row ranges of at most ``shard_size`` samples (all views): read-only memmap slices,
+        or with ``copy`` in-memory ndarrays (local use and tests)."""
         if shard_size < 1:
             raise CacheError(f"shard_size must be ≥ 1, got {shard_size}")
         meta = np.array([self.num_classes], dtype=np.int64)
@@ -404,24 +398,3 @@ class TeacherCache:
     def read(self, idx: torch.Tensor, view: torch.Tensor | int = 0) -> torch.Tensor:
         """float32 logits [B, C] straight from the memmaps (no sharding; local use and tests)."""
         return lookup(self.shards(self.num_samples), idx, view)
-
-
-# -- inspection ------------------------------------------------------------------------------
-def inspect_cache(path: str | Path) -> dict[str, Any]:
-    """Summary of one cache folder for ``raykd cache inspect`` (no checksumming)."""
-    path = Path(path).expanduser()
-    try:
-        manifest = _read_manifest(path)
-    except (OSError, ValueError) as err:
-        raise CacheError(f"{path} is not a teacher cache ({err})") from None
-    spec = manifest["spec"]
-    files = {p.name: p.stat().st_size for p in sorted(path.iterdir()) if p.is_file()}
-    per_sample = int(manifest.get("bytes_per_sample", 0))
-    dense = int(spec.get("num_classes", 0)) * STORAGE.get(spec.get("dtype"), STORAGE["float32"]
-                                                          ).itemsize
-    return {"path": str(path), "key": path.name, "format_version": manifest.get("format_version"),
-            "encoding": manifest.get("encoding"), "dtype": manifest.get("dtype"), "spec": spec,
-            "arrays": manifest.get("arrays", {}), "created": manifest.get("created"),
-            "files": files, "total_bytes": sum(files.values()),
-            "bytes_per_sample": per_sample, "dense_bytes_per_sample": dense,
-            "compression": round(dense / per_sample, 2) if per_sample else None}

@@ -33,7 +33,7 @@ def _cache_folders(path: str) -> list[Path]:
 def cache_command(action: str, path: str, cfg: RaykdConfig) -> dict[str, Any]:
     """``path``: a cache folder or the directory of them (inspect / verify; the CLI gives the
     config's ``teacher.cache_dir`` when the user gave none); ``cfg``: what ``build`` builds."""
-    from raykd.teacher.cache import inspect_cache, verify_cache
+    from raykd.teacher.cache import verify_cache
 
     if action == "build":
         return build(cfg)
@@ -84,3 +84,26 @@ def build(cfg: RaykdConfig) -> dict[str, Any]:
     stop_teacher(TeacherService(actor, None, out, actor_name(cfg, sources)))
     print(json.dumps(out, indent=2, default=str))
     return {"cache": out}
+
+
+def inspect_cache(path: str | Path) -> dict[str, Any]:
+    """Summary of one cache folder for ``raykd cache inspect`` (no checksumming)."""
+    from raykd.teacher.cache import CacheError, read_manifest
+    from raykd.teacher.topk import STORAGE
+
+    path = Path(path).expanduser()
+    try:
+        manifest = read_manifest(path)
+    except (OSError, ValueError) as err:
+        raise CacheError(f"{path} is not a teacher cache ({err})") from None
+    spec = manifest["spec"]
+    files = {p.name: p.stat().st_size for p in sorted(path.iterdir()) if p.is_file()}
+    per_sample = int(manifest.get("bytes_per_sample", 0))
+    dense = int(spec.get("num_classes", 0)) * STORAGE.get(spec.get("dtype"), STORAGE["float32"]
+                                                          ).itemsize
+    return {"path": str(path), "key": path.name, "format_version": manifest.get("format_version"),
+            "encoding": manifest.get("encoding"), "dtype": manifest.get("dtype"), "spec": spec,
+            "arrays": manifest.get("arrays", {}), "created": manifest.get("created"),
+            "files": files, "total_bytes": sum(files.values()),
+            "bytes_per_sample": per_sample, "dense_bytes_per_sample": dense,
+            "compression": round(dense / per_sample, 2) if per_sample else None}
