@@ -142,11 +142,11 @@ class CacheReader:
             bad = rows[(rows < 0) | (rows >= self.table.num_samples)][0]
             raise IndexError(f"sample index {int(bad)} is outside the cache's "
                              f"{self.table.num_samples} rows")
-        if rows.size:
-            self._verify(np.unique(self.shard_of(rows)))
-        else:
+        if not self._files:
             with self._lock:
                 self._open()
+        if rows.size:
+            self._verify(np.unique(self.shard_of(rows)))
         uniq, inverse = np.unique(rows, return_inverse=True)
         return {name: self._read(name, uniq)[inverse] for name in self.table.arrays}
 
