@@ -155,7 +155,7 @@ def test_two_workers_on_two_nodes_match_the_one_node_run(two_nodes, one_node):
     summary = two_nodes["summary"]
     cluster = summary["cluster"]
     assert cluster["nodes"] == 2 and cluster["worker_nodes"] == 2
-    # The teacher actor made the cache shards on one node; a worker on the other read them.
+    # The teacher actor wrote the cache on one node; a worker on the other read its files.
     [teacher_node] = two_nodes["teacher_actor_nodes"]
     assert teacher_node in cluster["worker_node_ids"]
     assert [n for n in cluster["worker_node_ids"] if n != teacher_node]

@@ -7,8 +7,9 @@ Starts a head node (2 CPUs, the dashboard on a free port) and a second node (1 C
 so the test session's Ray instance and any other cluster on the machine are never touched. Then:
 
 1. ``raykd distill`` (the CLI's code, in this process) with ``train.placement_strategy=SPREAD``:
-   one worker per node, so the worker on the second node reads the teacher's cache shards from
-   the object store of the head, where the teacher actor made them;
+   one worker per node, so the worker on the second node reads the teacher's cache, which the
+   teacher actor wrote on the head, from the cache files (one machine: the disk is shared, as
+   ``teacher.cache_dir`` must be on a real cluster);
 2. a baseline fit of the same config that is held at its first checkpoint while the second node
    is removed (``Cluster.remove_node`` kills its raylet and every process on it); Ray Train
    restarts the group on the head, which has room for both workers.
