@@ -128,9 +128,14 @@ def test_reader_decodes_exactly_as_lookup(tmp_path, monkeypatch, dtype, classes,
     shards = cache.shards(50)
     assert cache.table().bounds == [(0, 20), (20, 40), (40, 50)]
     g = torch.Generator().manual_seed(1)
-    for span_bytes in (reader._SPAN_BYTES, 0):  # 0: one pread per run of consecutive rows
+    # held in memory (a small cache); read from the files with one pread per batch's span; one
+    # pread per run of consecutive rows
+    for budget, span_bytes in ((None, reader._SPAN_BYTES), (0, reader._SPAN_BYTES), (0, 0)):
         monkeypatch.setattr(reader, "_SPAN_BYTES", span_bytes)
+        if budget is not None:
+            monkeypatch.setenv("RAYKD_CACHE_RESIDENT_BYTES", str(budget))
         teacher = CachedTeacher(handoff_of(cache))
+        assert teacher.reader.keep == (budget is None)
         for _ in range(4):
             idx = torch.randint(0, 50, (37,), generator=g)
             views = torch.randint(0, 2, (37,), generator=g)
@@ -144,7 +149,7 @@ def test_reader_decodes_exactly_as_lookup(tmp_path, monkeypatch, dtype, classes,
         teacher.close()
 
 
-def test_reader_refuses_a_damaged_shard_and_a_missing_folder(tmp_path):
+def test_reader_refuses_a_damaged_shard_and_a_missing_folder(tmp_path, monkeypatch):
     """A byte changed on disk after the build: the shard that holds it is refused in one line
     naming the file and `raykd cache verify` (never served); the other shards still are. A cache
     folder this node does not see: one line asking for shared storage."""
@@ -161,16 +166,19 @@ def test_reader_refuses_a_damaged_shard_and_a_missing_folder(tmp_path):
     raw = bytearray(file.read_bytes())
     raw[len(raw) - 40 * 30] ^= 0x5A  # row 30: shard 1 of 3
     file.write_bytes(bytes(raw))
-    teacher = CachedTeacher(handoff)
-    assert torch.equal(teacher.logits(torch.arange(20)), table[:20])  # shard 0 is intact
-    for _ in range(2):  # refused every time, not only the first
-        with pytest.raises(ConfigError) as err:
-            teacher.logits(torch.tensor([3, 25]))
-        message = str(err.value)
-        assert message.startswith(f"teacher.cache_dir: {file} rows 20:40 do not match their "
-                                  f"sha256 checksum")
-        assert f"raykd cache verify {cache.path}" in message and "\n" not in message
-    teacher.close()
+    for budget in (None, "0"):  # held in memory once read; read row by row
+        if budget is not None:
+            monkeypatch.setenv("RAYKD_CACHE_RESIDENT_BYTES", budget)
+        teacher = CachedTeacher(handoff)
+        assert torch.equal(teacher.logits(torch.arange(20)), table[:20])  # shard 0 is intact
+        for _ in range(2):  # refused every time, not only the first
+            with pytest.raises(ConfigError) as err:
+                teacher.logits(torch.tensor([3, 25]))
+            message = str(err.value)
+            assert message.startswith(f"teacher.cache_dir: {file} rows 20:40 do not match "
+                                      f"their sha256 checksum")
+            assert f"raykd cache verify {cache.path}" in message and "\n" not in message
+        teacher.close()
     build_cache(tmp_path, spec, lambda s, e, v: table[s:e], 16, progress=False, shard_size=20)
     repaired = CachedTeacher(handoff_of(TeacherCache.open(tmp_path, spec)))
     assert torch.equal(repaired.logits(torch.arange(60)), table)

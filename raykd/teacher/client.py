@@ -5,9 +5,10 @@ folder under ``teacher.cache_dir``, arrays, shard bounds and per-shard checksums
 actor read them from the manifest) or the actor handle (live). A cached teacher reads the rows of
 each batch from the cache's files (``reader.py``: each shard checksummed once on first use, a
 damaged one refused, never served) and decodes them locally; the next batch's rows are read
-ahead in a thread. Nothing is held in Ray's object store and a worker's memory holds a batch or
-two of rows, whatever the size of the cache; the actor is not contacted at all while a cached
-fit runs (it may die and restart meanwhile).
+ahead in a thread. Nothing is held in Ray's object store; a worker holds a small cache (up to
+``RAYKD_CACHE_RESIDENT_BYTES``, 64 MiB) in memory once read, and of a larger one a batch or two
+of rows, whatever its size. The actor is not contacted at all while a cached fit runs (it may
+die and restart meanwhile).
 
 Replay mode: :func:`replay_view` picks which of the V cached views each sample is shown in an
 epoch, :func:`replay_inputs` renders that view; the teacher actor renders the cache's views with
@@ -95,6 +96,8 @@ class CachedTeacher:
 
     def prefetch(self, upcoming: torch.Tensor) -> None:
         """Start reading the rows of ``upcoming`` (the next batch's indices) in a thread."""
+        if self.reader.keep:  # a small cache, held in memory: nothing to read ahead
+            return
         upcoming = torch.as_tensor(upcoming, dtype=torch.int64).reshape(-1).clone()
         if upcoming.numel():
             self._ahead = (upcoming, self.pool.submit(self.reader.rows, upcoming.numpy()))
