@@ -195,7 +195,8 @@ def test_reader_refuses_a_damaged_shard_and_a_missing_folder(tmp_path, monkeypat
 def test_reading_every_row_of_a_large_cache_keeps_the_worker_small(tmp_path):
     """A 320 MB cache (160,000 rows × 1,000 float16 logits, written by the cache writer without a
     teacher), every row read through the workers' reader in random batches with prefetch, in a
-    fresh process: its peak RSS ends within 100 MB of what it was before reading. Measured
+    fresh process (above RAYKD_CACHE_RESIDENT_BYTES, 64 MiB: read row by row from the files):
+    its peak RSS ends within 100 MB of what it was before reading. Measured
     (2026-12-07, 2 cores): +63 to +75 MB here, +52 to +62 MB for a cache 8× smaller (the
     batches' buffers and the allocator, not the cache); reading the same rows through a memory
     map of the file (TeacherCache.read) grows it by the whole 320 MB."""
