@@ -184,6 +184,9 @@ def test_reader_refuses_a_damaged_shard_and_a_missing_folder(tmp_path, monkeypat
     assert torch.equal(repaired.logits(torch.arange(60)), table)
     repaired.close()
 
+    (cache.path / "logits.npy").rename(cache.path / "moved.npy")  # a file gone: one line
+    with pytest.raises(ConfigError, match=r"logits.npy cannot be read .*raykd cache verify"):
+        CachedTeacher(handoff).logits(torch.arange(3))
     gone = TeacherHandoff(**{**handoff.__dict__, "table": dataclasses.replace(
         handoff.table, path=str(tmp_path / "elsewhere" / spec.key()))})
     with pytest.raises(ConfigError, match=r"^teacher.cache_dir: the teacher cache .* is not on "

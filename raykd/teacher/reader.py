@@ -95,7 +95,7 @@ class CacheReader:
                                         for _, shape, dt in table.arrays.values())
         self.keep = total <= resident_budget()
         self._kept: dict[str, np.ndarray] = {}  # array name → all rows (verified shards filled)
-        self._lock = threading.Lock()
+        self._lock = threading.RLock()  # _open may close() while holding it
         self.verified_bytes = 0  # bytes checksummed so far (each shard once)
         self.read_calls = 0  # preads of rows so far
 
