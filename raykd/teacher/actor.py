@@ -73,8 +73,16 @@ class TeacherActor:
         self.sources, self.tracking_uri = list(sources), tracking_uri
         self.device = teacher_device()
         self.dataset = build_dataset(self.cfg.data, "train")
+        # teacher.tokenizer (text): the teacher's own tokens of each block's text, and its
+        # vocabulary for the model (raykd.data.cross_tokens); None when it reads the student's
+        self.own_tokens = None
+        if getattr(self.dataset.info, "vocab_size", None) is not None:
+            from raykd.data.cross_tokens import teacher_tokens
+
+            self.own_tokens = teacher_tokens(self.cfg, self.dataset)
+        model_info = self.own_tokens.info if self.own_tokens else self.dataset.info
         self.models = [m.to(self.device).eval() for m in
-                       load_teacher_models(sources, self.cfg, self.dataset.info, tracking_uri)]
+                       load_teacher_models(sources, self.cfg, model_info, tracking_uri)]
         self.fingerprint = teacher_fingerprint([m.state_dict() for m in self.models])
         self.forward_samples = 0  # every sample the teacher saw since this process started
         self.cache = None
@@ -90,7 +98,8 @@ class TeacherActor:
             if self.per_token:
                 from raykd.teacher.token_cache import token_spec
 
-                self.spec = token_spec(self.cfg, info, self.fingerprint, len(self.dataset))
+                self.spec = token_spec(self.cfg, info, self.fingerprint, len(self.dataset),
+                                       self.own_tokens.info if self.own_tokens else None)
             else:
                 self.spec = CacheSpec(
                     teacher_fingerprint=self.fingerprint, dataset_identity=info.identity,
@@ -135,7 +144,8 @@ class TeacherActor:
             from raykd.teacher.token_cache import build_token_cache
 
             build_token_cache(self.root, self.spec, self._produce_blocks,
-                              self.cfg.teacher.batch_size)
+                              self.cfg.teacher.batch_size,
+                              self.own_tokens.lengths if self.own_tokens else None)
             return {}
         from raykd.teacher.cache import fill_cache, produced_rows
         from raykd.teacher.pool import build_with_pool
@@ -233,6 +243,8 @@ class TeacherActor:
         return out
 
     def _produce_blocks(self, start: int, end: int) -> torch.Tensor:
+        if self.own_tokens is not None:  # the same text in the teacher's tokens
+            return self._logits(self.own_tokens.inputs[start:end])
         return self._produce(start, end, 0)
 
     def _produce(self, start: int, end: int, view: int) -> torch.Tensor:

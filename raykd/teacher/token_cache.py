@@ -66,7 +66,11 @@ class TokenCacheSpec:
         return hashlib.sha256(blob.encode()).hexdigest()[:20]
 
 
-def token_spec(cfg, info, fingerprint: str, num_blocks: int) -> TokenCacheSpec:
+def token_spec(cfg, info, fingerprint: str, num_blocks: int, teacher_info=None
+               ) -> TokenCacheSpec:
+    """``teacher_info``: the teacher's own tokenizer's info when it is not the data's
+    (raykd.data.cross_tokens); the cached ids, vocabulary and tokenizer checksum are its."""
+    own = teacher_info or info
     if cfg.teacher.cache_dtype not in ("float16", "bfloat16"):
         from raykd.config import ConfigError
 
@@ -75,9 +79,9 @@ def token_spec(cfg, info, fingerprint: str, num_blocks: int) -> TokenCacheSpec:
                           f"teacher.cache_dtype=float16")
     return TokenCacheSpec(
         teacher_fingerprint=fingerprint, dataset_identity=info.identity,
-        corpus_sha256=info.corpus_sha256, tokenizer_sha256=info.tokenizer_sha256,
-        block_size=info.block_size, num_samples=num_blocks, num_classes=info.vocab_size,
-        topk=min(cfg.teacher.topk or DEFAULT_TOPK, info.vocab_size),
+        corpus_sha256=info.corpus_sha256, tokenizer_sha256=own.tokenizer_sha256,
+        block_size=info.block_size, num_samples=num_blocks, num_classes=own.vocab_size,
+        topk=min(cfg.teacher.topk or DEFAULT_TOPK, own.vocab_size),
         dtype=cfg.teacher.cache_dtype)
 
 
@@ -118,9 +122,14 @@ def check_token_cache(root: str | Path, spec: TokenCacheSpec, verify: bool = Tru
 
 
 def build_token_cache(root: str | Path, spec: TokenCacheSpec,
-                      produce: Callable[[int, int], torch.Tensor], batch_size: int) -> Path:
+                      produce: Callable[[int, int], torch.Tensor], batch_size: int,
+                      lengths: torch.Tensor | None = None) -> Path:
     """Run ``produce(start, end) -> logits [end−start, L, V]`` over the blocks, encode each
-    batch's top-k, write the file and (last) the manifest, publish the folder atomically."""
+    batch's top-k, write the file and (last) the manifest, publish the folder atomically.
+
+    ``lengths`` [num_samples]: real teacher positions per block when the teacher read its own
+    tokenization of the text (raykd.data.cross_tokens); the positions after them get a NaN
+    tail log-mass, "no teacher token here", which ``token_uld`` leaves out."""
     from raykd.teacher.token_topk import (TokenTopK, bytes_per_token, encode_token_topk,
                                           save_token_topk)
 
@@ -136,7 +145,11 @@ def build_token_cache(root: str | Path, spec: TokenCacheSpec,
                              f"{spec.block_size}, {spec.num_classes})")
         if not bool(torch.isfinite(logits).all()):
             raise CacheError(f"teacher logits for blocks {start}:{end} are not finite")
-        parts.append(encode_token_topk(logits.float(), spec.topk, dtype))
+        part = encode_token_topk(logits.float(), spec.topk, dtype)
+        if lengths is not None:
+            past = torch.arange(spec.block_size) >= lengths[start:end, None]
+            part.tail_logmass[past] = float("nan")
+        parts.append(part)
     topk = TokenTopK(torch.cat([p.values for p in parts]), torch.cat([p.ids for p in parts]),
                      torch.cat([p.tail_logmass for p in parts]), spec.num_classes)
     root = Path(root).expanduser()
