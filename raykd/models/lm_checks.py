@@ -75,14 +75,16 @@ def _check_terms_across(cfg: RaykdConfig, t_vocab, s_vocab, own: bool) -> None:
         if term.weight <= 0 or "logits" not in spec.needs \
                 or getattr(spec.cls, "cross_vocabulary", False):
             continue
-        why = (f"the teacher reads its own tokenizer (teacher.tokenizer, {t_vocab} ids) and the "
-               f"student another ({s_vocab} ids)" if own else
-               f"the student's vocabulary has {s_vocab} ids, the teacher's {t_vocab}")
-        fix = "" if own else (f", or give both one vocabulary (leave the student's vocab_size "
-                              f"unset to take the tokenizer's, or set it to {t_vocab})")
-        raise ConfigError(f"{term_field(term, cfg.distill)}: {term.name} compares teacher and "
-                          f"student probabilities token id by token id, but {why}; "
-                          f"{ULD_HINT}{fix}")
+        field = term_field(term, cfg.distill)
+        if own:
+            raise ConfigError(f"{field}: {term.name} compares teacher and student probabilities "
+                              f"token id by token id, but the teacher reads its own tokenizer "
+                              f"(teacher.tokenizer, {t_vocab} ids) and the student another "
+                              f"({s_vocab} ids); {ULD_HINT}")
+        raise ConfigError(f"{_vocab_field(cfg, 'student')}: the student's vocabulary has "
+                          f"{s_vocab} ids, the teacher's {t_vocab}; {term.name} ({field}) "
+                          f"needs one vocabulary (leave the student's vocab_size unset to take "
+                          f"the tokenizer's, or set it to {t_vocab}), or {ULD_HINT}")
 
 
 def _check_own_tokenizer(cfg: RaykdConfig) -> None:
