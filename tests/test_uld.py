@@ -197,3 +197,12 @@ def test_topk_rows_are_plain_tensors_on_a_bfloat16_student():
     value.backward()
     assert torch.isfinite(value) and torch.isfinite(s.grad.float()).all()
     assert isinstance(cache, TokenTopK)
+
+
+def test_agreement_counts_an_id_beyond_the_students_vocabulary_as_disagreement():
+    from raykd.train.lm_eval import agreement_sums
+
+    logits = torch.tensor([[[0.0, 2.0, 1.0], [3.0, 0.0, 0.0], [0.0, 0.0, 5.0]]])
+    top1 = torch.tensor([[1, 7, 2]])  # id 7: only the (larger) teacher vocabulary has it
+    agree, n = agreement_sums(logits, top1, torch.tensor([[True, True, True]]))
+    assert (agree, n) == (2.0, 3.0)

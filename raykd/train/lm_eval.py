@@ -34,7 +34,11 @@ def agreement_sums(student_logits: Tensor, teacher_top1: Tensor, mask: Tensor | 
     over a [tokens, vocab] batch costs about ten times amax + gather, a few percent of a small
     student's training step."""
     ids = teacher_top1.to(torch.int64).unsqueeze(-1)
-    same = student_logits.gather(-1, ids).squeeze(-1) >= student_logits.amax(-1)
+    vocab = student_logits.shape[-1]
+    # a larger teacher vocabulary (token_uld): an id the student lacks is a disagreement
+    same = student_logits.gather(-1, ids.clamp(max=vocab - 1)).squeeze(-1) \
+        >= student_logits.amax(-1)
+    same = same & (ids.squeeze(-1) < vocab)
     if mask is not None:
         same = same[mask]
     return float(same.sum()), float(same.numel())

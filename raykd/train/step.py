@@ -57,8 +57,10 @@ class DistillStep(nn.Module):
         self.agreement = None
         top1 = t_topk.ids[..., 0] if t_topk is not None else (
             t_logits.argmax(-1) if t_logits is not None and t_logits.dim() == 3 else None)
-        if t_topk is not None and t_topk.vocab_size != logits.shape[-1]:
-            top1 = None  # another tokenizer's ids (token_uld): no agreement to count
+        t_vocab = t_topk.vocab_size if t_topk is not None else (
+            t_logits.shape[-1] if top1 is not None else None)
+        if t_vocab is not None and t_vocab != logits.shape[-1]:
+            top1 = None  # other vocabularies (token_uld): their ids need not name one string
         if top1 is not None and mask is not None:
             with torch.no_grad():
                 self.agreement = agreement_sums(logits, top1, mask)
