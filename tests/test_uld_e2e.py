@@ -115,6 +115,33 @@ def test_the_teacher_labels_the_same_text_in_its_own_tokens(distilled, files):
     assert torch.isfinite(topk.values[~torch.isnan(topk.tail_logmass)].float()).all()
 
 
+def test_teacher_tokens_read_the_blocks_text(files, workdir):
+    """Without Ray: the teacher's inputs for a block are the teacher tokenizer's encoding of the
+    text the student's block decodes to, cut at the block size; unset or same tokenizer: None."""
+    from raykd.data import build_dataset
+    from raykd.data.cross_tokens import teacher_tokens
+    from raykd.data.tokenizer import load_tokenizer
+
+    corpus, teacher, _ = files
+    cfg = config_of(distill_args(workdir, corpus, teacher))
+    train = build_dataset(cfg.data, "train")
+    own = teacher_tokens(cfg, train)
+    assert own.info.vocab_size == 1024 and own.inputs.shape == train.inputs.shape
+    s_tok, t_tok = load_tokenizer(train.info.tokenizer_file), load_tokenizer(teacher /
+                                                                             "tokenizer.json")
+    for i in (0, len(train) - 1):
+        n = int((train.labels[i] != -100).sum())
+        text = s_tok.decode(train.inputs[i, :n].tolist(), skip_special_tokens=False)
+        ids = t_tok.encode(text, add_special_tokens=False).ids[:BLOCK]
+        assert own.lengths[i] == len(ids) and own.inputs[i, :len(ids)].tolist() == ids
+        got = t_tok.decode(own.inputs[i, :int(own.lengths[i])].tolist(),
+                           skip_special_tokens=False)
+        assert text.startswith(got) and len(got) > 0
+    assert (own.lengths < BLOCK).any()  # coarser tokens: some blocks end early for the teacher
+    assert teacher_tokens(config_of(distill_args(workdir, corpus, teacher),
+                                    "teacher.tokenizer=null"), train) is None
+
+
 def test_the_student_trains_on_token_uld_across_vocabularies(distilled):
     summary, _ = distilled
     history = summary["student"]["history"]
