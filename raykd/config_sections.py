@@ -192,6 +192,18 @@ class TeacherConfig(ModelConfig):
     # Live mode: how long the actor waits for the other workers' calls to run them in one
     # teacher pass (raykd/teacher/batching.py); null serves one call at a time.
     live_batch_window_ms: float | None = Field(5.0, ge=0.0)
+    # Text: the teacher's own tokenizer (a folder holding tokenizer.json, or the file) when it
+    # is not the student's (data.tokenizer). The cache build then tokenises each block's text
+    # with it, and only token_uld can compare the two vocabularies (raykd/data/cross_tokens.py).
+    tokenizer: str | None = None
+
+    @field_validator("tokenizer")
+    @classmethod
+    def _tokenizer_exists(cls, value: str | None, info: ValidationInfo) -> str | None:
+        if value is not None and _checks_files(info) and not Path(value).expanduser().exists():
+            raise ValueError(f"{value!r} does not exist; give the folder holding the teacher's "
+                             f"tokenizer.json (its save_pretrained folder) or the file")
+        return value
 
     @field_validator("checkpoint")
     @classmethod

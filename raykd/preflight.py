@@ -15,6 +15,7 @@ import torch
 from raykd import tracking
 from raykd.config import URI_SCHEMES, ConfigError, RaykdConfig
 from raykd.data import dataset_info
+from raykd.data.cross_tokens import teacher_info, teacher_tokenizer_file
 from raykd.data.labelled import labelled_split
 from raykd.losses import DistillLoss
 from raykd.losses.registry import check_no_peer_terms
@@ -83,10 +84,12 @@ def preflight(cfg: RaykdConfig, roles: tuple[str, ...] = ("teacher", "student"))
                           "train.keep_checkpoint=last")
     text = getattr(info, "vocab_size", None) is not None
     x = torch.zeros(2, *info.input_shape, dtype=torch.long if text else torch.float32)
-    teacher = _teacher_model(cfg, info)
+    own = teacher_tokenizer_file(cfg, info) if text else None  # teacher.tokenizer
+    t_info = teacher_info(info, own) if own else None
+    teacher = _teacher_model(cfg, t_info or info)
     student = build_model(cfg.student, info, field="student")
     if text:
-        check_language_models(cfg, info, teacher, student, roles)
+        check_language_models(cfg, info, teacher, student, roles, t_info)
     if "student" not in roles:
         return
     terms = cfg.distill.terms()

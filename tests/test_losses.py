@@ -14,9 +14,9 @@ from raykd.config import ConfigError, DistillConfig, LossTermConfig
 from raykd.losses import (LOSSES, DistillLoss, LossSpec, build_term, describe_losses,
                           feature_paths)
 
-KEYS = {"ce", "kd", "dkd", "token_kd", "token_rkl", "token_gkd", "fitnets", "at", "nst", "ft",
-        "ab", "distilbert_cos", "tinybert_hidden", "tinybert_emb", "tinybert_attn", "rkd", "sp",
-        "fsp", "pkt", "dml", "one", "byot", "codistill"}  # the online family (raykd online)
+KEYS = {"ce", "kd", "dkd", "token_kd", "token_rkl", "token_gkd", "token_uld", "fitnets", "at",
+        "nst", "ft", "ab", "distilbert_cos", "tinybert_hidden", "tinybert_emb", "tinybert_attn",
+        "rkd", "sp", "fsp", "pkt", "dml", "one", "byot", "codistill"}  # last 4: online
 S_SHAPES = {"layer2": torch.Size([4, 8, 4, 4]), "layer3": torch.Size([4, 16, 2, 2]),
             "fc": torch.Size([4, 32])}
 T_SHAPES = {"layer2": torch.Size([4, 16, 4, 4]), "layer3": torch.Size([4, 32, 2, 2]),

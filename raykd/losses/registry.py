@@ -12,7 +12,7 @@ from typing import TYPE_CHECKING, Any
 import torch
 
 from raykd.errors import ConfigError
-from raykd.losses import feature, language, online, relation, response
+from raykd.losses import feature, language, online, relation, response, uld
 from raykd.losses.base import NEEDS, BuildContext, LossTerm
 
 if TYPE_CHECKING:  # the config validates names through this registry: no import back at run time
@@ -37,7 +37,7 @@ def _spec(cls: type[LossTerm]) -> LossSpec:
 
 LOSSES: dict[str, LossSpec] = {
     cls.key: _spec(cls)
-    for module in (response, feature, relation, language, online)
+    for module in (response, feature, relation, language, uld, online)
     for cls in module.TERMS
 }
 

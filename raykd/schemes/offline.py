@@ -21,12 +21,13 @@ import torch
 from raykd import tracking
 from raykd.config import ConfigError, RaykdConfig, dump_yaml
 from raykd.data import build_dataset, dataset_info
+from raykd.data.cross_tokens import teacher_data_config, teacher_tokenizer_file
 from raykd.schemes.lineage import finished_roles, lineage_run
 from raykd.teacher.loading import local_checkpoint
 from raykd.teacher.service import serve_teacher, stop_teacher, teacher_stats
 from raykd.train.checkpoint import load_model, read_checkpoint
 from raykd.train.fit import RAY_START, ensure_ray, fit, fit_session
-from raykd.train.lm_eval import lm_test_report, perplexity
+from raykd.train.lm_eval import cross_tokenizer_report, lm_test_report, perplexity
 from raykd.train.transfer import transfer_set
 
 
@@ -58,9 +59,13 @@ def language_model_report(cfg: RaykdConfig, sources: list[str], student: dict[st
     """Test split, in the driver: the teacher's and the student's accuracy, nats per token and
     perplexity, and the student's top-1 agreement with the teacher (raykd.train.lm_eval)."""
     test = build_dataset(cfg.data, "test")
-    teacher = load_model(local_checkpoint(sources[0], tracking_uri), cfg.teacher, test.info)
+    own = teacher_tokenizer_file(cfg, test.info)  # teacher.tokenizer: its own test tokens
+    t_test = build_dataset(teacher_data_config(cfg, own), "test") if own else test
+    teacher = load_model(local_checkpoint(sources[0], tracking_uri), cfg.teacher, t_test.info)
     model = load_model(local_checkpoint(student["checkpoint"], tracking_uri), cfg.student,
                        test.info, field="student")
+    if own is not None:
+        return cross_tokenizer_report(teacher, t_test, model, test)
     return lm_test_report(teacher, model, test)
 
 

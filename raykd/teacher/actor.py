@@ -73,8 +73,16 @@ class TeacherActor:
         self.sources, self.tracking_uri = list(sources), tracking_uri
         self.device = teacher_device()
         self.dataset = build_dataset(self.cfg.data, "train")
+        # teacher.tokenizer (text): the teacher's own tokens of each block's text, and its
+        # vocabulary for the model (raykd.data.cross_tokens); None when it reads the student's
+        self.own_tokens = None
+        if getattr(self.dataset.info, "vocab_size", None) is not None:
+            from raykd.data.cross_tokens import teacher_tokens
+
+            self.own_tokens = teacher_tokens(self.cfg, self.dataset)
+        model_info = self.own_tokens.info if self.own_tokens else self.dataset.info
         self.models = [m.to(self.device).eval() for m in
-                       load_teacher_models(sources, self.cfg, self.dataset.info, tracking_uri)]
+                       load_teacher_models(sources, self.cfg, model_info, tracking_uri)]
         self.fingerprint = teacher_fingerprint([m.state_dict() for m in self.models])
         self.forward_samples = 0  # every sample the teacher saw since this process started
         self.cache = None
@@ -90,7 +98,8 @@ class TeacherActor:
             if self.per_token:
                 from raykd.teacher.token_cache import token_spec
 
-                self.spec = token_spec(self.cfg, info, self.fingerprint, len(self.dataset))
+                self.spec = token_spec(self.cfg, info, self.fingerprint, len(self.dataset),
+                                       self.own_tokens.info if self.own_tokens else None)
             else:
                 self.spec = CacheSpec(
                     teacher_fingerprint=self.fingerprint, dataset_identity=info.identity,
@@ -215,6 +224,11 @@ class TeacherActor:
     def _produce(self, start: int, end: int, view: int) -> torch.Tensor:
         from raykd.teacher.client import cache_view
 
+        if self.own_tokens is not None:  # the same text in the teacher's tokens: positions
+            # past its own tokens are NaN rows, "no teacher token" (TokenCacheSpec.encode)
+            logits = self._logits(self.own_tokens.inputs[start:end])
+            past = torch.arange(logits.shape[1]) >= self.own_tokens.lengths[start:end, None]
+            return logits.masked_fill(past[..., None].to(logits.device), float("nan"))
         idx = torch.arange(start, end)
         _, x, _ = self.dataset.get_batch(idx)
         return self._logits(cache_view(x, idx, view, self.spec, self.cfg.train))

@@ -82,9 +82,15 @@ class TokenCacheSpec:
             raise CacheError(f"teacher logits for blocks {start}:{end} have shape "
                              f"{tuple(logits.shape)}, expected ({end - start}, "
                              f"{self.block_size}, {self.num_classes})")
-        if not bool(torch.isfinite(logits).all()):
+        # A NaN row is "no teacher token at this position" (a teacher reading its own tokens
+        # of the text, raykd.data.cross_tokens, has fewer): cached as a NaN tail log-mass,
+        # which token_uld leaves out. Any other non-finite value is an error.
+        absent = torch.isnan(logits).all(-1)
+        if not bool(torch.isfinite(logits[~absent]).all()):
             raise CacheError(f"teacher logits for blocks {start}:{end} are not finite")
-        top = encode_token_topk(logits.float(), self.topk, getattr(torch, self.dtype))
+        top = encode_token_topk(logits.float().masked_fill(absent[..., None], 0.0), self.topk,
+                                getattr(torch, self.dtype))
+        top.tail_logmass[absent] = float("nan")
         values = top.values.cpu()
         if values.dtype == torch.bfloat16:  # numpy has no bfloat16: its bits, as uint16
             values = values.view(torch.int16).numpy().view(np.uint16)
@@ -108,14 +114,18 @@ class TokenCacheSpec:
                 "bytes_per_sample": int(round(per_token * self.block_size))}
 
 
-def token_spec(cfg, info, fingerprint: str, num_blocks: int) -> TokenCacheSpec:
+def token_spec(cfg, info, fingerprint: str, num_blocks: int, teacher_info=None
+               ) -> TokenCacheSpec:
     """The spec of the per-token cache for this config's train blocks (``teacher.cache_dtype``:
-    float16 or bfloat16 as usual; float32, twice the bytes, for exact comparisons)."""
+    float16 or bfloat16 as usual; float32, twice the bytes, for exact comparisons).
+    ``teacher_info``: the teacher's own tokenizer's info when it is not the data's
+    (raykd.data.cross_tokens); the cached ids, vocabulary and tokenizer checksum are its."""
+    own = teacher_info or info
     return TokenCacheSpec(
         teacher_fingerprint=fingerprint, dataset_identity=info.identity,
-        corpus_sha256=info.corpus_sha256, tokenizer_sha256=info.tokenizer_sha256,
-        block_size=info.block_size, num_samples=num_blocks, num_classes=info.vocab_size,
-        topk=min(cfg.teacher.topk or DEFAULT_TOPK, info.vocab_size),
+        corpus_sha256=info.corpus_sha256, tokenizer_sha256=own.tokenizer_sha256,
+        block_size=info.block_size, num_samples=num_blocks, num_classes=own.vocab_size,
+        topk=min(cfg.teacher.topk or DEFAULT_TOPK, own.vocab_size),
         dtype=cfg.teacher.cache_dtype)
 
 

@@ -34,7 +34,11 @@ def agreement_sums(student_logits: Tensor, teacher_top1: Tensor, mask: Tensor | 
     over a [tokens, vocab] batch costs about ten times amax + gather, a few percent of a small
     student's training step."""
     ids = teacher_top1.to(torch.int64).unsqueeze(-1)
-    same = student_logits.gather(-1, ids).squeeze(-1) >= student_logits.amax(-1)
+    vocab = student_logits.shape[-1]
+    # a larger teacher vocabulary (token_uld): an id the student lacks is a disagreement
+    same = student_logits.gather(-1, ids.clamp(max=vocab - 1)).squeeze(-1) \
+        >= student_logits.amax(-1)
+    same = same & (ids.squeeze(-1) < vocab)
     if mask is not None:
         same = same[mask]
     return float(same.sum()), float(same.numel())
@@ -69,3 +73,30 @@ def lm_test_report(teacher, student, dataset, batch_size: int = 64) -> dict[str,
             "student": {"accuracy": sums["s_correct"] / n, "loss_nats_per_token": sums["s_nll"] / n,
                         "perplexity": perplexity(sums["s_nll"] / n)},
             "student_teacher_agreement": sums["agree"] / n}
+
+
+
+@torch.no_grad()
+def model_test_report(model, dataset, batch_size: int = 64) -> tuple[dict[str, float], int]:
+    """({accuracy, loss_nats_per_token, perplexity}, real tokens) of one model on ``dataset``."""
+    correct = tokens = nll = 0.0
+    model.eval()
+    for chunk in torch.arange(len(dataset)).split(batch_size):
+        _, x, y = dataset.get_batch(chunk)
+        c, n, loss = token_sums(model(x), y)
+        correct, tokens, nll = correct + c, tokens + n, nll + loss
+    n = max(tokens, 1.0)
+    return ({"accuracy": correct / n, "loss_nats_per_token": nll / n,
+             "perplexity": perplexity(nll / n)}, int(tokens))
+
+
+def cross_tokenizer_report(teacher, teacher_test, student, test, batch_size: int = 64
+                           ) -> dict[str, Any]:
+    """``lm_test_report`` for a teacher with its own tokenizer (``teacher.tokenizer``): each
+    model on the test split's text in its own tokens. Nats per token are per each one's token,
+    so the two are not comparable (per character would be), and top-1 agreement is undefined
+    (the ids name different strings): ``student_teacher_agreement`` is None."""
+    t, t_tokens = model_test_report(teacher, teacher_test, batch_size)
+    s, tokens = model_test_report(student, test, batch_size)
+    return {"tokens": tokens, "teacher_tokens": t_tokens, "teacher": t, "student": s,
+            "student_teacher_agreement": None}

@@ -149,6 +149,9 @@ def setup_phase(loop: dict[str, Any], rank: int, world: int, device) -> Phase:
     scheduler = (torch.optim.lr_scheduler.CosineAnnealingLR(optimizer, plan.epochs)
                  if cfg.train.schedule == "cosine" else None)
     cached, live = _teacher_source(handoff, plan, info)
+    if cached is not None and handoff.per_token \
+            and handoff.spec.tokenizer_sha256 != info.tokenizer_sha256:
+        getattr(step, "module", step).count_agreement = False  # the teacher's own tokenizer
     transforms = cfg.teacher.augment if role == "teacher" else cfg.train.augment
     ph = Phase(cfg, plan, rank, world, device, info, model, loss, step, precision, optimizer,
                scheduler, val_ds, transfer_set(cfg, role, cached), handoff, cached, live,

@@ -42,6 +42,10 @@ class DistillStep(nn.Module):
     """Student forward (features taken by hooks) + loss in one module, so DDP sees every learned
     parameter — the student's and the loss terms' regressors — inside its forward."""
 
+    # False when the teacher's ids are another tokenizer's (teacher.tokenizer, token_uld): the
+    # same id names different strings, so top-1 agreement means nothing (set by the loop)
+    count_agreement = True
+
     def __init__(self, student: nn.Module, loss: nn.Module, paths: list[str], precision=None):
         super().__init__()
         self.student, self.loss = student, loss
@@ -57,6 +61,8 @@ class DistillStep(nn.Module):
         self.agreement = None
         top1 = t_topk.ids[..., 0] if t_topk is not None else (
             t_logits.argmax(-1) if t_logits is not None and t_logits.dim() == 3 else None)
+        if not self.count_agreement:
+            top1 = None
         if top1 is not None and mask is not None:
             with torch.no_grad():
                 self.agreement = agreement_sums(logits, top1, mask)

@@ -72,8 +72,11 @@ def resolve_config(cfg):
     if cfg.teacher.cache_dir is not None and is_uri(cfg.teacher.cache_dir):
         raise ConfigError(f"teacher.cache_dir: {cfg.teacher.cache_dir!r} is a URI, but the cache "
                           f"is memory-mapped from a folder; give a local or shared folder")
+    teacher = {"cache_dir": str(cache_dir(cfg))}
+    if cfg.teacher.tokenizer:  # read by the teacher actor, whose working directory is Ray's
+        teacher["tokenizer"] = resolve(cfg.teacher.tokenizer, "")
     update = {"train": cfg.train.model_copy(update={"storage_path": train_storage(cfg)}),
-              "teacher": cfg.teacher.model_copy(update={"cache_dir": str(cache_dir(cfg))})}
+              "teacher": cfg.teacher.model_copy(update=teacher)}
     if cfg.data.name == "text":  # the corpus, its tokenizer and where a trained one is kept
         update["data"] = cfg.data.model_copy(update={
             "path": resolve(cfg.data.path, "data"),
@@ -88,9 +91,12 @@ def resolve_config(cfg):
 
 def _text_tokenizer(cfg) -> str | None:
     """``data.tokenizer`` made absolute; unset, the teacher's own when its checkpoint is a
-    save_pretrained folder that holds a tokenizer.json (a trained BPE otherwise)."""
+    save_pretrained folder that holds a tokenizer.json (a trained BPE otherwise) — unless
+    ``teacher.tokenizer`` says the teacher's tokens are not the student's."""
     if cfg.data.tokenizer:
         return resolve(cfg.data.tokenizer, "")
+    if cfg.teacher.tokenizer:
+        return None
     source = cfg.teacher.checkpoint
     if source and not is_uri(source) and (Path(source) / "tokenizer.json").is_file():
         return resolve(source, "")
