@@ -25,34 +25,38 @@ _GRID = np.mgrid[0:IMAGE_PX, 0:IMAGE_PX].astype(np.float32) / IMAGE_PX  # [2, H,
 
 
 @lru_cache(maxsize=None)
-def _stripes(label: int, tilt: int, phase: int) -> np.ndarray:
-    """Stripes whose angle and frequency the class sets; 4 tilts × 8 phases per class, cached
-    (at most 84 MB per process) because the sine over 256² pixels was most of an image's cost."""
+def _base(label: int, tilt: int, phase: int) -> np.ndarray:
+    """uint8 [H, W, 3]: the class's stripes (angle and frequency set by the class; 4 tilts × 8
+    phases per class) on a class-tinted background. Cached (at most 63 MB per process): the
+    float work over 256² pixels was most of an image's cost."""
     y, x = _GRID
     angle = np.pi * label / CLASSES + 0.04 * (tilt - 1.5)
-    return np.sin(2 * np.pi * (6 + 2 * label) * (x * np.cos(angle) + y * np.sin(angle))
-                  + np.pi * phase / 4)
+    stripes = np.sin(2 * np.pi * (6 + 2 * label) * (x * np.cos(angle) + y * np.sin(angle))
+                     + np.pi * phase / 4)
+    tint = 40 * np.array([np.cos(2 * np.pi * label / CLASSES),
+                          np.sin(2 * np.pi * label / CLASSES), 0.0], dtype=np.float32)
+    return np.clip((120 + 60 * stripes)[..., None] + tint, 0, 247).astype(np.uint8)
 
 
 def render_image(index: int) -> tuple[int, bytes]:
-    """Image ``index``: class ``index % 10``; the class's stripes (a random tilt and phase), a
-    class-tinted background, a random blob and mild noise (all seeded by the index). Returns
+    """Image ``index``: class ``index % 10``; the class's striped, tinted base (a random tilt and
+    phase), a random blob of random colour and mild noise (all seeded by the index). Returns
     (class, JPEG bytes)."""
     from PIL import Image
 
     label = index % CLASSES
     rng = np.random.default_rng(index)
-    stripes = _stripes(label, int(rng.integers(4)), int(rng.integers(8)))
-    y, x = _GRID
-    cy, cx, r = rng.uniform(0.2, 0.8), rng.uniform(0.2, 0.8), rng.uniform(0.05, 0.2)
-    blob = ((x - cx) ** 2 + (y - cy) ** 2 < r * r)[..., None]
-    tint = 40 * np.array([np.cos(2 * np.pi * label / CLASSES),
-                          np.sin(2 * np.pi * label / CLASSES), 0.0], dtype=np.float32)
-    blob_colour = (50 * rng.uniform(-1, 1, 3)).astype(np.float32)
-    img = (128 + 60 * stripes)[..., None] + tint + blob * blob_colour
-    img += rng.integers(-8, 9, img.shape[:2], dtype=np.int8)[..., None]  # float32 throughout
+    img = _base(label, int(rng.integers(4)), int(rng.integers(8))).copy()
+    r = int(rng.integers(12, 50))
+    cy, cx = (int(v) for v in rng.integers(r, IMAGE_PX - r, 2))
+    yy, xx = np.ogrid[-r:r, -r:r]
+    inside = (yy * yy + xx * xx < r * r)[..., None]
+    box = img[cy - r:cy + r, cx - r:cx + r].astype(np.int16)
+    shifted = box + rng.integers(-50, 51, 3, dtype=np.int16)
+    img[cy - r:cy + r, cx - r:cx + r] = np.where(inside, np.clip(shifted, 0, 247), box)
+    img += rng.integers(0, 9, (IMAGE_PX, IMAGE_PX, 1), dtype=np.uint8)  # ≤ 247 + 8: no wrap
     buf = io.BytesIO()
-    Image.fromarray(np.clip(img, 0, 255).astype(np.uint8), "RGB").save(buf, "JPEG", quality=85)
+    Image.fromarray(img, "RGB").save(buf, "JPEG", quality=85)
     return label, buf.getvalue()
 
 

@@ -49,11 +49,12 @@ sys.path.insert(0, str(Path(__file__).resolve().parent))  # the _data_scale_* he
 
 from _data_scale_data import (IMAGES_1X, SIZES, TEXT_1X_BYTES, write_corpus,  # noqa: E402
                               write_image_folder)
-from _data_scale_runs import (REPO, image_config, mnist_config, raykd_origin,  # noqa: E402
-                              run_cli, text_config)
+from _data_scale_runs import (REPO, heavy_lock, image_config, mnist_config,  # noqa: E402
+                              raykd_origin, run_cli, text_config)
 
 MNIST = "/work/shared/data/mnist"
 BASELINE_REV = "e025435"  # the last revision of the in-memory data plane
+LOCK: str | None = None  # --lock: a flock file held around each heavy step
 
 
 def machine() -> dict[str, Any]:
@@ -83,10 +84,11 @@ def image_row(size: str, work: Path, keep: bool) -> dict[str, Any]:
     started = time.perf_counter()
     written = write_image_folder(folder, IMAGES_1X * SIZES[size], processes=2)
     row: dict[str, Any] = {"size": size, **written,
-                           "write_seconds": round(time.perf_counter() - started, 1),
-                           "load_before": _loadavg()}
-    row.update(run_cli(image_config(folder, work / f"run_images_{size}"),
-                       work / f"run_images_{size}"))
+                           "write_seconds": round(time.perf_counter() - started, 1)}
+    with heavy_lock(LOCK):
+        row["load_before"] = _loadavg()
+        row.update(run_cli(image_config(folder, work / f"run_images_{size}"),
+                           work / f"run_images_{size}"))
     row["load_after"] = _loadavg()
     if not keep:  # 100× is ~7 GB of JPEGs: gone before the next size is written
         shutil.rmtree(folder, ignore_errors=True)
@@ -98,9 +100,11 @@ def image_row(size: str, work: Path, keep: bool) -> dict[str, Any]:
 def text_row(size: str, work: Path, keep: bool) -> dict[str, Any]:
     corpus = work / f"text_{size}" / "corpus.txt"
     written = write_corpus(corpus, TEXT_1X_BYTES * SIZES[size])
-    row: dict[str, Any] = {"size": size, **written, "load_before": _loadavg()}
-    row.update(run_cli(text_config(corpus, work / f"run_text_{size}"),
-                       work / f"run_text_{size}"))
+    row: dict[str, Any] = {"size": size, **written}
+    with heavy_lock(LOCK):
+        row["load_before"] = _loadavg()
+        row.update(run_cli(text_config(corpus, work / f"run_text_{size}"),
+                           work / f"run_text_{size}"))
     row["load_after"] = _loadavg()
     if not keep:
         shutil.rmtree(corpus.parent, ignore_errors=True)
@@ -148,8 +152,9 @@ def side_by_side(args, work: Path) -> dict[str, Any]:
                            "epochs": args.mnist_epochs, "runs": []}
     for name, src in [("current", None), ("baseline", old)] * args.mnist_rounds:
         cfg = mnist_config(args.mnist, work / f"mnist_{name}", args.mnist_epochs)
-        row = {"tree": name, "load_before": _loadavg(),
-               **run_cli(cfg, work / f"mnist_{name}", src=src)}
+        with heavy_lock(LOCK):
+            row = {"tree": name, "load_before": _loadavg(),
+                   **run_cli(cfg, work / f"mnist_{name}", src=src)}
         row["load_after"] = _loadavg()
         shutil.rmtree(work / f"mnist_{name}", ignore_errors=True)  # fresh cache each round
         out["runs"].append(row)
@@ -169,9 +174,11 @@ def side_by_side(args, work: Path) -> dict[str, Any]:
 
 def cache_pool(work: Path, rounds: int) -> dict[str, Any]:
     path = work / "cache_pool.json"
-    proc = subprocess.run([sys.executable, str(REPO / "benchmarks" / "cache_pool.py"), "--json",
-                           str(path), "--rounds", str(rounds)], cwd=REPO, capture_output=True,
-                          text=True, env={**os.environ, "TQDM_DISABLE": "1"})
+    with heavy_lock(LOCK):
+        proc = subprocess.run([sys.executable, str(REPO / "benchmarks" / "cache_pool.py"), "--json",
+                               str(path), "--rounds", str(rounds)], cwd=REPO,
+                              capture_output=True, text=True,
+                              env={**os.environ, "TQDM_DISABLE": "1"})
     if proc.returncode != 0 or not path.exists():
         return {"error": (proc.stdout + proc.stderr)[-2000:]}
     return json.loads(path.read_text())
@@ -199,6 +206,22 @@ def crop_note() -> str:
             "decoded image (check raykd/data for the resolution it receives)")
 
 
+def projection(rows: list[dict[str, Any]]) -> dict[str, Any] | None:
+    """Seconds each size would take, from the smallest size run: the fits and the cache build
+    (and the writing of the files) scale with N, the rest (Ray's start, worker groups, MLflow)
+    is fixed. A linear guess for planning --sizes, not a measurement."""
+    row = next((r for r in rows if not r.get("error")), None)
+    if row is None:
+        return None
+    variable = sum(row.get(k) or 0.0 for k in ("teacher_fit_wall_seconds", "cache_build_seconds",
+                                                "student_wall_seconds"))
+    fixed = max(0.0, row["wall_seconds"] - variable)
+    write = row.get("write_seconds", 0.0)
+    scale = {s: SIZES[s] / SIZES[row["size"]] for s in SIZES}
+    return {"from_size": row["size"], "fixed_seconds": round(fixed, 1),
+            **{s: round(fixed + k * (variable + write)) for s, k in scale.items()}}
+
+
 def headline(result: dict[str, Any]) -> None:
     img = result["images"]
     ratio, sizes = _rss_ratio(img)
@@ -210,6 +233,7 @@ def headline(result: dict[str, Any]) -> None:
         "streamed_over_in_memory": mnist.get("ratio"),
         "replicas_2_over_1": pool.get("replicas_2_over_1"),
         "build_over_raw": pool.get("build_over_raw"),
+        "projected_seconds": {"images": projection(img), "text": projection(result["text"])},
     })
 
 
@@ -224,8 +248,12 @@ def main(argv: list[str] | None = None) -> int:
     p.add_argument("--mnist-epochs", type=int, default=3)
     p.add_argument("--mnist-rounds", type=int, default=1)
     p.add_argument("--pool-rounds", type=int, default=1, help="0 skips cache_pool.py")
+    p.add_argument("--lock", metavar="FILE", help="flock FILE around each distillation (e.g. "
+                   "/tmp/raykd-heavy.lock on a shared machine; instead of flock around it all)")
     p.add_argument("--workdir", default=None, help="parent of the temp folder (default $TMPDIR)")
     args = p.parse_args(argv)
+    global LOCK
+    LOCK = args.lock
     sizes = [s for s in args.sizes.split(",") if s]
     kinds = [k for k in args.kinds.split(",") if k]
     bad = [s for s in sizes if s not in SIZES] + [k for k in kinds if k not in ("images", "text")]
