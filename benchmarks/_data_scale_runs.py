@@ -166,6 +166,7 @@ def summary_numbers(summary: dict[str, Any]) -> dict[str, Any]:
         "summary_seconds": summary.get("seconds"),
         "ray_start_seconds": summary.get("ray_start_seconds"),
         "language_model": summary.get("language_model"),
+        "data": summary.get("data"),  # the row-store plane: identity, sizes, skipped files
     }
 
 

@@ -173,12 +173,16 @@ def side_by_side(args, work: Path) -> dict[str, Any]:
 
 
 def cache_pool(work: Path, rounds: int) -> dict[str, Any]:
+    """benchmarks/cache_pool.py as is, with one torch thread per process (OMP_NUM_THREADS=1).
+    Since 86eaf09 a 1-replica build runs in the teacher actor itself, here the benchmark's own
+    process: left at torch's default (2 threads on 2 cores) it raced 1-CPU replicas and a
+    1-thread raw loop (measured 23:10 UTC: build ÷ raw 1.68, 2 replicas ÷ 1 0.53)."""
     path = work / "cache_pool.json"
     with heavy_lock(LOCK):
         proc = subprocess.run([sys.executable, str(REPO / "benchmarks" / "cache_pool.py"), "--json",
                                str(path), "--rounds", str(rounds)], cwd=REPO,
                               capture_output=True, text=True,
-                              env={**os.environ, "TQDM_DISABLE": "1"})
+                              env={**os.environ, "TQDM_DISABLE": "1", "OMP_NUM_THREADS": "1"})
     if proc.returncode != 0 or not path.exists():
         return {"error": (proc.stdout + proc.stderr)[-2000:]}
     return json.loads(path.read_text())
@@ -197,24 +201,37 @@ def _rss_ratio(rows: list[dict[str, Any]]) -> tuple[float | None, str]:
 
 
 def crop_note() -> str:
-    src = (REPO / "raykd" / "data" / "imagefolder.py")
-    if src.exists() and "_decode_all" in src.read_text():
-        return ("this revision decodes every image once and resizes it to data.image_size (64) "
-                "at load, so RandomResizedCrop crops the 64-px copy, not the 256-px original: "
-                "it cannot crop at native resolution")
-    return ("this revision decodes images at read time; RandomResizedCrop(64) receives the "
-            "decoded image (check raykd/data for the resolution it receives)")
+    """Whether this revision can RandomResizedCrop at native resolution: not while imagefolder
+    resizes every image to data.image_size when it loads (or prepares) the split."""
+    src = REPO / "raykd" / "data" / "imagefolder.py"
+    if src.exists() and "Resize((" in src.read_text():
+        return ("this revision resizes every image to data.image_size (64) when it loads or "
+                "prepares the split, so train.augment's RandomResizedCrop crops the 64-px copy, "
+                "not the 256-px JPEG: it cannot crop at native resolution")
+    return ("raykd/data/imagefolder.py no longer resizes with transforms.Resize at load: check "
+            "which resolution RandomResizedCrop receives")
+
+
+def _compute_seconds(row: dict[str, Any]) -> float:
+    """The part of a run that scales with N: the teacher's and student's epochs (transfer size ÷
+    samples/s; the fits' walls also hold the worker group's start) and the cache build."""
+    n, out = row.get("student_transfer_size") or 0, row.get("cache_build_seconds") or 0.0
+    if n and row.get("teacher_fit_samples_per_s"):
+        out += n / row["teacher_fit_samples_per_s"]
+    if n and row.get("student_samples_per_s_median"):
+        out += n / row["student_samples_per_s_median"]
+    return out
 
 
 def projection(rows: list[dict[str, Any]]) -> dict[str, Any] | None:
-    """Seconds each size would take, from the smallest size run: the fits and the cache build
-    (and the writing of the files) scale with N, the rest (Ray's start, worker groups, MLflow)
-    is fixed. A linear guess for planning --sizes, not a measurement."""
+    """Seconds each size would take, from the smallest size run: the epochs, the cache build and
+    the writing of the files scale with N, the rest (Ray's start, worker groups, MLflow) is
+    fixed. A linear guess for planning --sizes, not a measurement (and of this revision's
+    data plane: the in-memory one would not fit 100× in RAM at all)."""
     row = next((r for r in rows if not r.get("error")), None)
     if row is None:
         return None
-    variable = sum(row.get(k) or 0.0 for k in ("teacher_fit_wall_seconds", "cache_build_seconds",
-                                                "student_wall_seconds"))
+    variable = _compute_seconds(row)
     fixed = max(0.0, row["wall_seconds"] - variable)
     write = row.get("write_seconds", 0.0)
     scale = {s: SIZES[s] / SIZES[row["size"]] for s in SIZES}
@@ -235,6 +252,29 @@ def headline(result: dict[str, Any]) -> None:
         "build_over_raw": pool.get("build_over_raw"),
         "projected_seconds": {"images": projection(img), "text": projection(result["text"])},
     })
+
+
+def notes(args) -> dict[str, str]:
+    return {
+        "crop": crop_note(),
+        "rss": "resident set (/proc/PID/statm) of the CLI process and its descendants, every "
+               "0.2 s; shared pages (libraries, plasma objects a process maps) count in each "
+               "process, so sums over-count them",
+        "kinds": "from the process title: ray_data includes Ray Train's DatasetManager actor; "
+                 "ray_other is raylet, gcs_server, dashboard (+ its heads), agents, Train "
+                 "controller, coordinators and idle pooled workers",
+        "object_store": "allocated bytes (st_blocks) of the plasma file the raylet holds open "
+                        "(/dev/shm/plasma*, deleted), read through /proc/<raylet>/fd; plasma "
+                        "keeps touched pages, so the peak is the run's high-water mark",
+        "samples_per_s": "student: the summary's per-epoch history (median of the epochs after "
+                         "the first when there are several); teacher fit: transfer size × "
+                         "epochs ÷ compute seconds (the summary keeps no teacher history); "
+                         "cache build: summary teacher.cache.samples_per_s",
+        "streamed_over_in_memory": f"MNIST, current tree ÷ {args.baseline_rev}, student "
+                                   "samples/s, same config and seed, 2 workers",
+        "cache_pool": "benchmarks/cache_pool.py run as is in a subprocess with "
+                      "OMP_NUM_THREADS=1 (see data_scale.cache_pool)",
+    }
 
 
 def main(argv: list[str] | None = None) -> int:
@@ -266,7 +306,7 @@ def main(argv: list[str] | None = None) -> int:
                               "sizes_run": sizes, "kinds_run": kinds,
                               "images_per_size": {s: IMAGES_1X * SIZES[s] for s in SIZES},
                               "text_bytes_per_size": {s: TEXT_1X_BYTES * SIZES[s] for s in SIZES},
-                              "notes": {"crop": crop_note()}, "images": [], "text": []}
+                              "notes": notes(args), "images": [], "text": []}
     result["cores"] = result["machine"]["cores"]
     try:
         for size in sizes:
