@@ -186,6 +186,9 @@ def test_configs_without_a_text_alignment_are_one_line_before_ray(files, workdir
          "token id, but the teacher reads its own tokenizer (teacher.tokenizer, 1024 ids) and "
          "the student another (512 ids); use token_uld"),
         (["--set", "teacher.mode=live"], "teacher.mode: a teacher with its own tokenizer"),
+        (["--set", "teacher.replicas=2"], "teacher.replicas: a teacher with its own "
+                                          "tokenizer (teacher.tokenizer) builds its cache in "
+                                          "the teacher actor only"),
         (["--set", "teacher.checkpoint=null"], "teacher.tokenizer: a teacher trained by this "
                                                "job learns data.tokenizer's tokens"),
         # the teacher folder's own tokenizer, but no teacher.tokenizer: ids read as its own
