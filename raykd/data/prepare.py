@@ -203,7 +203,8 @@ class Preparer:
         workers = max(1, min(len(tasks), int(ray.cluster_resources().get("CPU", 1))))
         written = ray.data.from_items(tasks, override_num_blocks=len(tasks)).map_batches(
             ShardWriter, batch_size=1, batch_format="numpy", num_cpus=1,
-            concurrency=(1, workers), fn_constructor_args=(
+            compute=ray.data.ActorPoolStrategy(min_size=1, max_size=workers),
+            fn_constructor_args=(
                 self.plan.decoder, str(self.partial), self.plan.dtype, self.cfg.on_bad_file))
         for batch in written.iter_batches(batch_size=None, batch_format="numpy"):
             for result in batch["result"]:
