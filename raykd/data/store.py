@@ -26,6 +26,7 @@ from __future__ import annotations
 import hashlib
 import json
 import os
+import threading
 from collections import OrderedDict
 from pathlib import Path
 from typing import TYPE_CHECKING, Any
@@ -131,7 +132,13 @@ class StoreSplit(SplitBase):
         self.labels = torch.from_numpy(np.load(self.folder / entry["labels"],
                                                allow_pickle=False).astype(np.int64))
         self._checksum: str | None = None
+        self._fresh_handles()
+
+    def _fresh_handles(self) -> None:
         self._fds: OrderedDict[int, int] = OrderedDict()
+        # The teacher actor is threaded: one read at a time per split, so no thread closes a
+        # file (the open-file cache evicts) that another is reading from.
+        self._lock = threading.Lock()
 
     # -- reading ----------------------------------------------------------------------------
     def _fd(self, k: int) -> int:
@@ -166,9 +173,10 @@ class StoreSplit(SplitBase):
             shard = np.searchsorted(self.starts, rows, side="right") - 1
             breaks = np.flatnonzero((np.diff(rows) != 1) | (np.diff(shard) != 0)) + 1
             flat = memoryview(buf).cast("B")
-            for a, b in zip(np.r_[0, breaks], np.r_[breaks, len(rows)]):
-                self._read(int(shard[a]), int(rows[a]),
-                           flat[int(a) * self.row_bytes:int(b) * self.row_bytes])
+            with self._lock:
+                for a, b in zip(np.r_[0, breaks], np.r_[breaks, len(rows)]):
+                    self._read(int(shard[a]), int(rows[a]),
+                               flat[int(a) * self.row_bytes:int(b) * self.row_bytes])
         if len(rows) != len(idx) or not np.array_equal(rows, idx):
             buf = buf[inverse.reshape(-1)]
         out = buf.view(self.dtype).reshape(len(idx), *self.row_shape)
@@ -191,18 +199,21 @@ class StoreSplit(SplitBase):
 
     # -- lifetime ---------------------------------------------------------------------------
     def __getstate__(self) -> dict[str, Any]:
-        state = dict(self.__dict__)
-        state["_fds"] = OrderedDict()
-        return state
+        return {k: v for k, v in self.__dict__.items() if k not in ("_fds", "_lock")}
+
+    def __setstate__(self, state: dict[str, Any]) -> None:
+        self.__dict__.update(state)
+        self._fresh_handles()
 
     def __copy__(self) -> StoreSplit:  # with_labels: a view with its own open files
         view = object.__new__(StoreSplit)
-        view.__dict__.update(self.__getstate__())
+        view.__setstate__(self.__getstate__())
         return view
 
     def close(self) -> None:
-        while self._fds:
-            os.close(self._fds.popitem()[1])
+        with self._lock:
+            while self._fds:
+                os.close(self._fds.popitem()[1])
 
     def __del__(self) -> None:
         try:
