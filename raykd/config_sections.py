@@ -37,13 +37,18 @@ class DataConfig(Section):
     split_seed: int = 0  # fixed, seeded train/val/test split
     limit: int | None = Field(None, ge=1)  # keep only the first N items of each split (quick runs)
     num_samples: int = Field(512, ge=8)  # synthetic only
-    image_size: int = Field(8, ge=4)  # synthetic size; imagefolder resize target (set it!)
+    image_size: int = Field(8, ge=4)  # synthetic size; imagefolder: required, the resize target
     channels: int = Field(1, ge=1)  # synthetic only
     num_classes: int = Field(10, ge=2)  # synthetic only
     # Semi-supervised data: how much of the train split keeps its labels — a count (int) or a
     # fraction in (0, 1), stratified and seeded by split_seed; the rest is an unlabelled pool
     # whose labels training never sees (teacher/baseline fits learn the labelled part alone).
     labelled: int | float | None = None
+    # Where image/array datasets are prepared once as row stores (raykd/data/store.py); default
+    # .raykd/data. On a cluster: storage every node reads (like data.root).
+    store_dir: str | None = None
+    # An unreadable image: stop the prepare naming the file (error) or leave it out (skip).
+    on_bad_file: Literal["error", "skip"] = "error"
     # Text (data.name: text, raykd/data/text.py): the corpus file (.txt, .jsonl, .parquet), the
     # field holding the text in JSON lines / Parquet, the model's context (tokens per block), the
     # tokenizer (a folder or tokenizer.json, e.g. the teacher's save_pretrained folder; unset: a
@@ -93,6 +98,10 @@ class DataConfig(Section):
                     and not Path(self.root).expanduser().exists()):
                 raise ValueError(f"root: folder {self.root!r} does not exist; point data.root at "
                                  f"the dataset or set data.download=true")
+        if self.name == "imagefolder" and "image_size" not in self.model_fields_set:
+            raise ValueError("image_size: imagefolder images are resized to data.image_size "
+                             "pixels square, which has no default for them; set it, e.g. "
+                             "--set data.image_size=64")
         if self.name == "text":
             if not self.path:
                 raise ValueError("path: dataset 'text' needs a corpus file; set "

@@ -14,7 +14,7 @@ import torch
 
 from raykd import tracking
 from raykd.config import URI_SCHEMES, ConfigError, RaykdConfig
-from raykd.data import dataset_info
+from raykd.data import dataset_info, prepare_data
 from raykd.data.cross_tokens import teacher_info, teacher_tokenizer_file
 from raykd.data.labelled import labelled_split
 from raykd.losses import DistillLoss
@@ -75,6 +75,7 @@ def preflight(cfg: RaykdConfig, roles: tuple[str, ...] = ("teacher", "student"))
                               "together); remove it for this verb, or run `raykd online`")
     check_destinations(cfg)
 
+    prepare_data(cfg.data)  # the row store, prepared or verified before any worker starts
     info = dataset_info(cfg.data)
     if cfg.data.labelled is not None:
         _check_labelled(cfg)

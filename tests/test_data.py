@@ -89,14 +89,19 @@ def write_pngs(folder: Path, colours: dict[str, tuple[int, int, int]], per_class
             Image.new("RGB", (size, size + i % 3), colour).save(folder / name / f"{i}.png")
 
 
+def rows(ds) -> torch.Tensor:
+    """Every row of a split as stored (uint8 or float32)."""
+    return ds.stored(torch.arange(len(ds)))
+
+
 def multiset(rows: torch.Tensor, labels: torch.Tensor) -> list[bytes]:
     return sorted(r.numpy().tobytes() + bytes([int(y)]) for r, y in zip(rows, labels))
 
 
-def assert_matches_source(ds: IndexedDataset, source_rows: torch.Tensor, source_labels):
+def assert_matches_source(ds, source_rows: torch.Tensor, source_labels):
     """Every item of ``ds`` is one of the source items, with its own label (uint8 exact)."""
     lookup = {r.numpy().tobytes(): int(y) for r, y in zip(source_rows, source_labels)}
-    for row, label in zip(ds.inputs, ds.labels):
+    for row, label in zip(rows(ds), ds.labels):
         assert lookup[row.numpy().tobytes()] == int(label)
 
 
@@ -126,18 +131,21 @@ def test_digits_splits_partition_the_dataset_deterministically():
     # Partition: the three splits together are exactly the 1797 digits, each once.
     bunch = load_digits()
     source = torch.from_numpy(bunch.images).to(torch.uint8).unsqueeze(1)
-    together = multiset(torch.cat([splits[s].inputs for s in SPLITS]),
+    together = multiset(torch.cat([rows(splits[s]) for s in SPLITS]),
                         torch.cat([splits[s].labels for s in SPLITS]))
     assert together == multiset(source, torch.from_numpy(bunch.target))
     # Stratified: every class appears in test in about its 20% share.
     test_counts = torch.bincount(splits["test"].labels, minlength=10)
     assert test_counts.min() >= 33 and test_counts.max() <= 39
 
-    # Same seed → same split (rebuilt, not the per-process cache); another seed → another.
+    # Same seed → same split (planned again, not the per-process cache); another seed →
+    # another.
     again = DATASETS["digits"].builder(cfg)
-    assert torch.equal(again.inputs["train"], splits["train"].inputs)
+    assert again.splits["train"].items.tolist() == \
+        DATASETS["digits"].builder(cfg).splits["train"].items.tolist()
+    assert torch.equal(torch.from_numpy(again.splits["train"].labels), splits["train"].labels)
     other = DATASETS["digits"].builder(cfg.model_copy(update={"split_seed": 1}))
-    assert not torch.equal(other.inputs["test"], splits["test"].inputs)
+    assert other.splits["test"].items.tolist() != again.splits["test"].items.tolist()
     assert dataset_info(DataConfig(split_seed=1)).identity != info.identity
 
 
@@ -145,7 +153,7 @@ def test_digits_items_and_batches():
     ds = build_dataset(DataConfig(name="digits"), "train")
     i, x, y = ds[3]
     assert i == 3 and x.dtype == torch.float32 and x.shape == (1, 8, 8) and isinstance(y, int)
-    assert torch.equal(x, ds.inputs[3].float() / 16)
+    assert torch.equal(x, ds.stored(torch.tensor([3]))[0].float() / 16)
     assert 0.0 <= float(ds.get_batch(torch.arange(len(ds)))[1].min())
     assert float(ds.get_batch(torch.arange(len(ds)))[1].max()) == 1.0
     idx = torch.tensor([5, 0, 17, 5, len(ds) - 1])
@@ -160,13 +168,13 @@ def test_digits_items_and_batches():
 
 def test_checksum_limit_and_identity():
     full = build_dataset(DataConfig(name="digits"), "train")
-    expected = hashlib.sha256(full.inputs.numpy().tobytes() + full.labels.numpy().tobytes())
+    expected = hashlib.sha256(rows(full).numpy().tobytes() + full.labels.numpy().tobytes())
     assert full.checksum() == expected.hexdigest()
     cfg = DataConfig(name="digits", limit=50)
     info = dataset_info(cfg)
     assert info.sizes == {"train": 50, "val": 50, "test": 50}
     limited = build_dataset(cfg, "train")
-    assert torch.equal(limited.inputs, full.inputs[:50])  # limit applies after splitting
+    assert torch.equal(rows(limited), rows(full)[:50])  # limit applies after splitting
     assert info.identity != dataset_info(DataConfig(name="digits")).identity
     # root / download do not change what the data is.
     same_data = DataConfig(name="digits", limit=50, download=True)
@@ -207,14 +215,14 @@ def test_mnist_family_round_trip(tmp_path, name, folder):
     assert info.preprocessing.startswith("uint8/255")
     test = build_dataset(cfg, "test")  # the official test set, in file order
     images, labels = arrays["t10k"]
-    assert test.inputs.dtype == torch.uint8
-    assert torch.equal(test.inputs[:, 0], torch.from_numpy(images))
+    assert rows(test).dtype == torch.uint8
+    assert torch.equal(rows(test)[:, 0], torch.from_numpy(images))
     assert test.labels.tolist() == labels.tolist()
     _, x, y = test[2]
     assert torch.allclose(x[0], torch.from_numpy(images[2]).float() / 255) and y == labels[2]
     train, val = build_dataset(cfg, "train"), build_dataset(cfg, "val")
     source = torch.from_numpy(arrays["train"][0]).unsqueeze(1)
-    assert multiset(torch.cat([train.inputs, val.inputs]),
+    assert multiset(torch.cat([rows(train), rows(val)]),
                     torch.cat([train.labels, val.labels])) == \
         multiset(source, torch.from_numpy(arrays["train"][1]))
     assert_matches_source(val, source, arrays["train"][1])
@@ -231,12 +239,12 @@ def test_cifar_round_trip(tmp_path, hundred):
     test = build_dataset(cfg, "test")
     # CIFAR rows are channel-planar (1024 R, 1024 G, 1024 B): CHW is a plain reshape.
     expected = torch.from_numpy(test_rows).reshape(-1, 3, 32, 32)
-    assert torch.equal(test.inputs, expected)
+    assert torch.equal(rows(test), expected)
     assert test.labels.tolist() == test_labels.tolist()
     train = build_dataset(cfg, "train")
     assert_matches_source(train, torch.from_numpy(train_rows).reshape(-1, 3, 32, 32), train_labels)
     _, x, _ = train[0]
-    assert x.shape == (3, 32, 32) and torch.equal(x, train.inputs[0].float() / 255)
+    assert x.shape == (3, 32, 32) and torch.equal(x, rows(train)[0].float() / 255)
 
 
 def test_missing_dataset_is_one_line_config_error(tmp_path):
@@ -270,8 +278,8 @@ def test_imagefolder_single_folder(tmp_path):
     assert "resize 6x6" in info.preprocessing
     for split in SPLITS:
         ds = build_dataset(cfg, split)
-        assert ds.inputs.dtype == torch.uint8
-        for row, label in zip(ds.inputs, ds.labels):  # solid colours survive the resize exactly
+        assert rows(ds).dtype == torch.uint8
+        for row, label in zip(rows(ds), ds.labels):  # solid colours survive the resize exactly
             colour = list(COLOURS.values())[int(label)]  # classes sorted: blue, green, red
             assert torch.equal(row, torch.tensor(colour, dtype=torch.uint8)[:, None, None]
                                .expand(3, 6, 6))
@@ -288,7 +296,7 @@ def test_imagefolder_presplit_folders(tmp_path):
     assert info.num_classes == 3 and info.sizes == {"train": 12, "val": 3, "test": 4}
     test = build_dataset(cfg, "test")  # renumbered to train's classes: green=1, red=2
     assert sorted(test.labels.tolist()) == [1, 1, 2, 2]
-    for row, label in zip(test.inputs, test.labels):
+    for row, label in zip(rows(test), test.labels):
         assert int(row[0, 0, 0]) == (255 if int(label) == 2 else 0)
 
     write_pngs(tmp_path / "val", {"purple": (128, 0, 128)}, per_class=1)
@@ -298,7 +306,7 @@ def test_imagefolder_presplit_folders(tmp_path):
 
 def test_imagefolder_without_images_is_config_error(tmp_path):
     with pytest.raises(ConfigError, match=r"^data\.root: no class folders under"):
-        dataset_info(DataConfig(name="imagefolder", root=str(tmp_path)))
+        dataset_info(DataConfig(name="imagefolder", root=str(tmp_path), image_size=8))
 
 
 # ---------------------------------------------------------------- synthetic
@@ -310,18 +318,28 @@ def test_synthetic_is_deterministic_and_learnable():
     assert info.input_shape == (2, 6, 6) and info.num_classes == 5
     assert info.sizes == {"train": 400, "val": 100, "test": 100}
     first, second = DATASETS["synthetic"].builder(cfg), DATASETS["synthetic"].builder(cfg)
-    assert all(torch.equal(first.inputs[s], second.inputs[s]) for s in SPLITS)
+
+    def decoded(plan, split):
+        part = plan.splits[split]
+        return torch.from_numpy(plan.decoder(split, part.items, part.labels)[0])
+
+    assert all(torch.equal(decoded(first, s), decoded(second, s)) for s in SPLITS)
     other = DATASETS["synthetic"].builder(cfg.model_copy(update={"split_seed": 12}))
-    assert not torch.equal(first.inputs["train"], other.inputs["train"])
+    assert not torch.equal(decoded(first, "train"), decoded(other, "train"))
+    # Any cut of the rows (a shard) decodes to the same rows as the whole split.
+    part = first.splits["train"]
+    cut = torch.from_numpy(first.decoder("train", part.items[250:300], part.labels[250:300])[0])
+    assert torch.equal(cut, decoded(first, "train")[250:300])
 
     train, test = build_dataset(cfg, "train"), build_dataset(cfg, "test")
     _, item, _ = train[0]
     item.zero_()  # items are copies: the shared, cached split stays intact
-    assert float(train.inputs[0].abs().sum()) > 0
-    assert train.inputs.dtype == torch.float32 and 0 <= float(train.inputs.min())
-    assert float(train.inputs.max()) <= 1
-    means = torch.stack([train.inputs[train.labels == k].mean(0) for k in range(5)]).flatten(1)
-    predicted = torch.cdist(test.inputs.flatten(1), means).argmin(1)
+    assert float(train[0][1].abs().sum()) > 0
+    x_train, x_test = rows(train), rows(test)
+    assert x_train.dtype == torch.float32 and 0 <= float(x_train.min())
+    assert float(x_train.max()) <= 1
+    means = torch.stack([x_train[train.labels == k].mean(0) for k in range(5)]).flatten(1)
+    predicted = torch.cdist(x_test.flatten(1), means).argmin(1)
     assert (predicted == test.labels).float().mean() > 0.6  # chance is 0.2
 
 

@@ -29,11 +29,13 @@ def test_labelled_split_is_stratified_seeded_and_hides_the_pool():
     assert len(labelled_split(frac)[0]) == round(0.25 * len(train))
     other = load_config(None, {"data.labelled": 100, "data.split_seed": 1}).data
     assert labelled_split(other)[0].tolist() != labelled.tolist()
-    # training's view: pool labels hidden, labelled ones kept, inputs shared (no copy)
+    # training's view: pool labels hidden, labelled ones kept, rows shared (the same store)
     view = training_view(cfg.data)
     assert (view.labels[pool] == HIDDEN).all()
     assert torch.equal(view.labels[labelled], train.labels[labelled])
-    assert view.inputs.data_ptr() == train.inputs.data_ptr()
+    assert view.folder == train.folder and view.files == train.files
+    assert torch.equal(view.get_batch(pool[:50])[1], train.get_batch(pool[:50])[1])
+    assert (train.labels[pool] != HIDDEN).all()  # the split itself keeps its labels
     # unset: everything labelled, the split itself
     full = load_config(None).data
     assert len(labelled_split(full)[1]) == 0 and training_view(full) is build_dataset(full,

@@ -1,12 +1,17 @@
-"""The in-memory dataset every raykd split is served from, and the facts that describe it.
+"""The split contract every raykd image/array split keeps, and the facts that describe a dataset.
 
-Every split lives in RAM as two tensors: inputs (uint8 for pixel data, a quarter of float32's size)
-and int64 labels. Items carry their own position so the training loop can look up cached teacher
-soft labels by train index; ``get_batch`` is the fast path (one tensor gather, no per-item Python).
+A split is served by :class:`raykd.data.store.StoreSplit` (rows read from a prepared row store on
+storage, see ``store.py``); :class:`IndexedDataset` is the same contract over tensors already in
+memory (tests, small ad-hoc data). Both give ``len()``, ``get_batch(idx) -> (idx, x float32
+[B, C, H, W], y int64 [B])`` (the fast path: one read, no per-item Python), items that carry their
+own position (the training loop looks up cached teacher soft labels by train index), ``labels``
+(int64 [N], in memory: 8 bytes a row), ``stored(idx)`` (rows in their stored dtype),
+``subset_indices`` and ``checksum()``.
 """
 
 from __future__ import annotations
 
+import copy
 from dataclasses import dataclass, field
 
 import torch
@@ -37,26 +42,20 @@ class DatasetInfo:
     # data); teacher caches are fingerprinted with it, so stale soft labels are never reused.
     identity: str
     preprocessing: str  # human-readable: how stored values become the float32 inputs
+    skipped_files: int = 0  # unreadable source files left out (data.on_bad_file=skip)
 
 
-@dataclass(eq=False)
-class IndexedDataset(Dataset):
-    """One split held in memory. Read-only by convention: builds are cached and shared."""
+class SplitBase(Dataset):
+    """What both split kinds share; a subclass gives ``labels``, ``scale``, ``info`` and
+    ``stored(idx)``."""
 
-    inputs: torch.Tensor  # [N, C, H, W]; uint8 (divided by ``scale`` on access) or float32
-    labels: torch.Tensor  # [N] int64
-    scale: float = 1.0  # uint8 → float32 divisor: 255 for images, 16 for sklearn digits
-    info: DatasetInfo | None = None  # the whole dataset's info; set by the registry
-    _checksum: str | None = field(default=None, repr=False)
+    labels: torch.Tensor
+    scale: float
+    info: DatasetInfo | None
 
-    def __post_init__(self) -> None:
-        if self.inputs.ndim != 4:
-            raise ValueError(f"inputs must be [N, C, H, W], got shape {tuple(self.inputs.shape)}")
-        if self.labels.shape != (self.inputs.shape[0],):
-            raise ValueError(f"labels must be [{self.inputs.shape[0]}], "
-                             f"got shape {tuple(self.labels.shape)}")
-        self.inputs = self.inputs.contiguous()
-        self.labels = self.labels.to(torch.int64).contiguous()
+    def stored(self, idx: torch.Tensor) -> torch.Tensor:
+        """Rows ``idx`` as stored ([B, C, H, W], uint8 or float32), a new tensor."""
+        raise NotImplementedError
 
     def __len__(self) -> int:
         return int(self.labels.shape[0])
@@ -71,20 +70,13 @@ class IndexedDataset(Dataset):
         if not -len(self) <= i < len(self):
             raise IndexError(f"index {i} out of range for a split of {len(self)} items")
         i %= len(self)
-        stored = self.inputs[i]
-        x = self._to_float(stored)
-        if x is stored:  # float32 data: a view of the shared, cached split; hand out a copy
-            x = x.clone()
+        x = self._to_float(self.stored(torch.tensor([i]))[0])
         return i, x, int(self.labels[i])
 
     def get_batch(self, idx: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
         """``(idx, x float32 [B, C, H, W], y int64 [B])`` for a LongTensor of split positions."""
         idx = torch.as_tensor(idx, dtype=torch.int64)
-        return idx, self._to_float(self.inputs[idx]), self.labels[idx]
-
-    def checksum(self) -> str:
-        """sha256 hex of the stored input bytes followed by the int64 label bytes (cached)."""
-        return split_checksum(self)
+        return idx, self._to_float(self.stored(idx)), self.labels[idx]
 
     def subset_indices(self, include: list[int] | None = None,
                        exclude: list[int] | tuple[int, ...] = ()) -> torch.Tensor:
@@ -95,3 +87,40 @@ class IndexedDataset(Dataset):
         if exclude:
             keep &= ~torch.isin(self.labels, torch.tensor(list(exclude), dtype=torch.int64))
         return torch.nonzero(keep, as_tuple=False).flatten()
+
+    def with_labels(self, labels: torch.Tensor):
+        """The same rows under other labels (e.g. a pool's hidden as -1): a shallow copy, the
+        rows are not copied."""
+        if labels.shape != self.labels.shape:
+            raise ValueError(f"labels must be [{len(self)}], got shape {tuple(labels.shape)}")
+        view = copy.copy(self)
+        view.labels = labels.to(torch.int64)
+        view._checksum = None
+        return view
+
+
+@dataclass(eq=False)
+class IndexedDataset(SplitBase):
+    """One split held in memory as tensors. Read-only by convention."""
+
+    inputs: torch.Tensor  # [N, C, H, W]; uint8 (divided by ``scale`` on access) or float32
+    labels: torch.Tensor  # [N] int64
+    scale: float = 1.0  # uint8 → float32 divisor: 255 for images, 16 for sklearn digits
+    info: DatasetInfo | None = None
+    _checksum: str | None = field(default=None, repr=False)
+
+    def __post_init__(self) -> None:
+        if self.inputs.ndim != 4:
+            raise ValueError(f"inputs must be [N, C, H, W], got shape {tuple(self.inputs.shape)}")
+        if self.labels.shape != (self.inputs.shape[0],):
+            raise ValueError(f"labels must be [{self.inputs.shape[0]}], "
+                             f"got shape {tuple(self.labels.shape)}")
+        self.inputs = self.inputs.contiguous()
+        self.labels = self.labels.to(torch.int64).contiguous()
+
+    def stored(self, idx: torch.Tensor) -> torch.Tensor:
+        return self.inputs[torch.as_tensor(idx, dtype=torch.int64)]
+
+    def checksum(self) -> str:
+        """sha256 hex of the stored input bytes followed by the int64 label bytes (cached)."""
+        return split_checksum(self)

@@ -13,7 +13,7 @@ import functools
 import torch
 
 from raykd.config import ConfigError, DataConfig
-from raykd.data.indexed import IndexedDataset
+from raykd.data.indexed import SplitBase
 from raykd.data.splits import seeded_generator, stratified_take
 
 HIDDEN = -1
@@ -42,9 +42,9 @@ def labelled_split(cfg: DataConfig) -> tuple[torch.Tensor, torch.Tensor]:
 
 
 @functools.lru_cache(maxsize=4)
-def training_view(cfg: DataConfig) -> IndexedDataset:
-    """The train split as training sees it: the pool's labels are :data:`HIDDEN`. The inputs
-    are the split's own tensor (no copy); only the labels are a new tensor."""
+def training_view(cfg: DataConfig) -> SplitBase:
+    """The train split as training sees it: the pool's labels are :data:`HIDDEN`. The rows are
+    the split's own (no copy); only the labels are a new tensor."""
     from raykd.data import build_dataset
 
     train = build_dataset(cfg, "train")
@@ -53,7 +53,7 @@ def training_view(cfg: DataConfig) -> IndexedDataset:
     _, pool = labelled_split(cfg)
     labels = train.labels.clone()
     labels[pool] = HIDDEN
-    return IndexedDataset(train.inputs, labels, scale=train.scale, info=train.info)
+    return train.with_labels(labels)
 
 
 def class_counts(cfg: DataConfig) -> list[int]:

@@ -1,29 +1,15 @@
 """Seeded, stratified train/val/test splitting shared by every dataset source.
 
-Sources hand the registry a :class:`RawSplits`: plain tensors per split plus how to read them.
-Carved splits keep the source's item order (ascending source position) so a split's content is a
-pure function of (labels, fraction, seed) and ``data.limit`` takes a stable prefix.
+Sources carve positions (file indices, rows of a source array), never decoded data. Carved splits
+keep the source's item order (ascending source position) so a split's content is a pure function
+of (labels, fraction, seed) and ``data.limit`` takes a stable prefix.
 """
 
 from __future__ import annotations
 
-from dataclasses import dataclass
-
 import torch
 
 TEST_FRACTION = 0.2  # carved where a dataset ships no test split of its own
-
-
-@dataclass
-class RawSplits:
-    """What a dataset source loads: per-split tensors, before limit and before hashing."""
-
-    inputs: dict[str, torch.Tensor]  # split → [N, C, H, W] uint8 or float32
-    labels: dict[str, torch.Tensor]  # split → [N] int64
-    num_classes: int
-    scale: float  # stored value / scale = model input
-    preprocessing: str
-    identity_params: str = ""  # source-specific parameters that shape the content (image_size...)
 
 
 def seeded_generator(seed: int) -> torch.Generator:

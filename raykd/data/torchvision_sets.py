@@ -1,21 +1,26 @@
 """MNIST, Fashion-MNIST, CIFAR-10 and CIFAR-100 read through torchvision's own dataset classes.
 
 Test = the official test set; val = ``data.val_fraction`` of the official train set, carved with
-``data.split_seed``; train = the rest. Pixels stay uint8 (÷255 on access), stored CHW.
+``data.split_seed``; train = the rest. Pixels stay uint8 (÷255 on access), stored CHW. The files
+are read whole by the store's preparer only (``TorchvisionDecoder``); every other process reads
+the prepared row store.
 """
 
 from __future__ import annotations
 
 import pickle
+from dataclasses import dataclass, field
 from pathlib import Path
 from typing import TYPE_CHECKING
 from urllib.error import URLError
 
+import numpy as np
 import torch
 from torchvision import datasets as tv
 
 from raykd.config import ConfigError
-from raykd.data.splits import RawSplits, carve_val
+from raykd.data.sources import Plan, SplitItems, files_identity
+from raykd.data.splits import carve_val
 
 if TYPE_CHECKING:
     from raykd.config import DataConfig
@@ -28,7 +33,8 @@ class UnpinnedCIFAR10(tv.CIFAR10):
     release and reports anything else as "not found or corrupted", which rejects legitimate
     user-supplied data in the same format (re-packed copies, subsets, test fixtures). We accept
     any file in the official layout and format instead, and rely on raykd's own content hash
-    (``DatasetInfo.identity`` = sha256 of the loaded tensors) to notice when the data changes.
+    (``DatasetInfo.identity`` = sha256 of the prepared store's rows) to notice when the data
+    changes.
     Downloads are unaffected: ``download()`` still verifies the archive's md5 (``tgz_md5``).
     Note that these files are Python pickles (the only format CIFAR ships in), read by
     torchvision; only point ``data.root`` at copies you trust.
@@ -83,28 +89,71 @@ def _open(name: str, root: Path, train: bool, download: bool) -> tv.VisionDatase
                           f"replace them with the official files ({where})") from None
 
 
-def _as_tensors(dataset: tv.VisionDataset) -> tuple[torch.Tensor, torch.Tensor]:
+# name → the folder under data.root that holds its files (what the store's fingerprint lists)
+FOLDERS = {"mnist": "MNIST", "fashion_mnist": "FashionMNIST", "cifar10": "cifar-10-batches-py",
+           "cifar100": "cifar-100-python"}
+
+
+def _as_arrays(dataset: tv.VisionDataset) -> tuple[np.ndarray, np.ndarray]:
+    """(uint8 [N, C, H, W] CHW images, int64 [N] labels) of a torchvision set."""
     data = dataset.data
-    inputs = data if isinstance(data, torch.Tensor) else torch.from_numpy(data)
+    inputs = data.numpy() if isinstance(data, torch.Tensor) else np.asarray(data)
     if inputs.ndim == 3:  # MNIST-style [N, H, W] grayscale
-        inputs = inputs.unsqueeze(1)
+        inputs = inputs[:, None]
     else:  # CIFAR: [N, H, W, C] (torchvision transposes to HWC) → CHW
-        inputs = inputs.permute(0, 3, 1, 2)
-    labels = torch.as_tensor(dataset.targets, dtype=torch.int64)
-    return inputs.to(torch.uint8).contiguous(), labels
+        inputs = inputs.transpose(0, 3, 1, 2)
+    labels = np.asarray(dataset.targets, dtype=np.int64)
+    return inputs.astype(np.uint8, copy=False), labels
 
 
-def load_torchvision_splits(cfg: DataConfig) -> RawSplits:
+def _official(name: str, root: str, train: bool, download: bool = False
+               ) -> tuple[np.ndarray, np.ndarray, int]:
+    """(images, labels, class names' count) of the official train or test set, read whole:
+    these files are small (MNIST 47 MB, CIFAR 150 MB) and read only by the store's preparer."""
+    dataset = _open(name, Path(root), train=train, download=download)
+    return (*_as_arrays(dataset), len(dataset.classes))
+
+
+def torchvision_identity(cfg: DataConfig) -> str:
     root = Path(cfg.root or ".").expanduser()
-    train_set = _open(cfg.name, root, train=True, download=cfg.download)
-    test_set = _open(cfg.name, root, train=False, download=False)  # fetched with train, if asked
-    pool_x, pool_y = _as_tensors(train_set)
-    test_x, test_y = _as_tensors(test_set)
-    (train_x, train_y), (val_x, val_y) = carve_val(pool_x, pool_y, cfg.val_fraction,
-                                                   cfg.split_seed)
-    labels_seen = int(torch.cat([pool_y, test_y]).max()) + 1 if len(pool_y) + len(test_y) else 0
-    num_classes = max(len(train_set.classes), labels_seen)
-    return RawSplits(inputs={"train": train_x, "val": val_x, "test": test_x},
-                     labels={"train": train_y, "val": val_y, "test": test_y},
-                     num_classes=num_classes, scale=255.0,
-                     preprocessing="uint8/255, normalize none")
+    folder = root / FOLDERS[cfg.name]
+    if cfg.download and not folder.is_dir():  # fetched now, so the identity names the files
+        _open(cfg.name, root, train=True, download=True)
+    return files_identity(folder)
+
+
+@dataclass
+class TorchvisionDecoder:
+    """Rows at source positions ``items`` of the official train set (train, val) or test set;
+    each file is read once per decoder (one per preparing process), dropped with it."""
+
+    name: str
+    root: str
+    _images: dict[bool, np.ndarray] = field(default_factory=dict, repr=False)
+
+    def __call__(self, split: str, items: np.ndarray, labels: np.ndarray):
+        train = split != "test"
+        if train not in self._images:
+            self._images[train] = _official(self.name, self.root, train)[0]
+        return np.ascontiguousarray(self._images[train][np.asarray(items)]), []
+
+    def __getstate__(self):  # sent to Ray Data workers without the arrays read here
+        return {"name": self.name, "root": self.root, "_images": {}}
+
+
+def torchvision_plan(cfg: DataConfig) -> Plan:
+    root = str(Path(cfg.root or ".").expanduser().resolve())
+    pool_x, pool_y, classes = _official(cfg.name, root, True, cfg.download)
+    shape = tuple(int(d) for d in pool_x.shape[1:])
+    del pool_x  # the decoder reads the images again, shard by shard
+    _, test_y, _ = _official(cfg.name, root, False)  # fetched with train, if asked
+    (train_p, train_y), (val_p, val_y) = carve_val(
+        torch.arange(len(pool_y)), torch.from_numpy(pool_y), cfg.val_fraction, cfg.split_seed)
+    labels_seen = int(max(pool_y.max(initial=-1), test_y.max(initial=-1))) + 1
+    num_classes = max(classes, labels_seen)
+    splits = {"train": SplitItems(train_p.numpy(), train_y.numpy()),
+              "val": SplitItems(val_p.numpy(), val_y.numpy()),
+              "test": SplitItems(np.arange(len(test_y), dtype=np.int64), test_y)}
+    return Plan(row_shape=shape, dtype="uint8", scale=255.0,
+                num_classes=num_classes, preprocessing="uint8/255, normalize none",
+                splits=splits, decoder=TorchvisionDecoder(cfg.name, root))

@@ -336,6 +336,9 @@ def run_distill(cfg: RaykdConfig, *, baseline: bool = False, config_path: str | 
         if cfg.tracking.register_as:
             summary["registered"] = register_student(cfg, uri, student, teacher, "offline")
         summary["cluster"] = cluster_part(list(summary.values()), nodes)
+        info = dataset_info(cfg.data)  # the source files an on_bad_file=skip store left out
+        summary["data"] = {"identity": info.identity, "sizes": info.sizes,
+                           "skipped_files": info.skipped_files}
         summary["resumed"] = sorted(done)
         summary["mlflow"] = {"tracking_uri": uri, "run_id": parent,
                              "experiment": cfg.tracking.experiment}

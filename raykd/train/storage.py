@@ -1,10 +1,10 @@
 """Where a job's files go: Ray Train checkpoints, fit weights, the teacher cache, Tune searches.
 
 Resolved once, in the driver (the process ``raykd`` or ``ray job submit`` started), when the
-config is loaded: ``train.storage_path``, ``teacher.cache_dir`` and ``tune.storage_path`` become
-absolute paths or URIs before any worker or actor sees them. Their working directory is not the
-driver's: Ray Train moves every worker into a per-run folder of Ray's, an actor runs in Ray's
-session folder, and on a cluster they are other machines.
+config is loaded: ``train.storage_path``, ``teacher.cache_dir``, ``data.store_dir`` and
+``tune.storage_path`` become absolute paths or URIs before any worker or actor sees them. Their
+working directory is not the driver's: Ray Train moves every worker into a per-run folder of
+Ray's, an actor runs in Ray's session folder, and on a cluster they are other machines.
 
 Defaults live under one folder, ``.raykd/`` in the working directory. Inside a job submitted
 with ``ray job submit --working-dir`` the working directory is Ray's unpacked copy of the
@@ -71,14 +71,20 @@ def resolve_config(cfg):
     :func:`raykd.config.load_config` in the driver."""
     if cfg.teacher.cache_dir is not None and is_uri(cfg.teacher.cache_dir):
         raise ConfigError(f"teacher.cache_dir: {cfg.teacher.cache_dir!r} is a URI, but the cache "
-                          f"is memory-mapped from a folder; give a local or shared folder")
+                          f"is read from the files of a folder; give a local or shared folder")
+    if cfg.data.store_dir is not None and is_uri(cfg.data.store_dir):
+        raise ConfigError(f"data.store_dir: {cfg.data.store_dir!r} is a URI, but the data store "
+                          f"is read with positioned reads from files; give a local or shared "
+                          f"folder")
     teacher = {"cache_dir": str(cache_dir(cfg))}
     if cfg.teacher.tokenizer:  # read by the teacher actor, whose working directory is Ray's
         teacher["tokenizer"] = resolve(cfg.teacher.tokenizer, "")
     update = {"train": cfg.train.model_copy(update={"storage_path": train_storage(cfg)}),
-              "teacher": cfg.teacher.model_copy(update=teacher)}
+              "teacher": cfg.teacher.model_copy(update=teacher),
+              "data": cfg.data.model_copy(update={"store_dir": resolve(cfg.data.store_dir,
+                                                                       "data")})}
     if cfg.data.name == "text":  # the corpus, its tokenizer and where a trained one is kept
-        update["data"] = cfg.data.model_copy(update={
+        update["data"] = update["data"].model_copy(update={
             "path": resolve(cfg.data.path, "data"),
             "tokenizer": _text_tokenizer(cfg),
             "tokenizer_dir": (resolve(cfg.data.tokenizer_dir, "") if cfg.data.tokenizer_dir
@@ -118,7 +124,7 @@ def weights_dir(cfg) -> Path:
 
 
 def cache_dir(cfg) -> Path:
-    """The teacher cache's folder (memory-mapped files: a path, not a URI)."""
+    """The teacher cache's folder (files read by position: a path, not a URI)."""
     return Path(resolve(cfg.teacher.cache_dir, "cache"))
 
 
