@@ -123,10 +123,12 @@ def chars_per_token(cfg, split: str) -> dict[str, float]:
 def tail_mass(cache_path: str) -> dict[str, float]:
     """How much of the teacher's probability the top-k leaves to the tail bucket, over the
     cached (train) tokens: mean and median of exp(tail_logmass)."""
-    from raykd.teacher.token_cache import DATA_FILE
-    from raykd.teacher.token_topk import load_token_topk
+    import numpy as np
+    import torch
 
-    tail = load_token_topk(Path(cache_path) / DATA_FILE).tail_logmass.float().exp().flatten()
+    # the per-token cache's tail column ([N, L] float32, one .npy over its shards)
+    tail = torch.from_numpy(np.load(Path(cache_path) / "tail_logmass.npy", allow_pickle=False)
+                            ).exp().flatten()
     return {"mean": float(tail.mean()), "median": float(tail.median())}
 
 

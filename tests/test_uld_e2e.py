@@ -11,6 +11,7 @@ import math
 import random
 from pathlib import Path
 
+import numpy as np
 import pytest
 import torch
 
@@ -88,7 +89,7 @@ def distilled(ray_session, files):
 def test_the_teacher_labels_the_same_text_in_its_own_tokens(distilled, files):
     from raykd.data import build_dataset
     from raykd.data.tokenizer import load_tokenizer
-    from raykd.teacher.token_topk import load_token_topk
+    from raykd.teacher.token_cache import topk_from_rows
 
     summary, run = distilled
     corpus, teacher, root = files
@@ -97,7 +98,8 @@ def test_the_teacher_labels_the_same_text_in_its_own_tokens(distilled, files):
     t_tok = load_tokenizer(teacher / "tokenizer.json")
     t_vocab = t_tok.get_vocab_size(with_added_tokens=True)
     assert cache["num_classes"] == t_vocab == 1024
-    topk = load_token_topk(Path(cache["path"]) / "token_topk.safetensors")
+    topk = topk_from_rows({name: np.load(Path(cache["path"]) / f"{name}.npy")
+                           for name in ("values", "ids", "tail_logmass")}, t_vocab)
     assert topk.vocab_size == t_vocab and int(topk.ids.long().max()) >= 512  # teacher ids
     # by hand: each student block's text, encoded by the teacher; its length is where the
     # cache's teacher positions end (NaN tail after them), position 0 onwards aligned
