@@ -342,9 +342,9 @@ def _real_mask(student: Tensor, mask: Tensor | None) -> Tensor:
     return mask.to(student.device).bool()
 
 
-def _check(student, kind, temperature, teacher_logits, teacher_topk, mask, beta, chunk) -> None:
-    if kind not in KINDS:
-        raise ValueError(f"kind: must be one of {', '.join(KINDS)}, got {kind!r}")
+def check_common_args(student, temperature, chunk, teacher_logits, teacher_topk) -> None:
+    """The arguments every per-token term checks alike (token_kd/rkl/gkd here, token_uld):
+    student logits [B, L, V] float, a finite T > 0, a whole chunk >= 1, exactly one teacher."""
     if not isinstance(student, Tensor) or student.dim() != 3 or not student.is_floating_point():
         got = list(student.shape) if isinstance(student, Tensor) else type(student).__name__
         raise ValueError(f"student_logits: expected a float tensor [batch, length, vocab], "
@@ -352,13 +352,19 @@ def _check(student, kind, temperature, teacher_logits, teacher_topk, mask, beta,
     if isinstance(temperature, bool) or not isinstance(temperature, int | float) \
             or not 0 < temperature < math.inf:
         raise ValueError(f"temperature: must be a finite number > 0, got {temperature!r}")
-    if isinstance(beta, bool) or not isinstance(beta, int | float) or not 0 <= beta <= 1:
-        raise ValueError(f"beta: must be a number in [0, 1], got {beta!r}")
     if isinstance(chunk, bool) or not isinstance(chunk, int) or chunk < 1:
         raise ValueError(f"chunk: must be a whole number >= 1, got {chunk!r}")
     if (teacher_logits is None) == (teacher_topk is None):
         raise ValueError("teacher_logits / teacher_topk: give exactly one of them, got "
                          + ("both" if teacher_logits is not None else "neither"))
+
+
+def _check(student, kind, temperature, teacher_logits, teacher_topk, mask, beta, chunk) -> None:
+    if kind not in KINDS:
+        raise ValueError(f"kind: must be one of {', '.join(KINDS)}, got {kind!r}")
+    check_common_args(student, temperature, chunk, teacher_logits, teacher_topk)
+    if isinstance(beta, bool) or not isinstance(beta, int | float) or not 0 <= beta <= 1:
+        raise ValueError(f"beta: must be a number in [0, 1], got {beta!r}")
     b, length, vocab = student.shape
     if teacher_logits is not None and teacher_logits.shape != student.shape:
         raise ValueError(f"teacher_logits: shape {list(teacher_logits.shape)} must equal the "

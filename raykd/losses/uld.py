@@ -40,7 +40,6 @@ dense teacher's sort is O(V log V) per row; the cache's path takes a top-k of th
 
 from __future__ import annotations
 
-import math
 from typing import TYPE_CHECKING, Any
 
 import torch
@@ -49,6 +48,7 @@ from torch import Tensor
 from torch.utils.checkpoint import checkpoint
 
 from raykd.losses.base import TEMPERATURE, BuildContext, LossInputs, LossTerm, Param
+from raykd.losses.token_divergence import check_common_args
 
 if TYPE_CHECKING:
     from raykd.teacher.token_topk import TokenTopK
@@ -147,18 +147,7 @@ def teacher_positions(cache: TokenTopK) -> Tensor:
 def _aligned_mask(student, teacher_logits, teacher_topk, mask, temperature, chunk) -> Tensor:
     """[B, min(Ls, Lt)] bool on the student's device: real student tokens where the teacher
     has a token too. Checks every argument on the way."""
-    if not isinstance(student, Tensor) or student.dim() != 3 or not student.is_floating_point():
-        got = list(student.shape) if isinstance(student, Tensor) else type(student).__name__
-        raise ValueError(f"student_logits: expected a float tensor [batch, length, vocab], "
-                         f"got {got}")
-    if isinstance(temperature, bool) or not isinstance(temperature, int | float) \
-            or not 0 < temperature < math.inf:
-        raise ValueError(f"temperature: must be a finite number > 0, got {temperature!r}")
-    if isinstance(chunk, bool) or not isinstance(chunk, int) or chunk < 1:
-        raise ValueError(f"chunk: must be a whole number >= 1, got {chunk!r}")
-    if (teacher_logits is None) == (teacher_topk is None):
-        raise ValueError("teacher_logits / teacher_topk: give exactly one of them, got "
-                         + ("both" if teacher_logits is not None else "neither"))
+    check_common_args(student, temperature, chunk, teacher_logits, teacher_topk)
     b, length = student.shape[:2]
     if teacher_logits is not None:
         if teacher_logits.dim() != 3 or teacher_logits.shape[0] != b:
