@@ -35,10 +35,10 @@ from typing import Any
 
 import numpy as np
 
+from raykd.checksums import file_sha256
 from raykd.errors import ConfigError
 
 MANIFEST = "manifest.json"
-_HASH_CHUNK = 1 << 20  # bytes per read while checksumming a shard
 # One pread covers the rows' whole span when it is at most this large (or 4x the rows' bytes):
 # fewer system calls for dense batches, and still a bounded buffer.
 _SPAN_BYTES = 1 << 20
@@ -150,7 +150,8 @@ class CacheReader:
                             raise ConfigError(self._damaged(file, "is truncated"))
                         got = hashlib.sha256(buf).hexdigest()
                     else:
-                        got = _range_sha256(fd, offset + start * row, (end - start) * row)
+                        got = file_sha256(self.path / file, offset=offset + start * row,
+                                          length=(end - start) * row)
                     self.verified_bytes += (end - start) * row
                     if got != want.get(file):
                         raise ConfigError(self._damaged(
@@ -224,14 +225,3 @@ class CacheReader:
         for fd, *_ in files.values():
             os.close(fd)
 
-
-def _range_sha256(fd: int, offset: int, length: int) -> str:
-    h = hashlib.sha256()
-    while length > 0:
-        chunk = os.pread(fd, min(_HASH_CHUNK, length), offset)
-        if not chunk:
-            break  # short file: the digest then differs from the manifest's
-        h.update(chunk)
-        offset += len(chunk)
-        length -= len(chunk)
-    return h.hexdigest()
