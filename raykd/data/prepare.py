@@ -25,10 +25,9 @@ shards, and the manifest counts the skipped files.
 from __future__ import annotations
 
 import hashlib
+import io
 import json
-import os
 import shutil
-import uuid
 from collections.abc import Callable, Iterator
 from datetime import UTC, datetime
 from pathlib import Path
@@ -42,7 +41,8 @@ from raykd.data.sources import Plan
 from raykd.data.store import (FORMAT_VERSION, MANIFEST, files_complete, labels_name,
                               read_manifest, shard_name)
 from raykd.errors import ConfigError
-from raykd.teacher.files import build_lock, fsync_dir, publish_folder, write_json_durable
+from raykd.teacher.files import (build_lock, fsync_dir, publish_folder, write_bytes_durable,
+                                 write_json_durable)
 from raykd.teacher.shards import shard_bounds
 
 SHARD_BYTES = 64 << 20  # a shard's decoded size: what one writer holds in memory at a time
@@ -68,13 +68,7 @@ def write_shard(folder: str, split: str, k: int, items, labels: np.ndarray, deco
     if bad and on_bad_file == "error":
         return {**result, "rows": 0, "sha256": ""}
     data = np.ascontiguousarray(rows, dtype=np.dtype(dtype)).reshape(-1).view(np.uint8)
-    final = Path(folder) / shard_name(split, k)
-    tmp = final.with_name(f".{final.name}.{uuid.uuid4().hex[:8]}")
-    with open(tmp, "wb") as fh:
-        fh.write(memoryview(data))
-        fh.flush()
-        os.fsync(fh.fileno())
-    os.replace(tmp, final)
+    write_bytes_durable(Path(folder) / shard_name(split, k), memoryview(data))
     return {**result, "rows": int(rows.shape[0]), "sha256": hashlib.sha256(data).hexdigest()}
 
 
@@ -260,10 +254,9 @@ class Preparer:
         if len(y) != row:
             raise RuntimeError(f"data store {self.final.name}: {split} has {row} rows and "
                                f"{len(y)} labels")
-        with open(self.partial / labels_name(split), "wb") as fh:
-            np.save(fh, y, allow_pickle=False)
-            fh.flush()
-            os.fsync(fh.fileno())
+        npy = io.BytesIO()  # labels: 8 bytes a row, small enough to hold as one .npy
+        np.save(npy, y, allow_pickle=False)
+        write_bytes_durable(self.partial / labels_name(split), npy.getbuffer())
         content.update(f"{split}-labels:{hashlib.sha256(y.tobytes()).hexdigest()}".encode())
         return {"rows": row, "labels": labels_name(split), "shards": shards,
                 "labels_sha256": file_sha256(self.partial / labels_name(split))}
@@ -306,9 +299,11 @@ def prepare(cfg, final: Path, make_plan: Callable[[], Plan], verify: bool = Fals
             use_ray: bool | None = None, progress: bool = True) -> None:
     """Make the store ``final`` ready: nothing to do when it is published (and, with
     ``verify``, every checksum matches); otherwise prepare, resume or repair it."""
-    manifest = read_manifest(final)
-    if manifest is not None and files_complete(final, manifest) and (
-            not verify or verified(final, manifest)):
+    def ready(manifest: dict[str, Any] | None) -> bool:
+        return manifest is not None and files_complete(final, manifest) and (
+            not verify or verified(final, manifest))
+
+    if ready(read_manifest(final)):
         return
     from raykd.train.storage import check_writable
 
@@ -317,8 +312,7 @@ def prepare(cfg, final: Path, make_plan: Callable[[], Plan], verify: bool = Fals
     try:
         with build_lock(final.parent):
             manifest = read_manifest(final)  # another process may have finished it meanwhile
-            if manifest is not None and files_complete(final, manifest) and (
-                    not verify or verified(final, manifest)):
+            if ready(manifest):
                 return
             job = Preparer(cfg, final, plan)
             if manifest is not None:

@@ -20,16 +20,21 @@ class CacheError(RuntimeError):
     """A cache that cannot be built or served (not fresh, bad teacher output, unpublishable)."""
 
 
-def write_json_durable(path: Path, data: dict[str, Any]) -> None:
+def write_bytes_durable(path: Path, data: bytes | memoryview) -> None:
     """Write ``data`` to ``path`` through a temporary sibling, fsync it, rename it into place:
     a reader sees the old file or the whole new one, never a half-written one."""
     tmp = path.with_name(f".{path.name}.{uuid.uuid4().hex[:8]}")
-    with open(tmp, "w") as fh:
-        fh.write(json.dumps(data, indent=2, sort_keys=True) + "\n")
+    with open(tmp, "wb") as fh:
+        fh.write(data)
         fh.flush()
         os.fsync(fh.fileno())
     os.replace(tmp, path)
     fsync_dir(path.parent)
+
+
+def write_json_durable(path: Path, data: dict[str, Any]) -> None:
+    """``data`` as indented JSON, written by :func:`write_bytes_durable`."""
+    write_bytes_durable(path, (json.dumps(data, indent=2, sort_keys=True) + "\n").encode())
 
 
 def fsync_file(path: Path) -> None:
